@@ -1,0 +1,5 @@
+"""The control plane: the Unix-socket server, its op registry and the built-in ops."""
+
+from agent.control.ops import Access, Args, Peer, RequestContext, ops
+
+__all__ = ["Access", "Args", "Peer", "RequestContext", "ops"]

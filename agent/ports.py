@@ -1,0 +1,111 @@
+"""Contracts between the daemon's components, so each can be built and tested on its own.
+
+The build manager talks to the registry proxy through :class:`RegistryPort` and starts children
+through :class:`SandboxPort`; the daemon wires the real implementations together (agent/daemon.py).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class RouteTarget:
+    """One repository a build route maps to. ``tag`` pins manifest writes when ``push`` is set."""
+
+    repo: str  # upstream repository, e.g. "registry.example.com/team/images"
+    tag: str | None = None
+    push: bool = False
+
+
+@dataclass(frozen=True)
+class BuildRoute:
+    """A per-build route: children address ``base`` and ``target`` as repositories on the proxy.
+
+    ``prefix`` holds the unguessable capability; it must never reach a log, record or error
+    (``RegistryPort.scrub`` removes it).
+    """
+
+    prefix: str  # e.g. "b/<cap>" : the path segment(s) after /v2/
+    base: str | None  # e.g. "localhost:8080/b/<cap>/base", None without a base route
+    target: str  # e.g. "localhost:8080/b/<cap>/target"
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A read-only pull route for FROM lines: ``host``/x is served at
+    ``<child_address>/<prefix>/x``."""
+
+    host: str  # upstream registry host[:port] as written in FROM lines, e.g. "docker.io"
+    prefix: str  # path on the proxy, e.g. "mirror/docker.io"
+
+
+class RegistryPort(Protocol):
+    """What the build side needs from the registry proxy."""
+
+    @property
+    def child_address(self) -> str:
+        """``localhost:<port>`` as a child in the sandbox addresses the proxy (plain HTTP)."""
+        ...
+
+    @property
+    def host_address(self) -> str:
+        """``host:port`` of the proxy's host-side listener."""
+        ...
+
+    def mirrors(self) -> list[Mirror]: ...
+
+    def add_build_route(self, *, base: RouteTarget | None, target: RouteTarget) -> BuildRoute: ...
+
+    def remove_build_route(self, route: BuildRoute) -> None: ...
+
+    async def manifest_digest(self, ref: str) -> str | None:
+        """Digest of ``ref`` upstream (HEAD with the proxy's credentials); None when it does not
+        exist. Raises UpstreamUnauthorized / UpstreamUnavailable / BadRequest (bad ref)."""
+        ...
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every known credential and capability prefix replaced by '***'."""
+        ...
+
+
+class SandboxPort(Protocol):
+    """What the proxy and the toolchains need from the build sandbox."""
+
+    @property
+    def mode(self) -> str:
+        """ "on" or "off"."""
+        ...
+
+    def wrap(self, argv: list[str], *, pid_namespace: bool = False) -> list[str]:
+        """argv that runs ``argv`` inside the sandbox (network + private mount namespace, and a
+        PID namespace when asked). With the sandbox off it returns ``argv`` unchanged."""
+        ...
+
+    def listen(self, port: int) -> socket.socket:
+        """A listening TCP socket on 127.0.0.1:``port`` inside the sandbox's network namespace
+        (on the host's loopback when the sandbox is off)."""
+        ...
+
+
+class NoSandbox:
+    """The sandbox's off mode: children run on the host; the proxy listens on host loopback."""
+
+    mode = "off"
+
+    def wrap(self, argv: list[str], *, pid_namespace: bool = False) -> list[str]:
+        return list(argv)
+
+    def listen(self, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen(1024)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock

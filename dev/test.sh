@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's test command: install what is needed, then lint, type-check and run the suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash dev/install.sh
+.venv/bin/ruff check agent ctl tests bench
+.venv/bin/mypy
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

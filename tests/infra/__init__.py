@@ -1,0 +1,1 @@
+"""Real services the tests run against: docker-registry instances and the busybox base image."""

@@ -1,0 +1,70 @@
+"""The toolchain interface: one way to build a Dockerfile and copy an image, two implementations
+(agent/build/buildah.py, agent/build/buildkit.py), picked by ``build.toolchain``.
+
+All registry traffic of a toolchain goes through the proxy: ``push_ref``, ``src`` and ``dst`` name
+repositories on the proxy's child address (plain HTTP, no credentials). A toolchain never sees a
+credential, and its children run through ``agent.build.child`` (scrubbed environment, own process
+group, sandbox wrapping, killed as a tree).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.ports import Mirror
+
+
+class LogSink(Protocol):
+    """Where a child's output goes: one call per line, without the trailing newline."""
+
+    def line(self, text: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """One Dockerfile build.
+
+    ``context_fd`` is an open directory fd owned by the caller (the build manager); a toolchain
+    passes it to its child with ``pass_fds`` and names it ``/dev/fd/<n>`` there, so the daemon never
+    opens a caller-supplied path.
+    """
+
+    context_fd: int
+    dockerfile: str  # relative to the context, already checked not to escape it
+    push_ref: str  # e.g. "localhost:8080/b/<cap>/base:<key>", on the proxy
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str | None = None  # stage
+    platform: str | None = None
+    no_cache: bool = False
+    mirrors: tuple[Mirror, ...] = ()  # FROM-line registries served by the proxy
+    proxy_address: str = ""  # "localhost:<port>" as the child sees the proxy
+
+
+@dataclass(frozen=True)
+class BuildOutput:
+    digest: str | None  # manifest digest of the pushed image, when the tool reports it
+
+
+class Toolchain(Protocol):
+    name: str  # "buildkit" | "buildah"
+
+    @property
+    def state(self) -> str:
+        """For info and metrics, e.g. "ready", or the supervisor state of buildkitd."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def build(self, spec: BuildSpec, log: LogSink) -> BuildOutput:
+        """Build and push. Raises BuildFailed (message: failing line/command, exit code, log
+        tail), UpstreamUnauthorized/UpstreamUnavailable (registry refused / unreachable).
+        Cancellation (asyncio.CancelledError) kills the child tree before propagating."""
+        ...
+
+    async def copy(self, src: str, dst: str, log: LogSink) -> str | None:
+        """Copy image ``src`` to ``dst`` (both on the proxy), mounting blobs across repos when the
+        registry allows. Returns the digest when known."""
+        ...

@@ -1,0 +1,191 @@
+"""Running toolchain children: scrubbed environment, own process group, sandbox wrapping, output
+streamed line by line, killed as a whole tree on cancellation, exit status decoded into words.
+
+Every child of the daemon (buildkitd, buildctl, crane, buildah, skopeo) starts through
+:func:`spawn`, so these guarantees hold in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from agent.build.toolchain import LogSink
+from agent.ports import SandboxPort
+
+log = logging.getLogger("agent.build")
+
+# Variables a child may inherit from the daemon; everything else (credentials, LISTEN_FDS,
+# NOTIFY_SOCKET, AGENT_*, proxies, cloud tokens) is dropped.
+_KEEP = ("PATH", "LANG", "LC_ALL", "TZ")
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_MAX_LINE = 64 * 1024
+
+
+def child_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of a child. ``home`` is an empty directory owned by the daemon: it is
+    HOME and DOCKER_CONFIG, so no tool finds a credential file there."""
+    env = {k: os.environ[k] for k in _KEEP if k in os.environ}
+    env.setdefault("PATH", _DEFAULT_PATH)
+    env.setdefault("LANG", "C.UTF-8")
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (home / "docker").mkdir(exist_ok=True, mode=0o700)
+    env["HOME"] = str(home)
+    env["DOCKER_CONFIG"] = str(home / "docker")
+    env["XDG_RUNTIME_DIR"] = str(home)
+    env["TMPDIR"] = str(home)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'exited with status 3', 'was killed by signal 9 (SIGKILL)'."""
+    if returncode is None:
+        return "is still running"
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    signum = -returncode
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = "unknown signal"
+    return f"was killed by signal {signum} ({name})"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (by walking /proc's parent links), deepest last."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parens: the fields after the last ')' are fixed.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal ``pid``'s process group and every descendant (some tools start their own sessions)."""
+    pids = descendants(pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    for p in [pid, *pids]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, sig)
+
+
+class Child:
+    """One running child. Reap it with :meth:`wait` (its own ``await proc.wait()``)."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.proc = proc
+        self.pid = proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def wait(self) -> int:
+        return await self.proc.wait()
+
+    async def stop(self, grace: float = 5.0) -> int:
+        """SIGTERM the tree, then SIGKILL what is left after ``grace`` seconds."""
+        if self.proc.returncode is None:
+            kill_tree(self.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
+        kill_tree(self.pid, signal.SIGKILL)
+        return await self.proc.wait()
+
+
+async def spawn(
+    name: str,
+    argv: Sequence[str],
+    *,
+    sandbox: SandboxPort,
+    env: Mapping[str, str],
+    pass_fds: Iterable[int] = (),
+    cwd: str | None = None,
+    pid_namespace: bool = False,
+    stdout: int | None = asyncio.subprocess.PIPE,
+) -> Child:
+    """Start ``argv`` inside the sandbox in a new session (so it is its own process group)."""
+    full = sandbox.wrap(list(argv), pid_namespace=pid_namespace)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *full,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=asyncio.subprocess.STDOUT if stdout == asyncio.subprocess.PIPE else None,
+            env=dict(env),
+            cwd=cwd,
+            pass_fds=tuple(pass_fds),
+            start_new_session=True,
+            limit=_MAX_LINE,
+        )
+    except FileNotFoundError as exc:
+        from agent.errors import StartupError
+
+        raise StartupError(
+            f"{name}: program {argv[0]!r} not found; install it or fix PATH"
+        ) from exc
+    log.info("%s started (pid %d)", name, proc.pid)
+    return Child(name, proc)
+
+
+async def run(
+    name: str,
+    argv: Sequence[str],
+    *,
+    sandbox: SandboxPort,
+    env: Mapping[str, str],
+    sink: LogSink,
+    pass_fds: Iterable[int] = (),
+    cwd: str | None = None,
+) -> int:
+    """Run a child to completion, sending each output line to ``sink``; return its exit code.
+    If the calling task is cancelled, the child's whole tree is killed before re-raising."""
+    child = await spawn(name, argv, sandbox=sandbox, env=env, pass_fds=pass_fds, cwd=cwd)
+    try:
+        assert child.proc.stdout is not None
+        await _pump(child.proc.stdout, sink)
+        code = await child.wait()
+    except BaseException:
+        await asyncio.shield(child.stop(grace=1.0))
+        log.info("%s (pid %d) killed: the build was stopped", name, child.pid)
+        raise
+    # A tool that exits may leave processes behind in its group; none may outlive it. Only the
+    # group is signalled: the reaped pid itself may already belong to someone else.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
+    log.info("%s (pid %d) %s", name, child.pid, describe_exit(code))
+    return code
+
+
+async def _pump(stream: asyncio.StreamReader, sink: LogSink) -> None:
+    while True:
+        try:
+            raw = await stream.readline()
+        except ValueError:  # a line longer than the limit: pass it on in pieces
+            raw = await stream.read(_MAX_LINE)
+        if not raw:
+            return
+        sink.line(raw.decode("utf-8", "replace").rstrip("\r\n"))

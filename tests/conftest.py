@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.infra.daemon import DaemonProcess
 from tests.infra.images import make_busybox_image
 from tests.infra.registry import Registry, start_registry
 
@@ -21,6 +23,31 @@ def short_tmp() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon_factory(short_tmp: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """``daemon_factory(sections=None, *, env=None, start=True)``: real daemons, always stopped."""
+    made: list[DaemonProcess] = []
+
+    def make(
+        sections: dict[str, dict[str, Any]] | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        start: bool = True,
+    ) -> DaemonProcess:
+        d = DaemonProcess(short_tmp / f"d{len(made)}", sections, env=env)
+        made.append(d)
+        return d.start() if start else d
+
+    try:
+        yield make
+    finally:
+        for d in made:
+            try:
+                d.stop()
+            finally:
+                d.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,125 @@
+"""The daemon's own ops: ``ping`` and ``info`` (read), ``drain`` and ``reload`` (admin, root only).
+
+Importing this module registers them in :data:`agent.control.ops.ops`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from typing import Any
+
+from agent import PROCESS_VERSION
+from agent.app import App
+from agent.control.ops import Access, Args, RequestContext, ops
+from agent.errors import AgentError
+from ctl import protocol
+
+_log = logging.getLogger("agent.control")
+
+
+@ops.register("ping", access=Access.READ)
+async def ping(ctx: RequestContext, args: Args) -> dict[str, Any]:
+    return {"pong": True, "version": ctx.app.version}
+
+
+def _state_of(obj: Any, default: str) -> str:
+    state = getattr(obj, "state", None)
+    if state is None:
+        return default
+    return str(getattr(state, "value", state))
+
+
+def component_states(app: App) -> dict[str, str]:
+    states = {"control": "running"}
+    states["sandbox"] = "off" if app.sandbox is None else _state_of(app.sandbox, app.sandbox.mode)
+    states["proxy"] = _state_of(app.proxy, "running") if app.proxy is not None else "absent"
+    states["builds"] = _state_of(app.builds, "running") if app.builds is not None else "absent"
+    states["toolchain"] = (
+        _state_of(app.toolchain, "running") if app.toolchain is not None else "absent"
+    )
+    for name, comp in app.components.items():
+        states[name] = _state_of(comp, "unknown")
+    return states
+
+
+def warnings(app: App) -> list[str]:
+    out = []
+    if app.config.sandbox.mode == "off":
+        out.append(
+            "sandbox is OFF: build steps run on the host's network and can reach the host; "
+            'set sandbox.mode = "on" outside development'
+        )
+    if app.draining:
+        out.append("draining: new builds are refused (agentctl drain --off resumes)")
+    return out
+
+
+@ops.register("info", access=Access.READ)
+async def info(ctx: RequestContext, args: Args) -> dict[str, Any]:
+    app = ctx.app
+    c = app.config
+    return {
+        "version": app.version,
+        "process_version": PROCESS_VERSION,
+        "protocol": protocol.VERSION,
+        "pid": os.getpid(),
+        "started_at": app.started_wall,
+        "uptime": round(app.uptime(), 3),
+        "dev_mode": app.dev_mode,
+        "draining": app.draining,
+        "components": component_states(app),
+        "config": {
+            "source": c.source,
+            "toolchain": getattr(app.toolchain, "name", c.build.toolchain),
+            "max_concurrent_builds": c.build.max_concurrent_builds,
+            "max_queued": c.build.max_queued,
+            "sandbox": c.sandbox.mode,
+            "egress": c.sandbox.egress,
+            "metrics_address": c.daemon.metrics_address,
+            "proxy_port": c.proxy.port,
+        },
+        "ops": ops.names(),
+        "peer": {"uid": ctx.peer.uid, "gid": ctx.peer.gid},
+        "warnings": warnings(app),
+    }
+
+
+@ops.register("drain", access=Access.ADMIN)
+async def drain(ctx: RequestContext, args: Args) -> dict[str, Any]:
+    """``{enable: bool = true}``: refuse new builds (running and queued ones go on)."""
+    args.only("enable")
+    enable = args.flag("enable", True)
+    if enable != ctx.app.draining:
+        ctx.app.draining = enable
+        _log.info("draining %s by uid %d", "on" if enable else "off", ctx.peer.uid)
+    return {"draining": ctx.app.draining}
+
+
+async def reload_components(app: App) -> dict[str, str]:
+    """Call ``reload()`` (sync or async) on every component that has one (SIGHUP and ``reload``)."""
+    done: dict[str, str] = {}
+    for name, comp in (("proxy", app.proxy), ("builds", app.builds), ("sandbox", app.sandbox)):
+        fn = getattr(comp, "reload", None)
+        if fn is None:
+            continue
+        try:
+            outcome = fn()
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception as exc:
+            _log.exception("reloading %s failed", name)
+            # Only our own errors have messages known to be free of credentials.
+            why = exc.message if isinstance(exc, AgentError) else type(exc).__name__
+            done[name] = f"failed: {why}"
+        else:
+            done[name] = "reloaded"
+    _log.info("reload: %s", ", ".join(f"{k} {v}" for k, v in done.items()) or "nothing to reload")
+    return done
+
+
+@ops.register("reload", access=Access.ADMIN)
+async def reload(ctx: RequestContext, args: Args) -> dict[str, Any]:
+    args.only()
+    return {"components": await reload_components(ctx.app)}

@@ -1,0 +1,540 @@
+"""The control server: framing, peer credentials, dispatch and replies on the Unix socket.
+
+The protocol is docs/protocol.md (DESIGN section 5). Each connection is driven straight from the
+event loop's readiness callbacks rather than asyncio streams, because a request may carry file
+descriptors (SCM_RIGHTS) and only ``recvmsg`` delivers them. Rules this module enforces:
+
+- A frame announcing more than ``daemon.max_frame`` bytes gets a ``bad_request`` reply and the
+  connection is closed (the stream cannot be resynchronised). A frame that is intact but is not a
+  valid request gets a ``bad_request`` / ``unsupported_version`` reply and the connection goes on.
+- File descriptors belong to the request whose frame *starts* at or after the byte they arrived
+  with; the server closes every fd the handler did not take out of ``ctx.fds``.
+- Every request runs in its own task, so several may be in flight on one connection (up to
+  ``_MAX_INFLIGHT``). Frames are written whole and in order from the loop thread, so writes never
+  interleave. A slow reader only ever stalls itself: past ``_HIGH_WATER`` bytes of unsent output
+  the server stops reading that connection and ``emit`` waits, until the output drains.
+- End of input (the client closed its side) sets ``ctx.disconnected``; requests still running
+  finish and their replies are flushed before the socket is closed. A write error closes the
+  connection at once and cancels its requests.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import grp
+import logging
+import os
+import socket
+import stat
+import time
+from functools import partial
+from typing import Any
+
+from agent.app import App
+from agent.control._auth import UCRED, Authorizer, peer_credentials
+from agent.control.ops import Args, Op, Peer, Registry, RequestContext, ops
+from agent.errors import AgentError, StartupError
+from agent.metrics import DaemonMetrics
+from ctl import protocol
+
+_log = logging.getLogger("agent.control")
+
+_RECV_SIZE = 256 * 1024
+_MAX_FDS = 16  # fds accepted with one message; more is a protocol error
+_ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * 4)
+_HIGH_WATER = 1 << 20
+_LOW_WATER = 1 << 18
+_MAX_INFLIGHT = 256
+_ACCEPT_BATCH = 64
+_MAX_ID = 2**63 - 1
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+
+class _Connection:
+    """One client connection (see the module docstring for its rules)."""
+
+    def __init__(self, server: ControlServer, sock: socket.socket, peer: Peer) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.loop = server.loop
+        self.inbuf = bytearray()
+        self.inpos = 0  # stream offset of inbuf[0]
+        self.pending_fds: list[tuple[int, list[int]]] = []
+        self.out = bytearray()
+        self.reading = False
+        self.eof = False
+        self.closed = False
+        self.close_after_flush = False
+        self.inflight: dict[int, asyncio.Task[None]] = {}
+        self.drained: asyncio.Event | None = None
+        self.disconnected = asyncio.Event()
+        self._resume_reading()
+
+    # --- input ----------------------------------------------------------------------------
+
+    def _resume_reading(self) -> None:
+        if not self.reading and not self.eof and not self.closed:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self.reading = True
+
+    def _pause_reading(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+
+    def _on_readable(self) -> None:
+        try:
+            data, anc, flags, _ = self.sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if anc:
+            fds: list[int] = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(payload) - len(payload) % 4
+                    fds.extend(array.array("i", payload[:usable]))
+            if flags & socket.MSG_CTRUNC:
+                _close_fds(fds)
+                self._fatal(f"more than {_MAX_FDS} file descriptors sent with one message")
+                return
+            if fds:
+                self.pending_fds.append((self.inpos + len(self.inbuf), fds))
+        if not data:
+            self._on_eof()
+            return
+        self.inbuf += data
+        self._parse()
+
+    def _on_eof(self) -> None:
+        self.eof = True
+        self._pause_reading()
+        self.disconnected.set()
+        for _, fds in self.pending_fds:
+            _close_fds(fds)
+        self.pending_fds.clear()
+        self._maybe_finish()
+
+    def _parse(self) -> None:
+        buf = self.inbuf
+        size = len(buf)
+        limit = self.server.max_frame
+        off = 0
+        while size - off >= 4 and not self.close_after_flush and not self.closed:
+            length = int.from_bytes(buf[off : off + 4], "big")
+            if length > limit:
+                self._fatal(
+                    f"frame of {length} bytes announced; the limit is {limit} (daemon.max_frame)"
+                )
+                return
+            end = off + 4 + length
+            if end > size:
+                break
+            fds = self._take_fds(self.inpos + off) if self.pending_fds else []
+            body = bytes(buf[off + 4 : end])
+            off = end
+            self._dispatch(body, fds)
+        if off:
+            del buf[:off]
+            self.inpos += off
+
+    def _take_fds(self, start: int) -> list[int]:
+        taken: list[int] = []
+        while self.pending_fds and self.pending_fds[0][0] <= start:
+            taken.extend(self.pending_fds.pop(0)[1])
+        return taken
+
+    # --- dispatch -------------------------------------------------------------------------
+
+    def _dispatch(self, body: bytes, fds: list[int]) -> None:
+        started = time.perf_counter()
+        server = self.server
+        try:
+            msg = protocol.decode(body)
+        except protocol.FrameError as exc:
+            _close_fds(fds)
+            self._refuse(None, "invalid", protocol.BAD_REQUEST, str(exc), started)
+            return
+        req_id = msg.get("id")
+        if type(req_id) is not int or not 0 <= req_id <= _MAX_ID:
+            _close_fds(fds)
+            self._refuse(
+                None,
+                "invalid",
+                protocol.BAD_REQUEST,
+                f"request id must be an integer from 0 to {_MAX_ID}, got {req_id!r}",
+                started,
+            )
+            return
+        version = msg.get("v")
+        if version != protocol.VERSION or type(version) is not int:
+            _close_fds(fds)
+            self._refuse(
+                req_id,
+                "invalid",
+                protocol.UNSUPPORTED_VERSION,
+                f"protocol version {version!r} is not supported; this daemon speaks "
+                f"v{protocol.VERSION} (upgrade agentctl or the daemon so they match)",
+                started,
+                {"supported": [protocol.VERSION]},
+            )
+            return
+        name = msg.get("op")
+        op = server.registry.get(name) if type(name) is str else None
+        if op is None:
+            _close_fds(fds)
+            self._refuse(
+                req_id,
+                "unknown",
+                protocol.BAD_REQUEST,
+                f"unknown op {name!r}; this daemon knows: {', '.join(server.registry.names())}",
+                started,
+                {"ops": server.registry.names()},
+            )
+            return
+        args = msg.get("args")
+        if args is None:
+            args = {}
+        elif type(args) is not dict:
+            _close_fds(fds)
+            self._refuse(
+                req_id,
+                op.name,
+                protocol.BAD_REQUEST,
+                f"args must be a map, got {type(args).__name__}",
+                started,
+            )
+            return
+        if not server.auth.allowed(op.access, self.peer):
+            _close_fds(fds)
+            self._refuse(
+                req_id, op.name, protocol.FORBIDDEN, server.auth.refusal(op, self.peer), started
+            )
+            return
+        if req_id in self.inflight:
+            _close_fds(fds)
+            self._refuse(
+                req_id,
+                op.name,
+                protocol.BAD_REQUEST,
+                f"request id {req_id} is already in flight on this connection",
+                started,
+            )
+            return
+        if len(self.inflight) >= _MAX_INFLIGHT:
+            _close_fds(fds)
+            self._refuse(
+                req_id,
+                op.name,
+                protocol.BUSY,
+                f"{_MAX_INFLIGHT} requests are already in flight on this connection; "
+                "wait for replies or open another connection",
+                started,
+            )
+            return
+        ctx = RequestContext(
+            app=server.app,
+            peer=self.peer,
+            request_id=req_id,
+            op=op.name,
+            emit=partial(self._emit, req_id),
+            fds=fds,
+            disconnected=self.disconnected,
+        )
+        task = self.loop.create_task(self._run(op, ctx, Args(args), started))
+        self.inflight[req_id] = task
+
+    def _refuse(
+        self,
+        req_id: int | None,
+        op_label: str,
+        code: str,
+        message: str,
+        started: float,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        self._write(protocol.encode(protocol.reply_error(req_id, code, message, details)))
+        self.server.metrics.observe(op_label, code, time.perf_counter() - started)
+
+    async def _run(self, op: Op, ctx: RequestContext, args: Args, started: float) -> None:
+        req_id = ctx.request_id
+        code = "ok"
+        try:
+            try:
+                result = await op.handler(ctx, args)
+                frame = protocol.encode(
+                    protocol.reply_ok(req_id, result), self.server.max_frame_out
+                )
+            except AgentError as exc:
+                code = exc.code
+                frame = protocol.encode(
+                    protocol.reply_error(req_id, code, exc.message, exc.details)
+                )
+            except asyncio.CancelledError:
+                code = protocol.CANCELLED
+                raise
+            except Exception as exc:
+                code = protocol.INTERNAL
+                _log.exception("op %s (request %d) failed", op.name, req_id)
+                frame = protocol.encode(
+                    protocol.reply_error(
+                        req_id,
+                        code,
+                        f"internal error while running {op.name!r} ({type(exc).__name__}); "
+                        "the daemon's log has the details",
+                    )
+                )
+            self._write(frame)
+        finally:
+            if ctx.fds:
+                _close_fds(ctx.fds)
+            self.inflight.pop(req_id, None)
+            self.server.metrics.observe(op.name, code, time.perf_counter() - started)
+            if self.eof:
+                self._maybe_finish()
+
+    async def _emit(self, req_id: int, name: str, data: Any) -> None:
+        if self.closed:
+            return
+        self._write(protocol.encode(protocol.event(req_id, name, data), self.server.max_frame_out))
+        while len(self.out) > _HIGH_WATER and not self.closed:
+            if self.drained is None:
+                self.drained = asyncio.Event()
+            await self.drained.wait()
+
+    # --- output ---------------------------------------------------------------------------
+
+    def _write(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        if self.out:
+            self.out += frame
+        else:
+            try:
+                sent = self.sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            if sent == len(frame):
+                return
+            self.out += memoryview(frame)[sent:]
+            self.loop.add_writer(self.fd, self._on_writable)
+        if len(self.out) > _HIGH_WATER:
+            self._pause_reading()
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        del self.out[:sent]
+        if len(self.out) <= _LOW_WATER:
+            if self.drained is not None:
+                self.drained.set()
+                self.drained = None
+            if not self.close_after_flush:
+                self._resume_reading()
+        if not self.out:
+            self.loop.remove_writer(self.fd)
+            if self.close_after_flush or self.eof:
+                self._maybe_finish()
+
+    # --- closing --------------------------------------------------------------------------
+
+    def _fatal(self, message: str) -> None:
+        """The byte stream is unusable: answer once (id null), flush, close."""
+        self.server.metrics.frame_errors.inc()
+        self.server.metrics.observe("invalid", protocol.BAD_REQUEST, 0.0)
+        self._write(protocol.encode(protocol.reply_error(None, protocol.BAD_REQUEST, message)))
+        self.close_after_flush = True
+        self._pause_reading()
+        self.eof = True
+        self.disconnected.set()
+        for task in self.inflight.values():
+            task.cancel()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.closed or self.out:
+            return
+        if self.close_after_flush or not self.inflight:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._pause_reading()
+        self.loop.remove_writer(self.fd)
+        self.disconnected.set()
+        if self.drained is not None:
+            self.drained.set()
+        for task in list(self.inflight.values()):
+            task.cancel()
+        for _, fds in self.pending_fds:
+            _close_fds(fds)
+        self.pending_fds.clear()
+        self.out.clear()
+        self.sock.close()
+        self.server.forget(self)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
+
+
+def bind_control_socket(path: str, group: str) -> socket.socket:
+    """Create the listening socket at ``path``: mode 0660, group ``group`` when it exists.
+
+    A leftover socket from a crash is replaced; a live one (another daemon) is a StartupError.
+    """
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create the directory of daemon.socket {path}: {exc.strerror}"
+        ) from exc
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(
+                f"daemon.socket {path} exists and is not a socket; remove it or choose another path"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise StartupError(
+                f"another daemon is already listening on {path}; stop it first "
+                "(systemctl stop build-agent) or set daemon.socket to another path"
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o117)  # created 0660 from the start: no window with a wider mode
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot bind daemon.socket {path}: {exc.strerror}") from exc
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o660)
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            _log.warning(
+                "daemon.socket_group %r does not exist; %s stays owned by gid %d "
+                "(create it with: groupadd --system %s)",
+                group,
+                path,
+                os.getgid(),
+                group,
+            )
+        else:
+            os.chown(path, -1, gid)
+    sock.listen(512)
+    return sock
+
+
+class ControlServer:
+    """Accepts connections on a listening Unix socket and serves the op registry."""
+
+    def __init__(
+        self,
+        app: App,
+        metrics: DaemonMetrics,
+        listener: socket.socket,
+        *,
+        path: str | None,
+        registry: Registry = ops,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.registry = registry
+        self.max_frame = app.config.daemon.max_frame
+        # Replies may be bigger than requests (logs, lists); clients accept up to 16 MiB.
+        self.max_frame_out = max(self.max_frame, 16 << 20)
+        self.auth = Authorizer(app)
+        self.loop = asyncio.get_running_loop()
+        self._listener: socket.socket | None = listener
+        self._path = path  # unlinked at close when we created it (not under socket activation)
+        self._conns: set[_Connection] = set()
+        listener.setblocking(False)
+        self.loop.add_reader(listener.fileno(), self._on_accept)
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def _on_accept(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    _log.error("accept failed: %s (out of file descriptors?)", exc)
+                    return
+                raise
+            sock.setblocking(False)
+            try:
+                uid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+                peer = peer_credentials(sock, self.auth.needs_groups(uid))
+            except OSError:
+                sock.close()
+                continue
+            self._conns.add(_Connection(self, sock, peer))
+            self.metrics.connections.inc()
+            self.metrics.connections_total.inc()
+
+    def forget(self, conn: _Connection) -> None:
+        if conn in self._conns:
+            self._conns.discard(conn)
+            self.metrics.connections.dec()
+
+    def stop_listening(self) -> None:
+        """Stop accepting; unlink the socket path if this process created it."""
+        if self._listener is None:
+            return
+        self.loop.remove_reader(self._listener.fileno())
+        self._listener.close()
+        self._listener = None
+        if self._path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+        _log.info("control socket closed")
+
+    async def close_connections(self, grace: float) -> None:
+        """Let running requests finish for up to ``grace`` seconds, then cancel and close."""
+        tasks = [t for c in self._conns for t in c.inflight.values()]
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        for conn in list(self._conns):
+            conn.close()
+        leftover = [t for t in tasks if not t.done()]
+        if leftover:
+            await asyncio.wait(leftover, timeout=1.0)

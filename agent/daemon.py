@@ -1,0 +1,248 @@
+"""The daemon's lifecycle: ordered start on an AsyncExitStack, readiness, signals, ordered stop.
+
+Start order (each step's cleanup goes on the stack, so shutdown runs in exactly the reverse order):
+
+    state/runtime dirs -> metrics -> sandbox -> proxy -> [connection closer] -> builds
+    -> control socket listening -> READY=1 (+ watchdog)
+
+Shutdown (SIGTERM/SIGINT, DESIGN section 7): ``STOPPING=1``, ``app.draining``; stop accepting and
+unlink the socket; builds finish within ``daemon.shutdown_grace`` (``open_builds`` owns that wait);
+requests still running get a short moment, then are cancelled and connections closed; proxy,
+sandbox and metrics stop. A second signal cancels whatever wait is in progress, so the rest of the
+stack closes at once (the sandbox is still removed). SIGHUP calls ``reload()`` on components.
+
+Signal handlers only set state (an event, a counter, a task cancel); all work happens in tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from contextlib import AsyncExitStack
+
+from agent import build as _build
+from agent import proxy as _proxy
+from agent import sandbox as _sandbox
+from agent.app import App
+from agent.config import Config
+from agent.control import builtin
+from agent.control.server import ControlServer, bind_control_socket
+from agent.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_STARTUP,
+    AgentError,
+    ConfigError,
+    StartupError,
+)
+from agent.metrics import DaemonMetrics, open_metrics
+from agent.notify import SD_LISTEN_FDS_START, Notifier, SystemdEnv, watchdog
+
+_log = logging.getLogger("agent.daemon")
+
+# Requests other than builds (which the grace period covers) get this long to finish at shutdown.
+_REQUEST_GRACE = 2.0
+
+
+def prepare_dirs(config: Config) -> None:
+    """Create the state (0700) and runtime (0755: clients traverse it to the socket) dirs."""
+    for path, mode, key in (
+        (config.daemon.state_dir, 0o700, "daemon.state_dir"),
+        (config.daemon.runtime_dir, 0o755, "daemon.runtime_dir"),
+    ):
+        try:
+            os.makedirs(path, mode=mode, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot create {key} {path}: {exc.strerror}; "
+                "create it or point the key at a writable directory"
+            ) from exc
+
+
+def _activated_socket(sd: SystemdEnv) -> socket.socket | None:
+    if sd.listen_fds < 1:
+        return None
+    for extra in range(SD_LISTEN_FDS_START + 1, SD_LISTEN_FDS_START + sd.listen_fds):
+        _log.warning("socket activation passed %d fds; only fd 3 is used", sd.listen_fds)
+        with contextlib.suppress(OSError):
+            os.close(extra)
+    try:
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    except OSError as exc:
+        raise StartupError(f"socket activation: fd 3 is not a socket: {exc.strerror}") from exc
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.close()
+        raise StartupError(
+            "socket activation passed a socket that is not a Unix stream socket; "
+            "build-agent.socket must use ListenStream=/run/build-agent/agent.sock"
+        )
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+class Daemon:
+    """One run of the daemon process: :meth:`serve` returns the process exit code."""
+
+    def __init__(self, config: Config, sd: SystemdEnv, *, dev_mode: bool = False) -> None:
+        self.app = App(config, dev_mode=dev_mode)
+        self.sd = sd
+        self.notifier = Notifier(sd.notify_socket)
+        self.server: ControlServer | None = None
+        self._stack = AsyncExitStack()
+        self._stop: asyncio.Event | None = None
+        self._reload: asyncio.Event | None = None
+        self._signals = 0
+        self._forced = False
+        self._current: asyncio.Task[object] | None = None  # the phase a 2nd signal cancels
+
+    # Signal handlers: state only.
+    def _on_stop_signal(self, signum: int) -> None:
+        self._signals += 1
+        self._last_signal = signum
+        assert self._stop is not None
+        self._stop.set()
+        if self._signals > 1:
+            self._forced = True
+            if self._current is not None:
+                self._current.cancel()
+
+    def _on_hup(self) -> None:
+        assert self._reload is not None
+        self._reload.set()
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        helpers: list[asyncio.Task[None]] = []
+        try:
+            self._current = asyncio.current_task()
+            try:
+                await self._start()
+            except asyncio.CancelledError:
+                _log.warning("start interrupted by a second signal")
+                await self._close_stack()
+                return EXIT_FAILURE
+            except BaseException:
+                await self._close_stack()
+                raise
+            self._current = None
+            helpers.append(loop.create_task(self._reloader()))
+            if self.sd.watchdog_usec:
+                helpers.append(loop.create_task(watchdog(self.notifier, self.sd.watchdog_usec)))
+            self.notifier.notify("READY=1", "STATUS=serving")
+            _log.info("ready (pid %d)", os.getpid())
+            await self._stop.wait()
+            name = signal.Signals(self._last_signal).name
+            _log.info(
+                "shutting down on %s (grace %gs)", name, self.app.config.daemon.shutdown_grace
+            )
+            self.notifier.notify("STOPPING=1", f"STATUS=stopping on {name}")
+            self.app.draining = True
+            await self._close_stack()
+        finally:
+            for task in helpers:
+                task.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
+        _log.info("stopped%s", " (forced by a second signal)" if self._forced else "")
+        return EXIT_FAILURE if self._forced else EXIT_OK
+
+    async def _close_stack(self) -> None:
+        # Run in its own task so that a second signal cancels only the wait in progress.
+        task = asyncio.get_running_loop().create_task(self._stack.aclose())
+        self._current = task
+        if self._forced:
+            task.cancel()
+        while True:
+            try:
+                await asyncio.shield(task)
+                return
+            except asyncio.CancelledError:
+                if task.done():
+                    if task.cancelled():
+                        return
+                    with contextlib.suppress(asyncio.CancelledError):
+                        task.result()
+                    return
+                # we were cancelled, not the task: wait for the rest of the stack anyway
+                continue
+            except Exception:
+                _log.exception("error while shutting down")
+                return
+
+    async def _start(self) -> None:
+        app = self.app
+        cfg = app.config
+        stack = self._stack
+        prepare_dirs(cfg)
+        metrics = DaemonMetrics(app)
+        self.notifier.notify("STATUS=starting metrics")
+        await stack.enter_async_context(open_metrics(app))
+        self.notifier.notify("STATUS=starting sandbox")
+        app.sandbox = await stack.enter_async_context(_sandbox.open_sandbox(app))
+        if cfg.sandbox.mode == "off":
+            _log.warning("sandbox is OFF: build steps run on the host network (development only)")
+        self.notifier.notify("STATUS=starting proxy")
+        app.proxy = await stack.enter_async_context(_proxy.open_proxy(app, app.sandbox))
+        stack.push_async_callback(self._close_connections)
+        self.notifier.notify("STATUS=starting builds")
+        app.builds = await stack.enter_async_context(_build.open_builds(app))
+        metrics.set_info(str(getattr(app.toolchain, "name", None) or "none"))
+
+        listener = _activated_socket(self.sd)
+        path: str | None = None
+        if listener is None:
+            path = cfg.daemon.socket
+            listener = bind_control_socket(path, cfg.daemon.socket_group)
+        try:
+            self.server = ControlServer(app, metrics, listener, path=path)
+        except BaseException:
+            listener.close()
+            raise
+        stack.callback(self.server.stop_listening)
+        _log.info(
+            "control socket %s%s",
+            path or listener.getsockname() or "(unnamed)",
+            "" if path else " (socket activation)",
+        )
+
+    async def _close_connections(self) -> None:
+        if self.server is not None:
+            await self.server.close_connections(_REQUEST_GRACE)
+
+    async def _reloader(self) -> None:
+        assert self._reload is not None
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            _log.info("SIGHUP: reloading")
+            await builtin.reload_components(self.app)
+
+
+def run(config: Config, sd: SystemdEnv, *, dev_mode: bool = False) -> int:
+    """Run the daemon on uvloop until it stops; returns the exit code."""
+    import uvloop
+
+    daemon = Daemon(config, sd, dev_mode=dev_mode)
+    try:
+        return uvloop.run(daemon.serve())
+    except ConfigError as exc:
+        _log.error("configuration error: %s", exc.message)
+        return EXIT_CONFIG
+    except AgentError as exc:
+        _log.error("start failed: %s", exc.message)
+        daemon.notifier.notify(f"STATUS=start failed: {exc.message}")
+        return EXIT_STARTUP
+    except Exception:
+        _log.exception("start failed")
+        return EXIT_STARTUP

@@ -1,0 +1,1 @@
+"""agentctl's subcommand groups, one module each, registered in ``ctl.cli.COMMAND_GROUPS``."""

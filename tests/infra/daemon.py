@@ -1,0 +1,257 @@
+"""Run the real daemon as a subprocess, as systemd would, and drive it with the real agentctl.
+
+    d = DaemonProcess(tmp, {"build": {"max_queued": 3}})   # sections merged over test defaults
+    d.start()                          # waits for READY=1 on a NOTIFY_SOCKET the helper owns
+    d.ctl("ping")                      # CompletedProcess of `agentctl --socket ... ping`
+    with d.client() as c: c.call("info")
+    assert d.stop() == 0               # SIGTERM, returns the exit code
+
+Defaults: socket in a short /tmp path, state and runtime dirs in ``tmp``, metrics and the proxy on
+free ports, ``sandbox.mode = "off"``, ``socket_group = ""``. The daemon's stderr goes to ``tmp/daemon.log``
+(``d.log()`` reads it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ctl.client import Client
+from tests.infra.registry import free_port
+
+_VENV_BIN = Path(sys.executable).parent
+AGENTCTL = (
+    [str(_VENV_BIN / "agentctl")]
+    if (_VENV_BIN / "agentctl").exists()
+    else [sys.executable, "-m", "ctl"]
+)
+DAEMON = [sys.executable, "-m", "agent"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    """Enough TOML for the config: tables, scalars, lists, and lists of tables."""
+    lines: list[str] = []
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        nested = {
+            k: v for k, v in table.items() if isinstance(v, list) and v and isinstance(v[0], dict)
+        }
+        for key, value in table.items():
+            if key not in nested:
+                lines.append(f"{key} = {_toml_value(value)}")
+        for key, entries in nested.items():
+            for entry in entries:
+                lines.append(f"[[{name}.{key}]]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in entry.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+class DaemonProcess:
+    """One real ``build-agent run`` process with its own config, socket and notify socket."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        sections: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        argv_prefix: Sequence[str] = (),
+    ) -> None:
+        self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        # Unix socket paths are limited to 107 bytes: keep the socket in its own short dir.
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="bas-", dir="/tmp"))
+        self.socket_path = str(self.sock_dir / "agent.sock")
+        self.metrics_port = free_port()
+        merged: dict[str, dict[str, Any]] = {
+            "daemon": {
+                "socket": self.socket_path,
+                "socket_group": "",
+                "state_dir": str(self.tmp / "state"),
+                "runtime_dir": str(self.tmp / "run"),
+                "metrics_address": f"127.0.0.1:{self.metrics_port}",
+                "shutdown_grace": 5,
+            },
+            "sandbox": {"mode": "off"},
+            # The proxy listens as soon as it exists: keep parallel daemons off each other's ports.
+            "proxy": {"port": free_port(), "host_address": f"127.0.0.1:{free_port()}"},
+        }
+        for name, table in (sections or {}).items():
+            merged.setdefault(name, {}).update(table)
+        self.sections = merged
+        self.config_path = self.tmp / "config.toml"
+        self.config_path.write_text(to_toml(merged))
+        self.extra_env = dict(env or {})
+        self.argv_prefix = list(argv_prefix)
+        self.log_path = self.tmp / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.notify_path = str(self.sock_dir / "notify")
+        self._notify: socket.socket | None = None
+        self.notifications: list[str] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+        env.update({"NOTIFY_SOCKET": self.notify_path, "PYTHONUNBUFFERED": "1"})
+        env["PYTHONPATH"] = str(REPO)
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 15.0, *, wait_ready: bool = True) -> DaemonProcess:
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(self.notify_path)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*self.argv_prefix, *DAEMON, "run", "--config", str(self.config_path)],
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=str(REPO),
+                pass_fds=self._pass_fds(),
+            )
+        if wait_ready:
+            self.wait_notify("READY=1", timeout)
+        return self
+
+    def _pass_fds(self) -> tuple[int, ...]:
+        return ()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def wait_notify(self, line: str, timeout: float = 15.0) -> None:
+        """Wait until a notify datagram holds ``line``; fails early if the daemon exits."""
+        assert self._notify is not None and self.proc is not None
+        deadline = time.monotonic() + timeout
+        while line not in self.notifications:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {line} from the daemon in {timeout}s; log:\n{self.log()}")
+            ready, _, _ = select.select([self._notify], [], [], min(left, 0.1))
+            if ready:
+                data = self._notify.recv(4096).decode()
+                self.notifications.extend(data.split("\n"))
+            elif self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"daemon exited with {self.proc.returncode} before {line}; log:\n{self.log()}"
+                )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send ``sig`` and wait for the exit code (SIGKILL after ``timeout``)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        code = self.proc.returncode
+        self._drain_notify()
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def cleanup(self) -> None:
+        self.kill()
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        for p in self.sock_dir.iterdir() if self.sock_dir.exists() else ():
+            with contextlib.suppress(OSError):
+                p.unlink()
+        with contextlib.suppress(OSError):
+            self.sock_dir.rmdir()
+
+    def _drain_notify(self) -> None:
+        if self._notify is None:
+            return
+        while select.select([self._notify], [], [], 0)[0]:
+            self.notifications.extend(self._notify.recv(4096).decode().split("\n"))
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # --- clients --------------------------------------------------------------------------
+
+    def ctl(
+        self,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        user: int | str | None = None,
+        input: bytes | str | None = None,
+        timeout: float = 30.0,
+        socket_arg: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the real agentctl (``--socket`` added), as ``user`` via setpriv when given."""
+        cmd = [*AGENTCTL, *(["--socket", self.socket_path] if socket_arg else []), *args]
+        if user is not None:
+            cmd = [*as_user(user), *cmd]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+        full_env["PYTHONPATH"] = str(REPO)
+        full_env.update(env or {})
+        return subprocess.run(
+            cmd,
+            env=full_env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd="/",
+        )
+
+    def client(self, timeout: float | None = 10.0) -> Client:
+        return Client.connect(self.socket_path, timeout=timeout)
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+def as_user(user: int | str) -> list[str]:
+    """argv prefix running a command as ``user`` (uid or name) with its own gid and no groups."""
+    import pwd
+
+    pw = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+    return [
+        "setpriv",
+        f"--reuid={pw.pw_uid}",
+        f"--regid={pw.pw_gid}",
+        "--clear-groups",
+    ]

@@ -7,8 +7,8 @@
     assert d.stop() == 0               # SIGTERM, returns the exit code
 
 Defaults: socket in a short /tmp path, state and runtime dirs in ``tmp``, metrics and the proxy on
-free ports, ``sandbox.mode = "off"``, ``socket_group = ""``. The daemon's stderr goes to ``tmp/daemon.log``
-(``d.log()`` reads it).
+free ports, ``sandbox.mode = "off"``, ``socket_group = ""``. The daemon's stderr goes to
+``tmp/daemon.log`` (``d.log()`` reads it).
 """
 
 from __future__ import annotations

@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TextIO
 
 from ctl.client import (
     Client,
@@ -39,6 +36,12 @@ from ctl.client import (
 )
 from ctl.commands import basic
 
+# No typing/dataclasses at run time: agentctl's start-up is measured (bench/control_plane.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TextIO
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -46,15 +49,22 @@ EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
 
 
-@dataclass
 class Context:
     """What a command handler gets besides its parsed options."""
 
-    socket: str
-    json: bool = False
-    timeout: float | None = None
-    out: TextIO = field(default_factory=lambda: sys.stdout)
-    err: TextIO = field(default_factory=lambda: sys.stderr)
+    def __init__(
+        self,
+        socket: str,
+        json: bool = False,
+        timeout: float | None = None,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+    ) -> None:
+        self.socket = socket
+        self.json = json
+        self.timeout = timeout
+        self.out: TextIO = out or sys.stdout
+        self.err: TextIO = err or sys.stderr
 
     def connect(self, timeout: float | None = None) -> Client:
         return Client.connect(self.socket, timeout=timeout if timeout is not None else self.timeout)

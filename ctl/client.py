@@ -22,11 +22,14 @@ import itertools
 import os
 import socket
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from ctl import protocol
+
+# No typing/dataclasses at run time: agentctl's start-up is measured (bench/control_plane.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+    from typing import Any
 
 DEFAULT_SOCKET = "/run/build-agent/agent.sock"
 SOCKET_ENV = "AGENT_SOCKET"
@@ -65,24 +68,36 @@ class RequestFailed(ClientError):
         self.details = details or {}
 
 
-@dataclass(frozen=True)
 class Event:
-    name: str
-    data: Any
+    """A stream event of a request: ``name`` and ``data`` as the op documents them."""
+
+    __slots__ = ("data", "name")
+
+    def __init__(self, name: str, data: Any) -> None:
+        self.name = name
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"Event({self.name!r}, {self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Event) and (self.name, self.data) == (other.name, other.data)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 _PENDING = object()
 
 
-@dataclass
 class Call:
     """One request in flight: iterate it for its events, then :meth:`result`."""
 
-    client: Client
-    id: int
-    op: str
-    events: deque[Event] = field(default_factory=deque)
-    reply: Any = _PENDING
+    def __init__(self, client: Client, req_id: int, op: str) -> None:
+        self.client = client
+        self.id = req_id
+        self.op = op
+        self.events: deque[Event] = deque()
+        self.reply: Any = _PENDING
 
     def __iter__(self) -> Iterator[Event]:
         while True:

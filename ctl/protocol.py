@@ -10,9 +10,13 @@ no sockets, no event loop, so both the asyncio daemon and the blocking client us
 from __future__ import annotations
 
 import struct
-from typing import Any, Final
 
 import msgpack
+
+# typing is not imported at run time: agentctl's start-up is measured (bench/control_plane.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 VERSION: Final = 1
 HEADER: Final = struct.Struct(">I")

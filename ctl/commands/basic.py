@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # typing is not imported at run time: agentctl's start-up is measured
 if TYPE_CHECKING:
+    from typing import Any
+
     from ctl.cli import Context, Subcommands
 
 _PING_TIMEOUT = 10.0

@@ -1,4 +1,11 @@
-"""The authenticating registry proxy (DESIGN section 3). PLACEHOLDER until the proxy issue lands."""
+"""The authenticating registry proxy (DESIGN section 3, docs/proxy.md).
+
+Modules: ``reference`` (public: image reference parsing), ``_routes`` (route table and write
+rules), ``_credentials`` (config.json, helpers), ``_auth`` (challenges, token cache),
+``_transport`` (shared client session, TLS per registry), ``_upstream`` (auth + retries),
+``_uploads`` (upload id table), ``_forward`` (the streaming handler), ``_server`` (listeners and
+the RegistryPort API), ``_metrics``.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from agent.app import App
-from agent.ports import RegistryPort, SandboxPort
+from agent.ports import SandboxPort
+from agent.proxy._server import MANIFEST_ACCEPT, Proxy
+from agent.proxy.reference import Reference, canonical_host, parse
 
 
 @asynccontextmanager
-async def open_proxy(app: App, sandbox: SandboxPort) -> AsyncIterator[RegistryPort | None]:
-    """Start the proxy's listeners (inside the sandbox and on the host) for the daemon's lifetime."""
-    yield None
+async def open_proxy(app: App, sandbox: SandboxPort) -> AsyncIterator[Proxy]:
+    """Start the proxy's listeners (in the sandbox and on the host) for the daemon's lifetime."""
+    proxy = Proxy(app, sandbox)
+    try:
+        await proxy.start()
+        app.components.setdefault("proxy", proxy)
+        yield proxy
+    finally:
+        await proxy.close()
 
 
-__all__ = ["open_proxy"]
+__all__ = ["MANIFEST_ACCEPT", "Proxy", "Reference", "canonical_host", "open_proxy", "parse"]

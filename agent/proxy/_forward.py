@@ -1,0 +1,286 @@
+"""The request handler: resolve the route, check the method, forward, stream the answer back.
+
+Bodies are streamed both ways in the chunks the sockets deliver (bounded by the read buffers):
+nothing holds a whole blob. Hop-by-hop headers (RFC 9110 7.6.1), the client's own credentials
+and the registry's challenges are not forwarded; ``Location`` is mapped back onto the proxy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import quote, unquote_plus
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from agent.errors import UpstreamError, UpstreamUnauthorized
+from agent.proxy._metrics import ProxyMetrics, status_class
+from agent.proxy._routes import CAP_RE, Resolved, Router, Target, denial
+from agent.proxy._transport import Transport
+from agent.proxy._uploads import Uploads
+from agent.proxy._upstream import Outgoing, Upstream
+
+log = logging.getLogger("agent.proxy")
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded upstream: the client's identity is the proxy's business, not the registry's.
+_REQUEST_DROP = _HOP_BY_HOP | {"host", "authorization", "cookie", "expect"}
+# Never returned: a challenge would send clients to the registry's token server.
+_RESPONSE_DROP = _HOP_BY_HOP | {"www-authenticate", "set-cookie", "location", "server", "date"}
+_API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+_OCI_JSON = "application/json; charset=utf-8"
+
+
+def oci_error(status: int, code: str, message: str) -> web.Response:
+    body = '{"errors":[{"code":"%s","message":%s,"detail":null}]}' % (  # noqa: UP031
+        code,
+        json.dumps(message),
+    )
+    return web.Response(
+        status=status, text=body, content_type="application/json", headers=dict([_API_VERSION])
+    )
+
+
+def _actions(method: str) -> tuple[str, ...]:
+    if method in ("GET", "HEAD"):
+        return ("pull",)
+    if method == "DELETE":
+        return ("delete", "pull", "push")
+    return ("pull", "push")
+
+
+def _scope(target: Target, actions: tuple[str, ...]) -> str:
+    return f"repository:{target.repository}:{','.join(actions)}"
+
+
+class Forwarder:
+    """The aiohttp handler (``web.Server(Forwarder(...))``)."""
+
+    def __init__(
+        self,
+        router: Router,
+        uploads: Uploads,
+        upstream: Upstream,
+        transport: Transport,
+        metrics: ProxyMetrics,
+    ) -> None:
+        self._router = router
+        self._uploads = uploads
+        self._upstream = upstream
+        self._transport = transport
+        self._metrics = metrics
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        kind = "none"
+        resp: web.StreamResponse
+        try:
+            kind, resp = await self._handle(request)
+        except UpstreamUnauthorized as exc:
+            self._metrics.upstream_errors.labels("unauthorized").inc()
+            resp = oci_error(401, "UNAUTHORIZED", exc.message)
+        except UpstreamError as exc:
+            resp = oci_error(503, "UNAVAILABLE", exc.message)
+        status = resp.status
+        self._metrics.requests.labels(kind, request.method, status_class(status)).inc()
+        self._metrics.duration.labels(kind, request.method).observe(time.perf_counter() - started)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s %s -> %d (%.1f ms)",
+                request.method,
+                CAP_RE.sub("b/***", request.path),
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+        return resp
+
+    async def _handle(self, request: web.BaseRequest) -> tuple[str, web.StreamResponse]:
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        method = request.method
+        if raw_path in ("/v2", "/v2/"):
+            if method in ("GET", "HEAD"):
+                return "base", web.Response(
+                    status=200, text="{}", content_type="application/json", headers=[_API_VERSION]
+                )
+            return "base", oci_error(405, "UNSUPPORTED", "only GET and HEAD on /v2/")
+        if not raw_path.startswith("/v2/"):
+            return "none", oci_error(404, "NOT_FOUND", "not a registry API path")
+        path = raw_path[len("/v2/") :]
+        if "%" in path or "//" in path or "\\" in path:
+            # No distribution API path needs an escape; %2F would smuggle a '/' past the router.
+            return "none", oci_error(400, "NAME_INVALID", "escaped characters in the path")
+        ns = request.query.get("ns") if "ns=" in raw_query else None
+        res = self._router.resolve(path, ns)
+        if res is None:
+            return "none", oci_error(
+                404, "NAME_UNKNOWN", "repository name not known to registry proxy"
+            )
+        why = denial(res, method)
+        if why is not None:
+            return res.target.kind, oci_error(403, "DENIED", why)
+        return res.target.kind, await self._forward(request, res, raw_query)
+
+    async def _forward(
+        self, request: web.BaseRequest, res: Resolved, raw_query: str
+    ) -> web.StreamResponse:
+        t = res.target
+        method = request.method
+        base = self._transport.base_url(t.registry)
+        scopes = {_scope(t, _actions(method))}
+        query = raw_query
+        if res.endpoint == "blobs/uploads" and res.ref:
+            stored = self._uploads.lookup(res.ref, t.registry, t.repository)
+            if stored is None:
+                return oci_error(404, "BLOB_UPLOAD_UNKNOWN", "upload unknown to registry proxy")
+            url = stored
+        else:
+            tail = f"/{res.ref}" if res.ref or res.endpoint == "blobs/uploads" else ""
+            url = f"{base}/v2/{t.repository}/{res.endpoint}{tail}"
+        if query:
+            query = self._rewrite_query(query, res, scopes)
+        if query:
+            url = f"{url}?{query}"
+
+        drop = _REQUEST_DROP
+        if "Connection" in request.headers:
+            listed = {h.strip().lower() for h in request.headers["Connection"].split(",")}
+            drop = drop | listed
+        # A multidict: Go clients send one Accept line per media type.
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in drop
+        )
+        has_body = request.body_exists
+        if has_body and request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        counted = _Counted(request.content) if has_body else None
+        retryable = method in ("GET", "HEAD") or (
+            method == "POST" and res.endpoint == "blobs/uploads" and not has_body
+        )
+        out = Outgoing(
+            registry=t.registry,
+            method=method,
+            url=url,
+            headers=headers,
+            scopes=frozenset(scopes),
+            body=counted,
+            retryable=retryable,
+        )
+        up = await self._upstream.send(out)
+        try:
+            return await self._respond(request, res, up, url)
+        finally:
+            up.release()
+            if counted is not None:
+                self._metrics.bytes_up.inc(counted.count)
+
+    def _rewrite_query(self, query: str, res: Resolved, scopes: set[str]) -> str:
+        """Drop containerd's ``ns``; point a cross-repo mount's ``from`` at the upstream
+        repository (and ask for pull on it), or drop the mount when it cannot be honoured."""
+        pairs = query.split("&")
+        keys = [unquote_plus(p.partition("=")[0]) for p in pairs]
+        if "ns" not in keys and "from" not in keys:
+            return query
+        ns = None
+        kept: list[str] = []
+        src: Target | None = None
+        for key, pair in zip(keys, pairs, strict=True):
+            if key == "ns":
+                ns = unquote_plus(pair.partition("=")[2])
+        for key, pair in zip(keys, pairs, strict=True):
+            if key == "ns":
+                continue
+            if key == "from":
+                name = unquote_plus(pair.partition("=")[2])
+                src = self._router.target_of(name, ns)
+                if src is None or src.registry != res.target.registry:
+                    src = None
+                    continue
+                kept.append("from=" + quote(src.repository, safe=""))
+                scopes.add(_scope(src, ("pull",)))
+                continue
+            kept.append(pair)
+        if src is None:  # an unknown source: a plain upload instead of a failing mount
+            kept = [p for p in kept if unquote_plus(p.partition("=")[0]) != "mount"]
+        return "&".join(kept)
+
+    async def _respond(
+        self,
+        request: web.BaseRequest,
+        res: Resolved,
+        up: aiohttp.ClientResponse,
+        sent_url: str,
+    ) -> web.StreamResponse:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for k, v in up.headers.items():
+            if k.lower() not in _RESPONSE_DROP:
+                headers.add(k, v)
+        location = up.headers.get("Location")
+        if location:
+            mapped = self._map_location(res, location, sent_url, up.status)
+            if mapped is not None:
+                headers["Location"] = mapped
+        if (
+            res.endpoint == "blobs/uploads"
+            and res.ref
+            and (up.status == 201 or (request.method == "DELETE" and up.status < 300))
+        ):
+            self._uploads.drop(res.ref)
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        await resp.prepare(request)
+        if request.method != "HEAD":
+            moved = 0
+            async for chunk in up.content.iter_any():
+                moved += len(chunk)
+                await resp.write(chunk)
+            self._metrics.bytes_down.inc(moved)
+        await resp.write_eof()
+        return resp
+
+    def _map_location(self, res: Resolved, location: str, sent_url: str, status: int) -> str | None:
+        """The client-side URL for an upstream ``Location`` (absolute or relative)."""
+        t = res.target
+        absolute = URL(sent_url).join(URL(location))
+        query = absolute.raw_query_string
+        suffix = f"?{query}" if query else ""
+        if res.endpoint == "blobs/uploads" and status == 202:
+            upload_id = self._uploads.register(
+                t.registry, t.repository, str(absolute.with_query(None).with_fragment(None))
+            )
+            return f"/v2/{res.name}/blobs/uploads/{upload_id}{suffix}"
+        prefix = f"/v2/{t.repository}/"
+        if absolute.raw_path.startswith(prefix):
+            return f"/v2/{res.name}/{absolute.raw_path[len(prefix) :]}{suffix}"
+        return None  # an upstream URL the client cannot use through the proxy
+
+
+class _Counted:
+    """The client's request body as an async iterator, counting bytes on the way."""
+
+    def __init__(self, stream: aiohttp.StreamReader) -> None:
+        self._stream = stream
+        self.count = 0
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream.iter_any():
+            self.count += len(chunk)
+            yield chunk

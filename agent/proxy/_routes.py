@@ -1,0 +1,231 @@
+"""Which upstream repository a proxy path names, and what may be done through it.
+
+Three kinds of route share the ``/v2/`` namespace (docs/proxy.md draws them):
+
+- ``static``  ``/v2/<name>/<sub>/...``          -> ``<upstream>/<sub>``, pull or push (config)
+- ``build``   ``/v2/b/<cap>/{base,target}/...``  -> one repository each, writes pinned to a tag
+- ``mirror``  ``/v2/mirror/<mname>/<repo>/...`` or ``/v2/<repo>/...?ns=<host>`` -> read-only pulls
+
+Anything else resolves to None (404). Paths are matched on the raw, undecoded path: a
+percent-escape is never needed by the distribution API and is refused before we get here.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from agent.config import ProxyConfig
+from agent.errors import ConfigError
+from agent.ports import BuildRoute, Mirror, RouteTarget
+from agent.proxy.reference import (
+    DOCKER_HUB,
+    canonical_host,
+    is_digest,
+    is_repository,
+    is_tag,
+    split_repository,
+)
+
+BUILD_SEGMENT = "b"
+MIRROR_SEGMENT = "mirror"
+_READ = frozenset({"GET", "HEAD"})
+# <name>/<endpoint>: the endpoint is matched at the end so a repository may hold any component.
+_OCI_PATH = re.compile(
+    r"(?P<name>.+?)/(?P<ep>manifests|blobs/uploads|blobs|tags|referrers)(?:/(?P<ref>[^/]*))?"
+)
+CAP_RE = re.compile(r"\bb/[0-9a-f]{32}\b")
+
+
+@dataclass(frozen=True)
+class Target:
+    """An upstream repository and the rules for reaching it through one route."""
+
+    kind: str  # static | build | mirror (metric label)
+    registry: str  # canonical host
+    repository: str
+    writable: bool
+    pinned_tag: str | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A request path taken apart: ``/v2/<name>/<endpoint>/<ref>`` and where it goes."""
+
+    name: str  # the repository as the client wrote it (for Location rewrites)
+    endpoint: str  # manifests | blobs | blobs/uploads | tags | referrers
+    ref: str  # tag, digest, upload id, "list" or ""
+    target: Target
+
+
+def split_oci_path(path: str) -> tuple[str, str, str] | None:
+    """``name/endpoint/ref`` of a path below ``/v2/`` or None when it is no API path."""
+    m = _OCI_PATH.fullmatch(path)
+    if m is None:
+        return None
+    name, ep, ref = m["name"], m["ep"], m["ref"]
+    if ref is None:
+        return None
+    if ep == "manifests" and not (is_tag(ref) or is_digest(ref)):
+        return None
+    if ep in ("blobs", "referrers") and not is_digest(ref):
+        return None
+    if ep == "tags" and ref != "list":
+        return None
+    if ep == "blobs/uploads" and ref and not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", ref):
+        return None
+    if not is_repository(name):
+        return None
+    return name, ep, ref
+
+
+def mirror_name(host: str) -> str:
+    """A repository-path-safe name for ``host`` (a path component cannot hold ``:``)."""
+    return canonical_host(host).replace(":", "-")
+
+
+@dataclass(frozen=True)
+class _BuildEntry:
+    base: Target | None
+    target: Target
+
+
+def _target_for(kind: str, rt: RouteTarget) -> Target:
+    host, path = split_repository(rt.repo)
+    return Target(kind, host, path, writable=rt.push, pinned_tag=rt.tag)
+
+
+class Router:
+    """The route table. Build routes change at run time (from the build manager's task and the
+    proxy's request handlers, all on one loop; a lock keeps it safe if a thread joins in)."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self._static: dict[str, Target] = {}
+        for r in config.routes:
+            host, path = split_repository(r.upstream)
+            self._static[r.name] = Target("static", host, path, writable=r.access == "push")
+        self._mirrors: dict[str, str] = {}  # mirror name -> canonical host
+        hosts = [canonical_host(r.host) for r in config.registries if r.mirror]
+        names = [r.name or mirror_name(r.host) for r in config.registries if r.mirror]
+        if DOCKER_HUB not in hosts:
+            hosts.append(DOCKER_HUB)
+            names.append(DOCKER_HUB)
+        for name, host in zip(names, hosts, strict=True):
+            if not is_repository(name) or "/" in name:
+                raise ConfigError(
+                    f"proxy.registries: mirror name {name!r} must be one path component of "
+                    "a-z, 0-9, '.', '_', '-'"
+                )
+            self._mirrors[name] = host
+        self._by_host = {h: n for n, h in self._mirrors.items()}
+        self._builds: dict[str, _BuildEntry] = {}
+        self._lock = threading.Lock()
+
+    # --- build routes -------------------------------------------------------------------------
+
+    def add_build(
+        self, child_address: str, base: RouteTarget | None, target: RouteTarget
+    ) -> BuildRoute:
+        cap = secrets.token_hex(16)
+        entry = _BuildEntry(
+            base=_target_for("build", base) if base is not None else None,
+            target=_target_for("build", target),
+        )
+        with self._lock:
+            self._builds[cap] = entry
+        prefix = f"{BUILD_SEGMENT}/{cap}"
+        return BuildRoute(
+            prefix=prefix,
+            base=f"{child_address}/{prefix}/base" if base is not None else None,
+            target=f"{child_address}/{prefix}/target",
+        )
+
+    def remove_build(self, route: BuildRoute) -> None:
+        cap = route.prefix.rpartition("/")[2]
+        with self._lock:
+            self._builds.pop(cap, None)
+
+    @property
+    def build_count(self) -> int:
+        return len(self._builds)
+
+    # --- lookups ------------------------------------------------------------------------------
+
+    def mirrors(self, child_address: str = "") -> list[Mirror]:
+        del child_address
+        return [Mirror(host=h, prefix=f"{MIRROR_SEGMENT}/{n}") for n, h in self._mirrors.items()]
+
+    def mirror_hosts(self) -> Iterable[str]:
+        return self._mirrors.values()
+
+    def target_of(self, name: str, ns: str | None = None) -> Target | None:
+        """The upstream repository the proxy-side repository ``name`` maps to, if any."""
+        if ns is not None:
+            host = canonical_host(ns)
+            if host not in self._by_host:
+                return None
+            repo = name
+            if host == DOCKER_HUB and "/" not in repo:
+                repo = f"library/{repo}"
+            return Target("mirror", host, repo, writable=False)
+        first, _, rest = name.partition("/")
+        if first == BUILD_SEGMENT:
+            cap, _, alias = rest.partition("/")
+            entry = self._builds.get(cap)
+            if entry is None:
+                return None
+            if alias == "target":
+                return entry.target
+            if alias == "base":
+                return entry.base
+            return None
+        if first == MIRROR_SEGMENT:
+            mname, _, repo = rest.partition("/")
+            mhost = self._mirrors.get(mname)
+            if mhost is None or not repo:
+                return None
+            return Target("mirror", mhost, repo, writable=False)
+        static = self._static.get(first)
+        if static is None:
+            return None
+        repo = f"{static.repository}/{rest}" if rest else static.repository
+        return Target("static", static.registry, repo, writable=static.writable)
+
+    def resolve(self, path: str, ns: str | None) -> Resolved | None:
+        """``path`` is below ``/v2/`` (no leading slash)."""
+        parts = split_oci_path(path)
+        if parts is None:
+            return None
+        name, ep, ref = parts
+        target = self.target_of(name, ns)
+        if target is None:
+            return None
+        return Resolved(name=name, endpoint=ep, ref=ref, target=target)
+
+
+def denial(res: Resolved, method: str) -> str | None:
+    """Why ``method`` on ``res`` is refused, or None when it is allowed."""
+    t = res.target
+    if method in _READ:
+        return None
+    if not t.writable:
+        return f"{t.kind} route is read-only"
+    if res.endpoint == "manifests":
+        if method not in ("PUT", "DELETE"):
+            return f"{method} is not allowed on manifests"
+        # A digest PUT is content-addressed (an index's children), not a write to another tag.
+        if (
+            t.pinned_tag is None
+            or res.ref == t.pinned_tag
+            or (method == "PUT" and is_digest(res.ref))
+        ):
+            return None
+        return "manifest writes through this route are pinned to its tag"
+    if res.endpoint == "blobs/uploads" and method in ("POST", "PATCH", "PUT", "DELETE"):
+        return None
+    if res.endpoint == "blobs" and method == "DELETE" and t.kind != "build":
+        return None
+    return f"{method} is not allowed on {res.endpoint}"

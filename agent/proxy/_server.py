@@ -1,0 +1,243 @@
+"""The proxy as one object: listeners, route table, credentials, and the RegistryPort API."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import socket
+import time
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from agent.app import App
+from agent.errors import StartupError, UpstreamUnauthorized, UpstreamUnavailable
+from agent.ports import BuildRoute, Mirror, RouteTarget, SandboxPort
+from agent.proxy import reference
+from agent.proxy._auth import Authenticator, scope
+from agent.proxy._credentials import CredentialStore
+from agent.proxy._forward import Forwarder
+from agent.proxy._metrics import ProxyMetrics
+from agent.proxy._routes import CAP_RE, Router
+from agent.proxy._transport import READ_BUFSIZE, Transport
+from agent.proxy._uploads import Uploads
+from agent.proxy._upstream import Outgoing, Upstream
+
+log = logging.getLogger("agent.proxy")
+
+# What a resolver accepts for HEAD /v2/<repo>/manifests/<tag>: OCI and Docker, images and indexes.
+MANIFEST_ACCEPT = ", ".join(
+    (
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+)
+_MAX_MANIFEST = 4 << 20
+
+
+class Proxy:
+    """The running registry proxy; satisfies :class:`agent.ports.RegistryPort`."""
+
+    def __init__(self, app: App, sandbox: SandboxPort) -> None:
+        cfg = app.config.proxy
+        self._app = app
+        self._sandbox = sandbox
+        self._port = cfg.port
+        self._host_address = cfg.host_address
+        self.metrics = ProxyMetrics(app.registry)
+        self.transport = Transport(cfg)
+        self.credentials = CredentialStore(
+            app.config.build.docker_config, cfg.credentials, helper_timeout=cfg.helper_timeout
+        )
+        self.auth = Authenticator(
+            self.credentials, self.transport, self.metrics, token_ttl=cfg.token_ttl
+        )
+        self.upstream = Upstream(
+            self.transport,
+            self.auth,
+            self.metrics,
+            retries=cfg.retries,
+            max_backoff=cfg.retry_max_backoff,
+        )
+        self.router = Router(cfg)
+        self.uploads = Uploads()
+        self._runner: web.ServerRunner | None = None
+        self._child_address = ""
+        self._host_bound = ""
+        self._caps: collections.deque[str] = collections.deque(maxlen=1024)
+        self._state = "stopped"
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._state = "starting"
+        await self.transport.start()
+        forwarder = Forwarder(
+            self.router, self.uploads, self.upstream, self.transport, self.metrics
+        )
+        server = web.Server(forwarder, access_log=None, read_bufsize=READ_BUFSIZE)
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
+        await runner.setup()
+        self._runner = runner
+        try:
+            child_sock = self._sandbox.listen(self._port)
+        except OSError as exc:
+            raise StartupError(
+                f"registry proxy cannot listen on port {self._port} in the sandbox: "
+                f"{exc.strerror}; free the port or change proxy.port"
+            ) from exc
+        host_sock = _bind(self._host_address)
+        for sock in (child_sock, host_sock):
+            await web.SockSite(runner, sock).start()
+        self._child_address = f"localhost:{child_sock.getsockname()[1]}"
+        host, port = host_sock.getsockname()[:2]
+        self._host_bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._state = "running"
+        log.info(
+            "registry proxy listening on %s (sandbox %s) and %s",
+            self._child_address,
+            self._sandbox.mode,
+            self._host_bound,
+        )
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.transport.close()
+        if self._state != "stopped":
+            log.info("registry proxy stopped")
+        self._state = "stopped"
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    # --- RegistryPort -------------------------------------------------------------------------
+
+    @property
+    def child_address(self) -> str:
+        return self._child_address
+
+    @property
+    def host_address(self) -> str:
+        return self._host_bound
+
+    def mirrors(self) -> list[Mirror]:
+        return self.router.mirrors()
+
+    def add_build_route(self, *, base: RouteTarget | None, target: RouteTarget) -> BuildRoute:
+        route = self.router.add_build(self._child_address, base, target)
+        self._caps.append(route.prefix.rpartition("/")[2])
+        log.debug("build route added (%d active)", self.router.build_count)
+        return route
+
+    def remove_build_route(self, route: BuildRoute) -> None:
+        self.router.remove_build(route)
+        log.debug("build route removed (%d active)", self.router.build_count)
+
+    def reload(self) -> bool:
+        """Re-read the credential file (SIGHUP). False when it was broken (old ones kept)."""
+        ok = self.credentials.reload()
+        self.auth.clear()
+        return ok
+
+    def scrub(self, text: str) -> str:
+        secrets = self.credentials.secrets()
+        secrets.update(self.auth.token_values())
+        secrets.update(self._caps)
+        for s in sorted(secrets, key=len, reverse=True):
+            if len(s) >= 4 and s in text:
+                text = text.replace(s, "***")
+        return CAP_RE.sub("b/***", text)
+
+    async def manifest_digest(self, ref: str) -> str | None:
+        r = reference.parse(ref)
+        url = f"{self.transport.base_url(r.registry)}/v2/{r.repository}/manifests/{r.ref}"
+        out = Outgoing(
+            registry=r.registry,
+            method="HEAD",
+            url=url,
+            headers=CIMultiDict(Accept=MANIFEST_ACCEPT),
+            scopes=frozenset({scope(r.repository, ["pull"])}),
+            retryable=True,
+        )
+        started = time.perf_counter()
+        resp = await self.upstream.send(out)
+        try:
+            status = resp.status
+            if status == 404:
+                return None
+            if status in (401, 403):
+                raise UpstreamUnauthorized(
+                    f"registry {r.registry} refused the proxy's credentials for {r.repository} "
+                    f"({status}); check build.docker_config",
+                    registry=r.registry,
+                )
+            if status >= 400:
+                raise UpstreamUnavailable(
+                    f"registry {r.registry} answered {status} for {r.repository}:{r.ref}",
+                    registry=r.registry,
+                )
+            digest = resp.headers.get("Docker-Content-Digest")
+        finally:
+            resp.release()
+        log.debug("manifest of %s resolved in %.1f ms", r, (time.perf_counter() - started) * 1000)
+        if digest:
+            return digest
+        if r.digest:
+            return r.digest
+        return await self._hash_manifest(r, url)
+
+    async def _hash_manifest(self, r: reference.Reference, url: str) -> str:
+        """Some registries omit Docker-Content-Digest on HEAD: hash the manifest's bytes."""
+        out = Outgoing(
+            registry=r.registry,
+            method="GET",
+            url=url,
+            headers=CIMultiDict(Accept=MANIFEST_ACCEPT),
+            scopes=frozenset({scope(r.repository, ["pull"])}),
+            retryable=True,
+        )
+        resp = await self.upstream.send(out)
+        try:
+            if resp.status >= 400:
+                raise UpstreamUnavailable(
+                    f"registry {r.registry} answered {resp.status} for {r.repository}:{r.ref}",
+                    registry=r.registry,
+                )
+            h = hashlib.sha256()
+            size = 0
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > _MAX_MANIFEST:
+                    raise UpstreamUnavailable(
+                        f"registry {r.registry} sent a manifest over 4 MiB for {r.repository}",
+                        registry=r.registry,
+                    )
+                h.update(chunk)
+        finally:
+            resp.release()
+        return f"sha256:{h.hexdigest()}"
+
+
+def _bind(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"registry proxy cannot listen on proxy.host_address {address}: {exc.strerror}; "
+            "free the address or change proxy.host_address"
+        ) from exc
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,344 @@
+"""Forwarding through the proxy to a real plain docker-registry: real clients (skopeo, buildah),
+chunked uploads, ranges, mounts, routes, refusals and an upstream that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from agent.errors import BadRequest, UpstreamUnavailable
+from agent.ports import RouteTarget
+from agent.proxy._routes import mirror_name
+from tests.infra.images import buildah_cmd
+from tests.infra.proxy_harness import (
+    ProxyFactory,
+    digest_of,
+    make_proxy,
+    push_blob,
+    push_image,
+    run,
+    skopeo_env,
+)
+from tests.infra.registry import Registry, start_registry
+
+__all__ = ["make_proxy"]  # fixture
+
+TLS = ("--src-tls-verify=false", "--dest-tls-verify=false")
+
+
+def upstream_requests(reg: Registry, pattern: str) -> list[str]:
+    """The registry's access-log lines (``"METHOD /uri HTTP/1.1" status``) matching a regex."""
+    return [
+        line
+        for line in reg.log().splitlines()
+        if line.startswith("127.0.0.1 - -") and re.search(pattern, line)
+    ]
+
+
+async def test_base_endpoint_answers_itself(make_proxy: ProxyFactory, registry: Registry) -> None:
+    h = await make_proxy(http_hosts=[registry.host])
+    async with aiohttp.ClientSession() as s:
+        async with s.get(h.url + "/v2/") as r:
+            assert r.status == 200
+            assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        async with s.post(h.url + "/v2/") as r:
+            assert r.status == 405
+        async with s.get(h.url + "/nothing") as r:
+            assert r.status == 404
+            assert (await r.json())["errors"][0]["code"] == "NOT_FOUND"
+    assert h.metric("build_agent_proxy_upstream_latency_seconds_count", method="GET") == 0
+
+
+async def test_skopeo_copy_and_inspect_through_static_route(
+    make_proxy: ProxyFactory, registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    h = await make_proxy(
+        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
+    )
+    env = skopeo_env(short_tmp)
+    dst = f"docker://{h.proxy.child_address}/ws/copied:1"
+    res = await run("skopeo", "copy", *TLS, f"docker://{base_image}", dst, env=env)
+    assert res.rc == 0, res.err
+    res = await run("skopeo", "inspect", "--tls-verify=false", dst, env=env)
+    assert res.rc == 0, res.err
+    via_proxy = json.loads(res.out)
+    res = await run(
+        "skopeo",
+        "inspect",
+        "--tls-verify=false",
+        f"docker://{registry.host}/team/copied:1",
+        env=env,
+    )
+    assert res.rc == 0, res.err
+    assert json.loads(res.out)["Digest"] == via_proxy["Digest"]
+    assert "PATH=/bin" in via_proxy["Env"]
+    assert h.metric("build_agent_proxy_bytes_total", direction="up") > 0
+    assert (
+        h.metric("build_agent_proxy_requests_total", route="static", method="PUT", status="2xx")
+        >= 1
+    )
+
+
+async def test_buildah_push_and_pull_through_proxy(
+    make_proxy: ProxyFactory, registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    h = await make_proxy(
+        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
+    )
+    b = buildah_cmd(short_tmp / "buildah")
+    env = skopeo_env(short_tmp)
+    mirror = f"{h.proxy.child_address}/mirror/{mirror_name(registry.host)}/busybox:latest"
+    try:
+        res = await run(*b, "pull", "--tls-verify=false", f"docker://{mirror}", env=env)
+        assert res.rc == 0, res.err
+        image = res.out.strip().splitlines()[-1]
+        dest = f"docker://{h.proxy.child_address}/ws/buildah/out:2"
+        res = await run(*b, "push", "--tls-verify=false", image, dest, env=env)
+        assert res.rc == 0, res.err
+        res = await run(*b, "rmi", "--all", "--force", env=env)
+        assert res.rc == 0, res.err
+        res = await run(*b, "pull", "--tls-verify=false", dest, env=env)
+        assert res.rc == 0, res.err
+    finally:
+        await run(*b, "rmi", "--all", "--force", env=env)
+    assert upstream_requests(registry, r'"PUT /v2/team/buildah/out/manifests/2 ')
+
+
+async def test_multi_chunk_upload_and_range_get(
+    make_proxy: ProxyFactory, registry: Registry
+) -> None:
+    h = await make_proxy(
+        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
+    )
+    data = os.urandom(3 * 65536 + 123)
+    async with aiohttp.ClientSession() as s:
+        digest = await push_blob(s, h.url, "ws/chunks", data, chunk=65536)
+        async with s.get(f"{h.url}/v2/ws/chunks/blobs/{digest}") as r:
+            assert r.status == 200
+            assert await r.read() == data
+            assert r.headers["Docker-Content-Digest"] == digest
+        async with s.head(f"{h.url}/v2/ws/chunks/blobs/{digest}") as r:
+            assert r.status == 200
+            assert int(r.headers["Content-Length"]) == len(data)
+        async with s.get(
+            f"{h.url}/v2/ws/chunks/blobs/{digest}", headers={"Range": "bytes=1000-1999"}
+        ) as r:
+            assert r.status == 206
+            assert r.headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
+            assert await r.read() == data[1000:2000]
+    patches = upstream_requests(registry, r'"PATCH /v2/team/chunks/blobs/uploads/')
+    assert len(patches) == 4  # four chunks went up as four PATCHes, not one buffered body
+
+
+async def test_cross_repo_mount_reuploads_nothing(
+    make_proxy: ProxyFactory, registry: Registry
+) -> None:
+    h = await make_proxy(
+        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
+    )
+    data = os.urandom(50_000)
+    async with aiohttp.ClientSession() as s:
+        digest = await push_blob(s, h.url, "ws/mount-src", data)
+        up_before = h.metric("build_agent_proxy_bytes_total", direction="up")
+        async with s.post(
+            f"{h.url}/v2/ws/mount-dst/blobs/uploads/",
+            params={"mount": digest, "from": "ws/mount-src"},
+        ) as r:
+            assert r.status == 201, await r.text()
+            assert r.headers["Location"] == f"/v2/ws/mount-dst/blobs/{digest}"
+        assert h.metric("build_agent_proxy_bytes_total", direction="up") == up_before
+        async with s.get(f"{h.url}/v2/ws/mount-dst/blobs/{digest}") as r:
+            assert await r.read() == data
+        # An unknown source: the proxy drops the mount and the client uploads normally.
+        async with s.post(
+            f"{h.url}/v2/ws/mount-other/blobs/uploads/",
+            params={"mount": digest, "from": "elsewhere/repo"},
+        ) as r:
+            assert r.status == 202
+        # A refused mount (blob not in the source): the registry starts an upload instead.
+        other = os.urandom(1000)
+        async with s.post(
+            f"{h.url}/v2/ws/mount-other/blobs/uploads/",
+            params={"mount": digest_of(other), "from": "ws/mount-src"},
+        ) as r:
+            assert r.status == 202
+            loc = r.headers["Location"]
+        async with s.put(
+            f"{h.url}{loc}&digest={digest_of(other)}",
+            data=other,
+            headers={"Content-Type": "application/octet-stream"},
+        ) as r:
+            assert r.status == 201, await r.text()
+    mounts = upstream_requests(registry, r'"POST /v2/team/mount-dst/blobs/uploads/\?')
+    assert len(mounts) == 1 and "from=team%2Fmount-src" in mounts[0] and '" 201 ' in mounts[0]
+    assert not upstream_requests(registry, r'"(PATCH|PUT) /v2/team/mount-dst/blobs/uploads/')
+    assert upstream_requests(registry, r'"POST /v2/team/mount-other/blobs/uploads/ HTTP')
+
+
+async def test_build_route_pins_writes_and_vanishes(
+    make_proxy: ProxyFactory, registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    h = await make_proxy(http_hosts=[registry.host])
+    route = h.proxy.add_build_route(
+        base=RouteTarget(repo=f"{registry.host}/busybox", tag="latest"),
+        target=RouteTarget(repo=f"{registry.host}/built/ws", tag="t1", push=True),
+    )
+    assert route.prefix.startswith("b/") and len(route.prefix) == 34
+    assert route.base == f"{h.proxy.child_address}/{route.prefix}/base"
+    env = skopeo_env(short_tmp)
+    res = await run(
+        "skopeo", "copy", *TLS, f"docker://{route.base}:latest", f"docker://{route.target}:t1",
+        env=env,
+    )  # fmt: skip
+    assert res.rc == 0, res.err
+    base_url = f"{h.url}/v2/{route.prefix}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(
+            f"{base_url}/target/manifests/t1", headers={"Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"}
+        ) as r:  # fmt: skip
+            assert r.status == 200
+            manifest, ctype = await r.read(), r.headers["Content-Type"]
+        for url in (f"{base_url}/target/manifests/other", f"{base_url}/base/manifests/latest"):
+            async with s.put(url, data=manifest, headers={"Content-Type": ctype}) as r:
+                assert r.status == 403
+                assert (await r.json())["errors"][0]["code"] == "DENIED"
+        async with s.post(f"{base_url}/base/blobs/uploads/") as r:
+            assert r.status == 403
+        # crane's cross-repo mount: from= names the base alias, the proxy names the repository.
+        layer = json.loads(manifest)["layers"][0]["digest"]
+        async with s.post(
+            f"{base_url}/target/blobs/uploads/",
+            params={"mount": layer, "from": f"{route.prefix}/base"},
+        ) as r:
+            assert r.status == 201, await r.text()
+            assert r.headers["Location"] == f"/v2/{route.prefix}/target/blobs/{layer}"
+        async with s.get(f"{base_url}/elsewhere/manifests/t1") as r:
+            assert r.status == 404
+        h.proxy.remove_build_route(route)
+        async with s.get(f"{base_url}/target/manifests/t1") as r:
+            assert r.status == 404
+            assert (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+    assert not upstream_requests(registry, r"/v2/built/ws/manifests/other")
+    assert upstream_requests(registry, r'"POST /v2/built/ws/blobs/uploads/\?.*from=busybox.*" 201')
+    cap = route.prefix.split("/")[1]
+    text = f"pushing to {route.target}:t1 (cap {cap})"
+    assert cap not in h.proxy.scrub(text)
+
+
+async def test_mirror_routes_are_read_only(
+    make_proxy: ProxyFactory, registry: Registry, base_image: str
+) -> None:
+    h = await make_proxy(http_hosts=[registry.host])
+    mirrors = {m.host: m.prefix for m in h.proxy.mirrors()}
+    assert mirrors["docker.io"] == "mirror/docker.io"
+    prefix = mirrors[registry.host]
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.url}/v2/{prefix}/busybox/manifests/latest", headers=accept) as r:
+            assert r.status == 200
+            by_prefix = r.headers["Docker-Content-Digest"]
+        async with s.get(
+            f"{h.url}/v2/busybox/manifests/latest", params={"ns": registry.host}, headers=accept
+        ) as r:
+            assert r.status == 200
+            assert r.headers["Docker-Content-Digest"] == by_prefix
+        async with s.get(
+            f"{h.url}/v2/busybox/manifests/latest", params={"ns": "unknown.example"}
+        ) as r:
+            assert r.status == 404
+        async with s.post(f"{h.url}/v2/{prefix}/busybox/blobs/uploads/") as r:
+            assert r.status == 403
+
+
+async def test_refusals_forward_nothing(make_proxy: ProxyFactory, registry: Registry) -> None:
+    h = await make_proxy(
+        http_hosts=[registry.host],
+        routes=[("ws", f"{registry.host}/team", "push"), ("ro", f"{registry.host}/ro", "pull")],
+    )
+    host, port = h.proxy.host_address.rsplit(":", 1)
+
+    async def raw(path: str) -> int:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        writer.close()
+        await writer.wait_closed()
+        return status
+
+    assert await raw("/v2/ws/../busybox/manifests/latest") == 404
+    assert await raw("/v2/ws/%2e%2e/busybox/manifests/latest") == 400
+    assert await raw("/v2/ws%2Fx/manifests/latest") == 400
+    assert await raw("/v2/ws/a//b/manifests/latest") == 400
+    assert await raw("/v2/unknown/manifests/latest") == 404
+    assert await raw("/v2/ws/manifests/..") == 404
+    assert await raw("/v2/ws/blobs/sha256:..%2f..") == 400
+    async with aiohttp.ClientSession() as s:
+        async with s.put(f"{h.url}/v2/ro/x/manifests/latest", data=b"{}") as r:
+            assert r.status == 403
+        async with s.delete(f"{h.url}/v2/ws/blobs/uploads/0123456789abcdef") as r:
+            assert r.status == 404  # an upload id the proxy never handed out
+    for method in ("GET", "HEAD", "PUT", "POST", "DELETE", "PATCH"):
+        assert h.metric("build_agent_proxy_upstream_latency_seconds_count", method=method) == 0
+
+
+async def test_upstream_errors_pass_through(make_proxy: ProxyFactory, registry: Registry) -> None:
+    h = await make_proxy(
+        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.url}/v2/ws/never-pushed/manifests/nope") as r:
+            assert r.status == 404
+            body = await r.json()
+            assert body["errors"][0]["code"] in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN")
+            assert "WWW-Authenticate" not in r.headers
+
+
+async def test_manifest_digest(
+    make_proxy: ProxyFactory, registry: Registry, base_image: str
+) -> None:
+    h = await make_proxy(http_hosts=[registry.host])
+    digest = await h.proxy.manifest_digest(base_image)
+    assert digest is not None and digest.startswith("sha256:")
+    async with aiohttp.ClientSession() as s:
+        layer = os.urandom(100)
+        pushed, _ = await push_image(s, registry.url, "digest/test", "v1", layer)
+    assert await h.proxy.manifest_digest(f"{registry.host}/digest/test:v1") == pushed
+    assert await h.proxy.manifest_digest(f"{registry.host}/digest/test:missing") is None
+    with pytest.raises(BadRequest):
+        await h.proxy.manifest_digest(f"{registry.host}/Bad Name:x")
+
+
+async def test_stopped_registry_gives_503_after_bounded_retries(
+    make_proxy: ProxyFactory, short_tmp: Path
+) -> None:
+    reg = start_registry(short_tmp / "doomed")
+    try:
+        h = await make_proxy(
+            http_hosts=[reg.host], routes=[("ws", f"{reg.host}/team", "push")], retries=3
+        )
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.url}/v2/ws/x/tags/list") as r:
+                assert r.status == 404  # reachable: the registry answers
+        reg.stop()
+        async with aiohttp.ClientSession() as s:
+            started = asyncio.get_running_loop().time()
+            async with s.get(f"{h.url}/v2/ws/x/manifests/latest") as r:
+                assert r.status == 503
+                err = (await r.json())["errors"][0]
+            elapsed = asyncio.get_running_loop().time() - started
+        assert err["code"] == "UNAVAILABLE"
+        assert reg.host in err["message"] and "3 attempts" in err["message"]
+        assert elapsed < 5
+        assert h.metric("build_agent_proxy_retries_total", reason="connect") == 2
+        with pytest.raises(UpstreamUnavailable) as exc:
+            await h.proxy.manifest_digest(f"{reg.host}/team/x:latest")
+        assert exc.value.registry == reg.host
+    finally:
+        reg.stop()

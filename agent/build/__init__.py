@@ -1,19 +1,142 @@
-"""Builds: manager, records, logs, toolchains (DESIGN section 2). PLACEHOLDER until the build
-issue lands."""
+"""Builds: manager, records, logs, toolchains (DESIGN section 2).
+
+ops.py        the control ops (build, status, list, logs, cancel)
+manager.py    queue, dedupe, cancellation, timeouts, records -> flow.py (one build's steps)
+context.py    the context by fd: content key, .dockerignore (dockerignore.py), permissions
+records.py    records on disk (atomic), retention;  buildlog.py  live logs and followers
+toolchain.py  the toolchain interface; buildah.py and buildkit.py implement it
+child.py      every child process (scrubbed env, own session, tree kill)
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from agent.app import App
+from agent.errors import StartupError
+from agent.ports import NoSandbox, RegistryPort
+
+log = logging.getLogger("agent.build")
+
+_BUILDKIT_BINARIES = (
+    ("buildkitd", "AGENT_BUILDKITD"),
+    ("buildctl", "AGENT_BUILDCTL"),
+    ("crane", "AGENT_CRANE"),
+)
+_RETENTION_EVERY = 3600.0
+
+
+def buildkit_available() -> bool:
+    """True when buildkitd, buildctl and crane are all found (PATH or AGENT_BUILDKITD etc.)."""
+    try:
+        from agent.build.buildkit import buildkit_binaries
+    except ImportError:
+        pass
+    else:
+        return buildkit_binaries() is not None
+    for name, env in _BUILDKIT_BINARIES:
+        path = os.environ.get(env) or shutil.which(name)
+        if not path or not os.access(path, os.X_OK):
+            return False
+    return True
+
+
+def choose_toolchain(setting: str) -> str:
+    if setting == "auto":
+        return "buildkit" if buildkit_available() else "buildah"
+    return setting
+
+
+def _make_toolchain(app: App, name: str, proxy: RegistryPort, insecure: list[str]) -> Any:
+    sandbox = app.sandbox or NoSandbox()
+    cfg = app.config
+    if name == "buildkit":
+        try:
+            from agent.build import buildkit
+        except ImportError as exc:
+            raise StartupError(
+                'build.toolchain = "buildkit" is not available in this version; '
+                'set build.toolchain = "buildah"'
+            ) from exc
+        return buildkit.create(app, proxy)
+    from agent.build.buildah import BuildahToolchain
+
+    return BuildahToolchain(
+        state_dir=cfg.daemon.state_dir,
+        sandbox=sandbox,
+        log_tail_lines=cfg.build.log_tail_lines,
+        insecure_hosts=insecure,
+    )
 
 
 @asynccontextmanager
 async def open_builds(app: App) -> AsyncIterator[Any]:
     """Start the toolchain and the build manager; on exit, drain within the grace period."""
-    yield None
+    from agent.build import ops as _ops  # noqa: F401  (registers the build ops)
+    from agent.build._direct import DirectRegistry
+    from agent.build._metrics import BuildMetrics
+    from agent.build.manager import BuildManager
+    from agent.build.records import RecordStore
+
+    cfg = app.config
+    direct: DirectRegistry | None = None
+    proxy: RegistryPort
+    insecure: list[str] = []
+    if app.proxy is not None:
+        proxy = app.proxy
+    else:
+        direct = DirectRegistry(cfg)
+        proxy = direct
+        insecure = direct.http_hosts
+        log.warning(
+            "no registry proxy: build children talk to registries directly, without "
+            "credentials (only plain-HTTP proxy.registries work); development only"
+        )
+    store = RecordStore(cfg.daemon.state_dir)
+    interrupted = store.load()
+    if interrupted:
+        log.warning("marked %d builds interrupted: %s", len(interrupted), ", ".join(interrupted))
+    retention = cfg.build.retention_days * 86400.0
+    store.prune(max_age=retention, max_count=cfg.build.retention_count)
+    name = choose_toolchain(cfg.build.toolchain)
+    toolchain = _make_toolchain(app, name, proxy, insecure)
+    await toolchain.start()
+    app.toolchain = toolchain
+    log.info("toolchain %s (build.toolchain = %s)", name, cfg.build.toolchain)
+    manager = BuildManager(
+        store=store,
+        toolchain=toolchain,
+        proxy=proxy,
+        metrics=BuildMetrics(app.registry),
+        max_concurrent=cfg.build.max_concurrent_builds,
+        max_queued=cfg.build.max_queued,
+        log_tail_lines=cfg.build.log_tail_lines,
+        scrub=proxy.scrub,
+    )
+
+    async def prune_forever() -> None:
+        while True:
+            await asyncio.sleep(_RETENTION_EVERY)
+            store.prune(max_age=retention, max_count=cfg.build.retention_count)
+
+    pruner = asyncio.get_running_loop().create_task(prune_forever(), name="build retention")
+    try:
+        yield manager
+    finally:
+        pruner.cancel()
+        await manager.drain(cfg.daemon.shutdown_grace)
+        await toolchain.close()
+        if direct is not None:
+            await direct.close()
+        with contextlib.suppress(Exception):
+            store.prune(max_age=retention, max_count=cfg.build.retention_count)
 
 
-__all__ = ["open_builds"]
+__all__ = ["buildkit_available", "choose_toolchain", "open_builds"]

@@ -35,6 +35,10 @@ def child_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, s
     env.setdefault("LANG", "C.UTF-8")
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     (home / "docker").mkdir(exist_ok=True, mode=0o700)
+    # buildah/skopeo refuse to run when DOCKER_CONFIG has no config.json ("checking authfile").
+    empty = home / "docker" / "config.json"
+    if not empty.exists():
+        empty.write_text('{"auths": {}}\n')
     env["HOME"] = str(home)
     env["DOCKER_CONFIG"] = str(home / "docker")
     env["XDG_RUNTIME_DIR"] = str(home)

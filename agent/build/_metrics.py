@@ -1,0 +1,62 @@
+"""The build manager's Prometheus series (registered on ``app.registry``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+
+class BuildMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.started = Counter(
+            "build_agent_builds_started",
+            "Builds that left the queue and started running",
+            registry=registry,
+        )
+        self.finished = Counter(
+            "build_agent_builds_finished",
+            "Builds that reached a final state, by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self.phase = Histogram(
+            "build_agent_build_phase_duration_seconds",
+            "Time spent per build phase (context, queue, base_check, base_build, "
+            "workspace_check, copy, verify, total)",
+            ["phase"],
+            buckets=_PHASE_BUCKETS,
+            registry=registry,
+        )
+        self.queued = Gauge(
+            "build_agent_builds_queued", "Builds waiting for a slot", registry=registry
+        )
+        self.active = Gauge("build_agent_builds_active", "Builds running now", registry=registry)
+        self.cache_hits = Counter(
+            "build_agent_build_cache_hits",
+            "Images found upstream and not rebuilt, by kind (base, workspace)",
+            ["kind"],
+            registry=registry,
+        )
+        self.dedupe_joins = Counter(
+            "build_agent_build_dedupe_joins",
+            "Requests that joined a queued or running build of the same target",
+            registry=registry,
+        )
+        self.busy = Counter(
+            "build_agent_builds_refused_busy",
+            "Build requests refused because the queue was full",
+            registry=registry,
+        )
+        self.tool_runs = Counter(
+            "build_agent_toolchain_runs",
+            "Toolchain invocations, by kind (build, copy)",
+            ["kind"],
+            registry=registry,
+        )
+        for outcome in ("succeeded", "failed", "cancelled", "timed_out", "interrupted"):
+            self.finished.labels(outcome)
+        for kind in ("base", "workspace"):
+            self.cache_hits.labels(kind)
+        for kind in ("build", "copy"):
+            self.tool_runs.labels(kind)

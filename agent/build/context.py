@@ -1,0 +1,350 @@
+"""The build context, read through the directory fd the caller passed (never through a path).
+
+Everything here works relative to that fd with ``dir_fd`` and ``O_NOFOLLOW``: a symlink in the
+context is hashed as a link (its target text), never followed, so nothing outside the tree is read.
+
+Whose permissions apply: the daemon runs as root, but a caller must build only what it can read.
+The fd itself proves the caller could open the directory; for everything below it,
+:func:`hash_context` checks the caller's uid/gid/groups against each entry's owner and mode bits
+(read on files, read+search on directories) and refuses the build naming the first entry the
+caller could not read. POSIX ACLs and capabilities are not evaluated (the check is stricter than
+the kernel when an ACL grants more, never looser). Doing the whole walk in a child with the caller's
+uid would be exact but costs a process per build; the mode check is the documented trade-off.
+
+The content key (DESIGN section 2) is sha256 over: the process version, the Dockerfile's bytes,
+every entry ``.dockerignore`` keeps (type, path, mode, content hash or link target), the build
+args, the stage and the platform. File content hashes are cached by
+(dev, inode, size, mtime_ns, ctime_ns), so a warm tree costs one stat per entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from agent import PROCESS_VERSION
+from agent.build.dockerignore import Matcher
+from agent.errors import BadRequest, Forbidden
+
+_MAX_LINKS = 40
+_CHUNK = 1 << 20
+_MAX_DOCKERFILE = 4 << 20
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whose read permission the context walk enforces (from SO_PEERCRED)."""
+
+    uid: int
+    gid: int
+    groups: frozenset[int] = frozenset()
+
+    def may(self, st: os.stat_result, want: int) -> bool:
+        """``want`` is a mask of 4 (read), 1 (search/execute), as the kernel checks it."""
+        if self.uid == 0:
+            return True  # read and directory search are never refused to root
+        if st.st_uid == self.uid:
+            bits = (st.st_mode >> 6) & 7
+        elif st.st_gid == self.gid or st.st_gid in self.groups:
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        return bits & want == want
+
+
+ROOT = Caller(0, 0)
+
+
+class HashCache:
+    """File content hashes by (dev, ino, size, mtime_ns, ctime_ns); bounded, LRU, thread-safe."""
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self._max = max_entries
+        self._data: OrderedDict[tuple[int, int, int, int, int], str] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def get(self, st: os.stat_result) -> str | None:
+        k = self.key(st)
+        with self._lock:
+            value = self._data.get(k)
+            if value is not None:
+                self._data.move_to_end(k)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return value
+
+    def put(self, st: os.stat_result, digest: str) -> None:
+        with self._lock:
+            self._data[self.key(st)] = digest
+            while len(self._data) > self._max:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+@dataclass
+class ContextDigest:
+    key: str  # hex sha256: the base image's content key
+    dockerfile: str  # the Dockerfile's path inside the context after resolving links
+    dockerfile_text: str = ""
+    files: int = 0
+    bytes: int = 0
+    excluded: int = 0
+    entries: list[str] = field(default_factory=list)  # only filled when asked (tests, debug)
+
+
+def check_dockerfile_path(path: str) -> list[str]:
+    """The path's components; refuses absolute paths, '..' and empty paths (the request's fault)."""
+    if not path or path.startswith("/"):
+        raise BadRequest(
+            f"dockerfile path {path!r} must be relative to the context directory, "
+            "e.g. 'Dockerfile'",
+            details={"field": "dockerfile"},
+        )
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise BadRequest(
+            f"dockerfile path {path!r} leaves the context directory; "
+            "give a path inside the context without '..'",
+            details={"field": "dockerfile"},
+        )
+    return parts
+
+
+def _escape(path: str, why: str) -> BadRequest:
+    return BadRequest(
+        f"dockerfile path {path!r} {why}; the Dockerfile must be a file inside the context "
+        "directory",
+        details={"field": "dockerfile"},
+    )
+
+
+def resolve_dockerfile(root_fd: int, path: str) -> str:
+    """Follow ``path`` inside the tree, resolving relative links by hand; a link that is absolute
+    or climbs above the context root is refused. Returns the link-free relative path."""
+    todo = check_dockerfile_path(path)
+    done: list[str] = []
+    links = 0
+    while todo:
+        name = todo.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            if not done:
+                raise _escape(path, "follows a symbolic link out of the context directory")
+            done.pop()
+            continue
+        rel = "/".join([*done, name])
+        try:
+            st = os.stat(rel, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise BadRequest(
+                f"dockerfile {path!r} does not exist in the context directory; "
+                "pass --file with a path relative to --context",
+                details={"field": "dockerfile"},
+            ) from None
+        except NotADirectoryError:
+            raise _escape(path, "goes through something that is not a directory") from None
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_LINKS:
+                raise _escape(path, "has too many levels of symbolic links")
+            target = os.readlink(rel, dir_fd=root_fd)
+            if target.startswith("/"):
+                raise _escape(path, "follows a symbolic link out of the context directory")
+            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+            continue
+        done.append(name)
+    final = "/".join(done)
+    st = os.stat(final, dir_fd=root_fd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise _escape(path, "is not a regular file")
+    return final
+
+
+def _read_small(root_fd: int, rel: str, caller: Caller, limit: int) -> bytes:
+    fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+    try:
+        st = os.fstat(fd)
+        if not caller.may(st, 4):
+            raise Forbidden(
+                f"context file {rel!r} is not readable by uid {caller.uid}; "
+                "make it readable or leave it out of the context",
+                details={"path": rel},
+            )
+        if st.st_size > limit:
+            raise BadRequest(f"{rel!r} is larger than {limit} bytes", details={"path": rel})
+        chunks: list[bytes] = []
+        while True:
+            chunk = os.read(fd, _CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _hash_file(dir_fd: int, name: str, st: os.stat_result, cache: HashCache | None) -> str:
+    if cache is not None:
+        hit = cache.get(st)
+        if hit is not None:
+            return hit
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        h = hashlib.sha256()
+        while True:
+            chunk = os.read(fd, _CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+        fst = os.fstat(fd)
+    finally:
+        os.close(fd)
+    digest = h.hexdigest()
+    # Only cache what did not change under us while reading.
+    if cache is not None and HashCache.key(fst) == HashCache.key(st):
+        cache.put(st, digest)
+    return digest
+
+
+class _Walker:
+    def __init__(
+        self, matcher: Matcher, caller: Caller, cache: HashCache | None, keep: bool
+    ) -> None:
+        self.matcher = matcher
+        self.caller = caller
+        self.cache = cache
+        self.keep = keep
+        self.lines: list[bytes] = []
+        self.result = ContextDigest(key="", dockerfile="")
+
+    def denied(self, rel: str) -> Forbidden:
+        return Forbidden(
+            f"context entry {rel!r} is not readable by uid {self.caller.uid}; "
+            "make it readable or add it to .dockerignore",
+            details={"path": rel},
+        )
+
+    def walk(self, dir_fd: int, prefix: str) -> None:
+        with os.scandir(dir_fd) as it:
+            entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        for entry in entries:
+            rel = prefix + entry.name
+            st = entry.stat(follow_symlinks=False)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            excluded = self.matcher.excluded(rel)
+            if excluded:
+                self.result.excluded += 1
+                if not (is_dir and self.matcher.has_exceptions):
+                    continue
+            elif not self.caller.may(st, 5 if is_dir else 4) and not stat.S_ISLNK(st.st_mode):
+                raise self.denied(rel)
+            if is_dir:
+                if not excluded:
+                    self._add(b"d", rel, st, b"")
+                try:
+                    sub = os.open(
+                        entry.name,
+                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=dir_fd,
+                    )
+                except PermissionError:
+                    if excluded:
+                        continue
+                    raise self.denied(rel) from None
+                try:
+                    if excluded and not self.caller.may(st, 5):
+                        continue
+                    self.walk(sub, rel + "/")
+                finally:
+                    os.close(sub)
+            elif stat.S_ISREG(st.st_mode):
+                digest = _hash_file(dir_fd, entry.name, st, self.cache)
+                self.result.files += 1
+                self.result.bytes += st.st_size
+                self._add(b"f", rel, st, digest.encode())
+            elif stat.S_ISLNK(st.st_mode):
+                self._add(b"l", rel, st, os.fsencode(os.readlink(entry.name, dir_fd=dir_fd)))
+            else:
+                # Sockets, fifos and devices are not sent by Docker either; their presence still
+                # counts so that a changed tree changes the key.
+                self._add(b"o", rel, st, b"")
+
+    def _add(self, kind: bytes, rel: str, st: os.stat_result, data: bytes) -> None:
+        line = b"%s %s %o %s\n" % (kind, os.fsencode(rel), st.st_mode, data)
+        self.lines.append(line)
+        if self.keep:
+            self.result.entries.append(line.decode("utf-8", "replace").rstrip("\n"))
+
+
+def hash_context(
+    root_fd: int,
+    dockerfile: str,
+    *,
+    build_args: dict[str, str] | None = None,
+    stage: str | None = None,
+    platform: str | None = None,
+    caller: Caller = ROOT,
+    cache: HashCache | None = None,
+    keep_entries: bool = False,
+) -> ContextDigest:
+    """The base image's content key for the context open at ``root_fd`` (blocking: run it in a
+    thread). Raises BadRequest for a bad Dockerfile path, Forbidden for an unreadable entry."""
+    st = os.fstat(root_fd)
+    if not stat.S_ISDIR(st.st_mode):
+        raise BadRequest("the context fd is not a directory; pass an open directory")
+    if not caller.may(st, 5):
+        raise Forbidden(f"the context directory is not readable by uid {caller.uid}")
+    df_path = resolve_dockerfile(root_fd, dockerfile)
+    df_bytes = _read_small(root_fd, df_path, caller, _MAX_DOCKERFILE)
+    ignore_text = ""
+    with contextlib.suppress(FileNotFoundError):
+        ignore_text = _read_small(root_fd, ".dockerignore", caller, _MAX_DOCKERFILE).decode(
+            "utf-8", "replace"
+        )
+    walker = _Walker(Matcher.from_text(ignore_text), caller, cache, keep_entries)
+    # scandir(fd) consumes the fd's position: walk a duplicate.
+    dup = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+    try:
+        walker.walk(dup, "")
+    finally:
+        os.close(dup)
+    h = hashlib.sha256()
+    h.update(b"build-agent context key\nprocess %s\n" % PROCESS_VERSION.encode())
+    h.update(b"dockerfile %d\n" % len(df_bytes))
+    h.update(df_bytes)
+    for k, v in sorted((build_args or {}).items()):
+        h.update(b"arg %d %s=%s\n" % (len(k), k.encode(), v.encode()))
+    h.update(b"stage %s\nplatform %s\n" % ((stage or "").encode(), (platform or "").encode()))
+    h.update(b"entries %d\n" % len(walker.lines))
+    for line in walker.lines:
+        h.update(line)
+    walker.result.key = h.hexdigest()
+    walker.result.dockerfile = df_path
+    walker.result.dockerfile_text = df_bytes.decode("utf-8", "replace")
+    return walker.result
+
+
+__all__ = [
+    "ROOT",
+    "Caller",
+    "ContextDigest",
+    "HashCache",
+    "check_dockerfile_path",
+    "hash_context",
+    "resolve_dockerfile",
+]

@@ -1,0 +1,302 @@
+"""What one build does once it has a slot (DESIGN section 2): base image, workspace image, check.
+
+    Dockerfile build                         ref-only build (no Dockerfile)
+    ────────────────                         ──────────────────────────────
+    base_ref = base_repo:<content key>       base digest = resolve(base_ref)
+    exists upstream and not force?  ─ yes ─▶ base cache hit
+    else: route(base: push pinned to <key>)
+          toolchain.build -> push to route.base:<key>
+          HEAD base_ref -> base digest
+                        │
+    target = target_ref, or target_repo:sha256("<base repo>@<base digest>\\n<process version>\\n")
+    exists and not force?  ─ yes ─▶ workspace cache hit
+    else: route(base: read, target: push pinned to <tag>)
+          copy route.base@digest -> route.target:tag
+    HEAD target -> digest, or "the build did not produce the workspace image"
+
+Every route is removed as soon as its phase ends. The proxy maps ``route.base``/``route.target``
+onto the real repositories and holds the credentials; this module only sees upstream refs and the
+route addresses children use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from agent import PROCESS_VERSION
+from agent.build._metrics import BuildMetrics
+from agent.build.toolchain import BuildSpec, LogSink, Toolchain
+from agent.errors import AgentError, BadRequest, BuildFailed, NotFound, UpstreamError
+from agent.ports import RegistryPort, RouteTarget
+
+log = logging.getLogger("agent.build")
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An upstream reference split into repository and tag/digest (the proxy parses it again)."""
+
+    repo: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, *, what: str = "reference") -> Ref:
+        ref = text.strip()
+        name, at, digest = ref.partition("@")
+        tag: str | None = None
+        slash, colon = name.rfind("/"), name.rfind(":")
+        if colon > slash:
+            name, tag = name[:colon], name[colon + 1 :]
+        if not name or (at and not digest) or (tag is not None and not tag) or " " in ref:
+            raise BadRequest(
+                f"{what} {text!r} is not an image reference; "
+                "give e.g. registry.example.com/team/image:tag"
+            )
+        return cls(name, tag, digest or None)
+
+    def __str__(self) -> str:
+        out = self.repo
+        if self.tag:
+            out += f":{self.tag}"
+        if self.digest:
+            out += f"@{self.digest}"
+        return out
+
+    @property
+    def registry(self) -> str:
+        first = self.repo.split("/", 1)[0]
+        return first if ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
+def workspace_tag(base_repo: str, base_digest: str) -> str:
+    """``sha256("<base digest ref>\\n<process version>\\n")``: equal inputs give the same tag on
+    every node, so a build done anywhere is a cache hit everywhere."""
+    text = f"{base_repo}@{base_digest}\n{PROCESS_VERSION}\n"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Plan:
+    """A build's inputs after validation (what the manager hands the flow)."""
+
+    target_ref: Ref | None
+    target_repo: str | None
+    base_ref: Ref  # Dockerfile builds: base_repo:<key>; ref-only: the given base
+    dockerfile: str | None  # None for a ref-only build
+    context_fd: int | None
+    build_args: dict[str, str] = field(default_factory=dict)
+    stage: str | None = None
+    platform: str | None = None
+    force: bool = False
+    dockerfile_text: str = ""
+
+
+@dataclass
+class Outcome:
+    target_ref: str = ""
+    digest: str = ""
+    base_ref: str = ""
+    base_digest: str = ""
+    cache: dict[str, bool | None] = field(default_factory=lambda: {"base": None, "workspace": None})
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target_ref": self.target_ref,
+            "digest": self.digest,
+            "base_ref": self.base_ref,
+            "base_digest": self.base_digest,
+            "cache": dict(self.cache),
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+class Flow:
+    """Runs one :class:`Plan`; ``phase`` is called on every phase change (for progress)."""
+
+    def __init__(
+        self,
+        proxy: RegistryPort,
+        toolchain: Toolchain,
+        metrics: BuildMetrics,
+        *,
+        sink: LogSink,
+        phase: Callable[[str], None],
+    ) -> None:
+        self._proxy = proxy
+        self._tc = toolchain
+        self._metrics = metrics
+        self._sink = sink
+        self._phase = phase
+        self.outcome = Outcome()
+
+    def _say(self, text: str) -> None:
+        self._sink.line(f"[build-agent] {text}")
+
+    async def _timed(self, phase: str, aw: Awaitable[_T]) -> _T:
+        self._phase(phase)
+        t0 = time.monotonic()
+        try:
+            return await aw
+        finally:
+            took = time.monotonic() - t0
+            self.outcome.timings[phase] = self.outcome.timings.get(phase, 0.0) + took
+            self._metrics.phase.labels(phase).observe(took)
+
+    async def run(self, plan: Plan) -> Outcome:
+        out = self.outcome
+        out.base_ref = str(plan.base_ref)
+        if plan.dockerfile is not None:
+            base_digest = await self._base(plan)
+        else:
+            base_digest = await self._resolve_base(plan)
+        out.base_digest = base_digest
+        base_repo = plan.base_ref.repo
+        if plan.target_ref is not None:
+            target = (
+                plan.target_ref
+                if plan.target_ref.tag or plan.target_ref.digest
+                else Ref(plan.target_ref.repo, "latest")
+            )
+        else:
+            assert plan.target_repo is not None
+            target = Ref(plan.target_repo, workspace_tag(base_repo, base_digest))
+        if target.digest:
+            raise BadRequest(f"target {target} must be a tag, not a digest: a push needs a tag")
+        out.target_ref = str(target)
+        existing = None
+        if not plan.force:
+            existing = await self._timed(
+                "workspace_check", self._proxy.manifest_digest(str(target))
+            )
+        if existing:
+            out.cache["workspace"] = True
+            self._metrics.cache_hits.labels("workspace").inc()
+            self._say(f"workspace image {target} exists ({existing}): cache hit")
+            out.digest = existing
+            return out
+        out.cache["workspace"] = False
+        await self._timed("copy", self._copy(base_repo, base_digest, target))
+        digest = await self._timed("verify", self._proxy.manifest_digest(str(target)))
+        if not digest:
+            raise BuildFailed(
+                f"the build did not produce the workspace image: {target} is not in the "
+                "registry after the copy reported success",
+                details={"target_ref": str(target)},
+            )
+        out.digest = digest
+        self._say(f"pushed {target}@{digest}")
+        return out
+
+    async def _resolve_base(self, plan: Plan) -> str:
+        ref = plan.base_ref
+        if ref.digest:
+            digest: str | None = ref.digest
+            found = await self._timed("base_check", self._proxy.manifest_digest(str(ref)))
+            if not found:
+                digest = None
+        else:
+            digest = await self._timed("base_check", self._proxy.manifest_digest(str(ref)))
+        if not digest:
+            raise NotFound(
+                f"base image {ref} does not exist in {ref.registry}; check --base",
+                details={"base_ref": str(ref)},
+            )
+        self._say(f"base image {ref} is {digest}")
+        return digest
+
+    async def _base(self, plan: Plan) -> str:
+        ref = plan.base_ref
+        out = self.outcome
+        if not plan.force:
+            found = await self._timed("base_check", self._proxy.manifest_digest(str(ref)))
+            if found:
+                out.cache["base"] = True
+                self._metrics.cache_hits.labels("base").inc()
+                self._say(f"base image {ref} exists ({found}): cache hit, not rebuilt")
+                return found
+        out.cache["base"] = False
+        assert plan.context_fd is not None and plan.dockerfile is not None
+        route = self._proxy.add_build_route(
+            base=RouteTarget(ref.repo, tag=ref.tag, push=True),
+            target=RouteTarget(plan.target_ref.repo if plan.target_ref else plan.target_repo or ""),
+        )
+        try:
+            assert route.base is not None
+            spec = BuildSpec(
+                context_fd=plan.context_fd,
+                dockerfile=plan.dockerfile,
+                push_ref=f"{route.base}:{ref.tag}",
+                build_args=dict(plan.build_args),
+                target=plan.stage,
+                platform=plan.platform,
+                no_cache=plan.force,
+                mirrors=tuple(self._proxy.mirrors()),
+                proxy_address=self._proxy.child_address,
+            )
+            self._say(f"building the base image {ref} with {self._tc.name}")
+            self._metrics.tool_runs.labels("build").inc()
+            try:
+                await self._timed("base_build", self._tc.build(spec, self._sink))
+            except AgentError as exc:
+                _explain(exc, plan, ref.registry, self._proxy.child_address)
+                raise
+        finally:
+            self._proxy.remove_build_route(route)
+        digest = await self._timed("base_check", self._proxy.manifest_digest(str(ref)))
+        if not digest:
+            raise BuildFailed(
+                f"the build did not produce the base image: {ref} is not in the registry "
+                "after the push reported success",
+                details={"base_ref": str(ref)},
+            )
+        self._say(f"base image {ref} pushed ({digest})")
+        return digest
+
+    async def _copy(self, base_repo: str, base_digest: str, target: Ref) -> None:
+        route = self._proxy.add_build_route(
+            base=RouteTarget(base_repo),
+            target=RouteTarget(target.repo, tag=target.tag, push=True),
+        )
+        try:
+            assert route.base is not None
+            self._say(f"copying {base_repo}@{base_digest} to {target}")
+            self._metrics.tool_runs.labels("copy").inc()
+            try:
+                await self._tc.copy(
+                    f"{route.base}@{base_digest}", f"{route.target}:{target.tag}", self._sink
+                )
+            except AgentError as exc:
+                _explain(exc, None, target.registry, self._proxy.child_address)
+                raise
+        finally:
+            self._proxy.remove_build_route(route)
+
+
+def _explain(exc: AgentError, plan: Plan | None, registry: str, proxy_address: str) -> None:
+    """Name the Dockerfile line of a failed step, and the real registry behind the proxy."""
+    step = exc.details.get("step")
+    wanted = " ".join(step.split()) if isinstance(step, str) else ""
+    if wanted and plan is not None and plan.dockerfile_text:
+        for lineno, line in enumerate(plan.dockerfile_text.splitlines(), 1):
+            if " ".join(line.split()).startswith(wanted):
+                exc.message = f"{plan.dockerfile} line {lineno}: {exc.message}"
+                exc.args = (exc.message,)
+                exc.details["line"] = lineno
+                break
+    if isinstance(exc, UpstreamError) and exc.registry in ("", proxy_address):
+        exc.registry = registry
+        exc.details["registry"] = registry
+        exc.message = f"{exc.message} (registry {registry})"
+        exc.args = (exc.message,)
+
+
+__all__ = ["Flow", "Outcome", "Plan", "Ref", "workspace_tag"]

@@ -1,0 +1,391 @@
+"""The build manager: queue, deduplication, cancellation, timeouts, records (DESIGN section 2).
+
+    submit ──▶ same target queued/running? ── yes ─▶ join it (dedupe: one run, every caller
+       │                                               streams the same log, gets the same result)
+       no
+       ▼
+    queue full? ── yes ─▶ Busy        slot free ─▶ running ─▶ succeeded | failed | cancelled
+       │                                                          | timed_out | interrupted
+       ▼
+    queued (FIFO, at most max_queued) ─────────────────────────▲
+
+Callers *attach* to a build while they wait for it. A caller that leaves (disconnect, Ctrl-C)
+detaches; the build is cancelled only when no caller is left and nobody asked for it detached.
+``cancel`` always cancels. A timeout counts running time (not time in the queue). Every state
+change is written to the record before anyone hears of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.build import records as rec
+from agent.build._metrics import BuildMetrics
+from agent.build.buildlog import BuildLog
+from agent.build.context import HashCache
+from agent.build.flow import Flow, Plan
+from agent.build.records import RecordStore
+from agent.build.toolchain import Toolchain
+from agent.errors import (
+    AgentError,
+    BadRequest,
+    BuildFailed,
+    Busy,
+    Cancelled,
+    Forbidden,
+    InternalError,
+    NotFound,
+    TimedOut,
+    UpstreamUnauthorized,
+    UpstreamUnavailable,
+)
+from agent.ports import RegistryPort
+
+log = logging.getLogger("agent.build")
+
+_CANCEL_MESSAGES = {
+    rec.CANCELLED: "the build was cancelled",
+    rec.TIMED_OUT: "the build ran out of time",
+    rec.INTERRUPTED: "the daemon stopped while the build ran; run the build again",
+}
+
+
+@dataclass
+class Build:
+    """One queued or running build and everyone waiting on it."""
+
+    id: str
+    key: str  # dedupe key: the resolved target
+    plan: Plan
+    timeout: float
+    record: dict[str, Any]
+    log: BuildLog
+    waiters: int = 0
+    pinned: bool = False  # someone asked for it with detach: it runs without callers
+    phase: str = "queued"
+    task: asyncio.Task[None] | None = None
+    stop_reason: str | None = None
+    queued_at: float = field(default_factory=time.monotonic)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def state(self) -> str:
+        return str(self.record["state"])
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next state or phase change."""
+        return self._changed
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def progress(self) -> dict[str, Any]:
+        return {"id": self.id, "state": self.state, "phase": self.phase}
+
+
+def result_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The build result (DESIGN section 2) from a record."""
+    return {
+        "id": record["id"],
+        "state": record["state"],
+        "target_ref": record.get("target_ref", ""),
+        "digest": record.get("digest", ""),
+        "base_ref": record.get("base_ref", ""),
+        "cache": record.get("cache", {"base": None, "workspace": None}),
+        "timings": record.get("timings", {}),
+        "error": record.get("error"),
+    }
+
+
+def error_of(record: dict[str, Any]) -> AgentError | None:
+    """The error a finished record's callers get (None on success)."""
+    err = record.get("error")
+    if record["state"] == rec.SUCCEEDED or not err:
+        return None
+    cls = _ERRORS.get(err.get("code", ""), InternalError)
+    details = dict(err.get("details") or {})
+    details.setdefault("id", record["id"])
+    return cls(err.get("message", ""), details=details)
+
+
+_ERRORS: dict[str, type[AgentError]] = {
+    c.code: c
+    for c in (
+        BadRequest,
+        Forbidden,
+        NotFound,
+        BuildFailed,
+        Cancelled,
+        TimedOut,
+        UpstreamUnauthorized,
+        UpstreamUnavailable,
+        InternalError,
+    )
+}
+
+
+class BuildManager:
+    """Owns every live build. Used from the event loop only."""
+
+    def __init__(
+        self,
+        *,
+        store: RecordStore,
+        toolchain: Toolchain,
+        proxy: RegistryPort,
+        metrics: BuildMetrics,
+        max_concurrent: int,
+        max_queued: int,
+        log_tail_lines: int = 20,
+        scrub: Callable[[str], str] = lambda s: s,
+    ) -> None:
+        self.store = store
+        self.toolchain = toolchain
+        self.proxy = proxy
+        self.metrics = metrics
+        self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        self.log_tail_lines = log_tail_lines
+        self.scrub = scrub
+        self.hash_cache = HashCache()
+        self._live: dict[str, Build] = {}  # by id
+        self._by_key: dict[str, Build] = {}
+        self._queue: deque[Build] = deque()
+        self._running: set[str] = set()
+        self.state = "running"
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def live(self, build_id: str) -> Build | None:
+        return self._live.get(build_id)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    # --- submission -----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        key: str,
+        plan: Plan,
+        timeout: float,
+        record: dict[str, Any],
+        detach: bool = False,
+    ) -> tuple[Build, bool]:
+        """The build for ``key``: an existing queued/running one (joined=True) or a new one.
+        Takes ownership of ``plan.context_fd`` (closed when the build ends, or at once on a join).
+        Raises Busy when the queue is full."""
+        existing = self._by_key.get(key)
+        if existing is not None and existing.state in (rec.QUEUED, rec.RUNNING):
+            _close(plan.context_fd)
+            existing.pinned = existing.pinned or detach
+            self.metrics.dedupe_joins.inc()
+            existing.log.line(f"[build-agent] another request for {key} joined this build")
+            log.info("build %s: a request joined (dedupe)", existing.id)
+            return existing, True
+        free_slot = len(self._running) < self.max_concurrent
+        if not free_slot and len(self._queue) >= self.max_queued:
+            _close(plan.context_fd)
+            self.metrics.busy.inc()
+            raise Busy(
+                f"the build queue is full ({len(self._running)} running, {len(self._queue)} "
+                f"queued, build.max_queued = {self.max_queued}); try again later",
+                details={"running": len(self._running), "queued": len(self._queue)},
+            )
+        record = self.store.create(record)
+        build = Build(
+            id=record["id"],
+            key=key,
+            plan=plan,
+            timeout=timeout,
+            record=record,
+            log=BuildLog(self.store.log_path(record["id"]), self.scrub),
+            pinned=detach,
+        )
+        self._live[build.id] = build
+        self._by_key[key] = build
+        self._queue.append(build)
+        self.metrics.queued.set(len(self._queue))
+        log.info("build %s queued for %s", build.id, self.scrub(key))
+        self._pump()
+        return build, False
+
+    def attach(self, build: Build) -> None:
+        build.waiters += 1
+
+    def detach(self, build: Build) -> None:
+        """A caller left. The last one leaving an unpinned build cancels it."""
+        build.waiters = max(0, build.waiters - 1)
+        if build.waiters == 0 and not build.pinned and build.state in (rec.QUEUED, rec.RUNNING):
+            log.info("build %s: the last caller left; cancelling", build.id)
+            self.stop(build, rec.CANCELLED, "every caller left")
+
+    def cancel(self, build_id: str, who: str = "") -> dict[str, Any]:
+        """The ``cancel`` op: always cancels a queued or running build."""
+        build = self._live.get(build_id)
+        if build is None:
+            return result_of(self.store.get(build_id))  # NotFound when unknown; finished: as is
+        self.stop(build, rec.CANCELLED, f"cancelled by {who}" if who else "cancelled")
+        return build.progress()
+
+    def stop(self, build: Build, reason: str, why: str = "") -> None:
+        if build.stop_reason is not None or build.state not in (rec.QUEUED, rec.RUNNING):
+            return
+        build.stop_reason = reason
+        if why:
+            build.log.line(f"[build-agent] stopping: {why}")
+        if build.state == rec.QUEUED:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(build)
+            self.metrics.queued.set(len(self._queue))
+            self._finish(build, reason, error=self._stop_error(build, reason, why))
+        elif build.task is not None:
+            build.task.cancel()
+
+    def _stop_error(self, build: Build, reason: str, why: str) -> dict[str, Any]:
+        code = {rec.TIMED_OUT: "timed_out", rec.CANCELLED: "cancelled"}.get(reason, "internal")
+        message = _CANCEL_MESSAGES[reason]
+        if reason == rec.TIMED_OUT:
+            message = (
+                f"the build ran out of time after {build.timeout:g}s (timeout); "
+                "raise --timeout or build.timeout"
+            )
+        elif why:
+            message = f"{message} ({why})"
+        return {"code": code, "message": message, "details": {"phase": build.phase}}
+
+    # --- running --------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        while self._queue and len(self._running) < self.max_concurrent:
+            build = self._queue.popleft()
+            self._running.add(build.id)
+            build.task = asyncio.get_running_loop().create_task(
+                self._run(build), name=f"build {build.id}"
+            )
+        self.metrics.queued.set(len(self._queue))
+        self.metrics.active.set(len(self._running))
+
+    async def _run(self, build: Build) -> None:
+        loop = asyncio.get_running_loop()
+        queued_for = time.monotonic() - build.queued_at
+        self.metrics.phase.labels("queue").observe(queued_for)
+        self.store.transition(build.record, rec.RUNNING)
+        self.metrics.started.inc()
+        build.notify()
+        log.info("build %s running", build.id)
+        timer = loop.call_later(build.timeout, self._expire, build)
+        t0 = time.monotonic()
+
+        def phase(name: str) -> None:
+            build.phase = name
+            build.notify()
+
+        flow = Flow(self.proxy, self.toolchain, self.metrics, sink=build.log, phase=phase)
+        fields: dict[str, Any] = {}
+        state = rec.FAILED
+        try:
+            outcome = await flow.run(build.plan)
+            fields.update(outcome.to_dict())
+            state = rec.SUCCEEDED
+        except asyncio.CancelledError:
+            state = build.stop_reason or rec.INTERRUPTED
+            fields.update(flow.outcome.to_dict())
+            fields["error"] = self._stop_error(build, state, "")
+        except AgentError as exc:
+            fields.update(flow.outcome.to_dict())
+            fields["error"] = self._error_dict(build, exc)
+        except Exception as exc:
+            log.exception("build %s: internal error", build.id)
+            fields.update(flow.outcome.to_dict())
+            err = InternalError(f"internal error while building: {exc!r}; see the daemon log")
+            fields["error"] = self._error_dict(build, err)
+        finally:
+            timer.cancel()
+        fields.setdefault("timings", {})
+        fields["timings"]["queue"] = round(queued_for, 4)
+        fields["timings"]["total"] = round(time.monotonic() - t0, 4)
+        self.metrics.phase.labels("total").observe(time.monotonic() - t0)
+        # Scrub the record's strings too: errors quote tool output.
+        if fields.get("error"):
+            fields["error"]["message"] = self.scrub(fields["error"]["message"])
+        self._finish(build, state, **fields)
+
+    def _error_dict(self, build: Build, exc: AgentError) -> dict[str, Any]:
+        details = {k: v for k, v in exc.details.items() if k != "log_tail"}
+        tail = build.log.tail(self.log_tail_lines)
+        details["log_tail"] = [self.scrub(t) for t in tail]
+        return {"code": exc.code, "message": self.scrub(exc.message), "details": details}
+
+    def _expire(self, build: Build) -> None:
+        self.stop(build, rec.TIMED_OUT, f"timeout of {build.timeout:g}s reached")
+
+    def _finish(self, build: Build, state: str, **fields: Any) -> None:
+        fields.setdefault("target_ref", build.record.get("target_ref", ""))
+        self.store.transition(build.record, state, **fields)
+        err = build.record.get("error")
+        if err:
+            build.log.line(f"[build-agent] {state}: {err['message']}")
+        else:
+            build.log.line(
+                f"[build-agent] {state}: {build.record.get('target_ref')}"
+                f"@{build.record.get('digest')}"
+            )
+        build.log.close()
+        _close(build.plan.context_fd)
+        build.plan.context_fd = None
+        self._running.discard(build.id)
+        self._live.pop(build.id, None)
+        if self._by_key.get(build.key) is build:
+            del self._by_key[build.key]
+        self.metrics.finished.labels(state).inc()
+        log.info("build %s %s", build.id, state)
+        build.phase = state
+        build.done.set()
+        build.notify()
+        self._pump()
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Let running builds finish for ``grace`` seconds; then stop everything as interrupted."""
+        self.state = "draining"
+        for build in list(self._queue):
+            self.stop(build, rec.INTERRUPTED, "the daemon is shutting down")
+        running = [b.task for b in self._live.values() if b.task is not None]
+        if running:
+            log.info("waiting up to %gs for %d running builds", grace, len(running))
+            await asyncio.wait(running, timeout=grace)
+        tasks = []
+        for build in list(self._live.values()):
+            self.stop(build, rec.INTERRUPTED, "the daemon is shutting down")
+            if build.task is not None:
+                tasks.append(build.task)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.state = "stopped"
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+__all__ = ["Build", "BuildManager", "error_of", "result_of"]

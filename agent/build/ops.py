@@ -1,0 +1,354 @@
+"""The build ops of the control protocol (docs/protocol.md): build, status, list, logs, cancel.
+
+``build`` takes the context directory as the request's first file descriptor (SCM_RIGHTS). Its
+stream: one ``build`` event ``{id, joined, state}`` as soon as the build is known, ``state``
+events ``{id, state, phase}`` on every change, ``log`` events ``{offset, data}`` with the log as it
+grows (text, whole lines); then the result, or the build's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Any
+
+from agent.build import records as rec
+from agent.build.buildlog import follow_file, read_file
+from agent.build.context import Caller, check_dockerfile_path, hash_context
+from agent.build.flow import Plan, Ref
+from agent.build.manager import Build, BuildManager, error_of, result_of
+from agent.build.records import new_id
+from agent.control.ops import Access, Args, RequestContext, ops
+from agent.errors import BadRequest, Busy, Cancelled, InternalError
+
+_LOG_CHUNK = 512 * 1024
+_BUILD_ARGS = (
+    "dockerfile",
+    "base_ref",
+    "target_ref",
+    "target_repo",
+    "base_repo",
+    "build_args",
+    "target",
+    "platform",
+    "secrets",
+    "force",
+    "timeout",
+    "labels",
+    "detach",
+    "context_name",
+)
+
+
+def _manager(ctx: RequestContext) -> BuildManager:
+    m = ctx.app.builds
+    if not isinstance(m, BuildManager):
+        raise InternalError("builds are not available: the build manager did not start")
+    return m
+
+
+def _repo(text: str, what: str) -> str:
+    r = Ref.parse(text, what=what)
+    if r.tag or r.digest or "/" not in r.repo:
+        raise BadRequest(
+            f"{what} {text!r} must be a repository without tag or digest, "
+            "e.g. registry.example.com/team/images",
+            details={"field": what},
+        )
+    return r.repo
+
+
+@ops.register("build", access=Access.BUILD)
+async def build(ctx: RequestContext, args: Args) -> Any:
+    context_fd = ctx.fds.pop(0) if ctx.fds else None
+    try:
+        manager = _manager(ctx)
+        if ctx.app.draining:
+            raise Busy("the daemon is draining and takes no new builds; try another node")
+        args.only(*_BUILD_ARGS)
+        build, joined, detach = await _submit(ctx, args, manager, context_fd)
+        context_fd = None  # the manager owns it now
+    finally:
+        if context_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(context_fd)
+    if detach:
+        return {"id": build.id, "state": build.state, "joined": joined}
+    manager.attach(build)
+    try:
+        return await _follow_build(ctx, build, joined)
+    finally:
+        if not build.done.is_set():
+            manager.detach(build)
+
+
+async def _submit(
+    ctx: RequestContext, args: Args, manager: BuildManager, context_fd: int | None
+) -> tuple[Build, bool, bool]:
+    cfg = ctx.app.config.build
+    target_ref_text = args.string("target_ref")
+    target_repo_text = args.string("target_repo")
+    if bool(target_ref_text) == bool(target_repo_text):
+        raise BadRequest(
+            "give exactly one of target_ref (--target) and target_repo (--target-repo)",
+            details={"field": "target_ref"},
+        )
+    target_ref = Ref.parse(target_ref_text, what="target_ref") if target_ref_text else None
+    if target_ref is not None and target_ref.digest:
+        raise BadRequest("target_ref must be tagged, not pinned by digest: a push needs a tag")
+    target_repo = _repo(target_repo_text, "target_repo") if target_repo_text else None
+    base_text = args.string("base_ref")
+    if args.str_list("secrets"):
+        raise BadRequest("build secrets are not supported yet; pass them another way")
+    build_args = args.str_map("build_args")
+    stage = args.string("target")
+    platform = args.string("platform")
+    timeout = args.number("timeout", cfg.timeout)
+    if timeout is None or timeout <= 0:
+        raise BadRequest(
+            "timeout must be a positive number of seconds", details={"field": "timeout"}
+        )
+    labels = args.str_map("labels")
+    force = args.flag("force")
+    detach = args.flag("detach")
+    dockerfile = args.string("dockerfile")
+    record: dict[str, Any] = {
+        "id": new_id(),
+        "labels": labels,
+        "peer": {"uid": ctx.peer.uid, "gid": ctx.peer.gid, "pid": ctx.peer.pid},
+        "toolchain": getattr(manager.toolchain, "name", ""),
+        "request": {
+            "dockerfile": dockerfile,
+            "base_ref": base_text,
+            "target_ref": target_ref_text,
+            "target_repo": target_repo_text,
+            "build_arg_names": sorted(build_args),  # values may be secret: names only
+            "target": stage,
+            "platform": platform,
+            "force": force,
+            "timeout": timeout,
+            "context_name": args.string("context_name"),
+        },
+    }
+    if context_fd is not None:
+        if base_text:
+            raise BadRequest(
+                "give either a context (a Dockerfile build) or base_ref (a ref-only build), "
+                "not both",
+                details={"field": "base_ref"},
+            )
+        dockerfile = dockerfile or "Dockerfile"
+        check_dockerfile_path(dockerfile)
+        base_repo_text = args.string("base_repo") or cfg.base_repo
+        base_repo = (
+            _repo(base_repo_text, "base_repo")
+            if base_repo_text
+            else (target_repo or (target_ref.repo if target_ref else ""))
+        )
+        caller = Caller(ctx.peer.uid, ctx.peer.gid, ctx.peer.groups)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        digest = await asyncio.to_thread(
+            hash_context,
+            context_fd,
+            dockerfile,
+            build_args=build_args,
+            stage=stage,
+            platform=platform,
+            caller=caller,
+            cache=manager.hash_cache,
+        )
+        manager.metrics.phase.labels("context").observe(loop.time() - t0)
+        base_ref = Ref(base_repo, digest.key)
+        record["context"] = {
+            "key": digest.key,
+            "files": digest.files,
+            "bytes": digest.bytes,
+            "excluded": digest.excluded,
+            "seconds": round(loop.time() - t0, 4),
+        }
+        plan = Plan(
+            target_ref=target_ref,
+            target_repo=target_repo,
+            base_ref=base_ref,
+            dockerfile=digest.dockerfile,
+            context_fd=context_fd,
+            build_args=build_args,
+            stage=stage,
+            platform=platform,
+            force=force,
+            dockerfile_text=digest.dockerfile_text,
+        )
+    else:
+        if not base_text:
+            raise BadRequest(
+                "nothing to build: pass a context directory (fd) with a Dockerfile, or base_ref",
+                details={"field": "base_ref"},
+            )
+        if dockerfile:
+            raise BadRequest(
+                "dockerfile needs a context directory", details={"field": "dockerfile"}
+            )
+        plan = Plan(
+            target_ref=target_ref,
+            target_repo=target_repo,
+            base_ref=Ref.parse(base_text, what="base_ref"),
+            dockerfile=None,
+            context_fd=None,
+            force=force,
+        )
+    record["base_ref"] = str(plan.base_ref)
+    if target_ref is not None:
+        record["target_ref"] = str(target_ref)
+        key = f"target {target_ref}"
+    else:
+        key = f"repo {target_repo} from {plan.base_ref}"
+    build, joined = manager.submit(
+        key=key, plan=plan, timeout=timeout, record=record, detach=detach
+    )
+    return build, joined, detach
+
+
+async def _follow_build(ctx: RequestContext, build: Build, joined: bool) -> Any:
+    await ctx.emit("build", {"id": build.id, "joined": joined, "state": build.state})
+
+    async def logs() -> None:
+        async for offset, chunk in build.log.follow(0):
+            await ctx.emit("log", {"offset": offset, "data": chunk.decode("utf-8", "replace")})
+
+    async def states() -> None:
+        last = None
+        while True:
+            changed = build.changed()
+            now = build.progress()
+            if now != last:
+                await ctx.emit("state", now)
+                last = now
+            if build.done.is_set():
+                return
+            await changed.wait()
+
+    tasks = [asyncio.create_task(logs()), asyncio.create_task(states())]
+    done_wait = asyncio.create_task(build.done.wait())
+    waits: list[asyncio.Future[Any]] = [done_wait]
+    gone = None
+    if ctx.disconnected is not None:
+        gone = asyncio.create_task(ctx.disconnected.wait())
+        waits.append(gone)
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not build.done.is_set():
+            raise Cancelled("the client went away", details={"id": build.id})
+        await asyncio.gather(*tasks)
+    finally:
+        for t in [*tasks, *waits]:
+            t.cancel()
+    err = error_of(build.record)
+    if err is not None:
+        raise err
+    return result_of(build.record)
+
+
+@ops.register("status", access=Access.READ)
+async def status(ctx: RequestContext, args: Args) -> Any:
+    args.only("id")
+    build_id = args.string("id", required=True)
+    manager = _manager(ctx)
+    record = manager.store.get(build_id)
+    out = result_of(record)
+    live = manager.live(build_id)
+    out["phase"] = live.phase if live else record["state"]
+    for k in ("created", "started", "finished", "labels", "transitions", "request", "context"):
+        if k in record:
+            out[k] = record[k]
+    return out
+
+
+def _summary(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": record["id"],
+        "state": record["state"],
+        "target_ref": record.get("target_ref", ""),
+        "digest": record.get("digest", ""),
+        "created": record.get("created"),
+        "finished": record.get("finished"),
+        "labels": record.get("labels", {}),
+        "error": (record.get("error") or {}).get("code"),
+    }
+
+
+@ops.register("list", access=Access.READ)
+async def list_builds(ctx: RequestContext, args: Args) -> Any:
+    args.only("limit", "state")
+    limit = args.integer("limit", 50)
+    state = args.string("state")
+    if state is not None and state not in (*rec.FINAL, rec.QUEUED, rec.RUNNING):
+        raise BadRequest(f"unknown state {state!r}", details={"field": "state"})
+    records = _manager(ctx).store.all()
+    if state:
+        records = [r for r in records if r["state"] == state]
+    records = records[::-1][: max(0, limit)]
+    return {"builds": [_summary(r) for r in records]}
+
+
+@ops.register("logs", access=Access.READ)
+async def logs(ctx: RequestContext, args: Args) -> Any:
+    args.only("id", "offset", "follow", "limit")
+    build_id = args.string("id", required=True)
+    offset = args.integer("offset", 0)
+    if offset < 0:
+        raise BadRequest("offset must be 0 or greater", details={"field": "offset"})
+    limit = min(args.integer("limit", _LOG_CHUNK), _LOG_CHUNK)
+    follow = args.flag("follow")
+    manager = _manager(ctx)
+    record = manager.store.get(build_id)
+    path = manager.store.log_path(build_id)
+    live = manager.live(build_id)
+    if not follow:
+        data = live.log.read(offset, limit) if live else read_file(path, offset, limit)
+        size = live.log.size if live else _size(path)
+        nxt = offset + len(data)
+        return {
+            "id": build_id,
+            "offset": offset,
+            "next": nxt,
+            "size": size,
+            "data": data.decode("utf-8", "replace"),
+            "state": record["state"],
+            "eof": record["state"] in rec.FINAL and nxt >= size,
+        }
+    position = [offset]
+
+    async def pump() -> None:
+        stream = live.log.follow(offset) if live else follow_file(path, offset)
+        async for off, chunk in stream:
+            await ctx.emit("log", {"offset": off, "data": chunk.decode("utf-8", "replace")})
+            position[0] = off + len(chunk)
+
+    task = asyncio.create_task(pump())
+    waits: list[asyncio.Future[Any]] = [task]
+    if ctx.disconnected is not None:
+        waits.append(asyncio.create_task(ctx.disconnected.wait()))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+    finally:
+        for t in waits:
+            t.cancel()
+    return {"id": build_id, "next": position[0], "state": manager.store.get(build_id)["state"]}
+
+
+def _size(path: os.PathLike[str] | str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+@ops.register("cancel", access=Access.BUILD)
+async def cancel(ctx: RequestContext, args: Args) -> Any:
+    args.only("id")
+    build_id = args.string("id", required=True)
+    return _manager(ctx).cancel(build_id, who=f"uid {ctx.peer.uid}")

@@ -1,23 +1,51 @@
-"""The build sandbox (DESIGN section 4). PLACEHOLDER until the sandbox issue lands: only
-``mode = "off"`` works."""
+"""The build sandbox (DESIGN section 4): every child of the daemon runs in it.
+
+``open_sandbox(app)`` (async context manager, daemon start order: config, dirs, metrics,
+**sandbox**, proxy, builds, control socket) yields a :class:`agent.ports.SandboxPort`:
+
+- ``sandbox.mode = "on"``: a named network namespace (``sandbox.netns``, pyroute2, ``lo`` up; a
+  leftover of a crashed daemon, with any process still in it, is removed first) and, with
+  ``sandbox.egress = "nat"``, a veth pair, a default route and an nftables table
+  ``inet ba_<netns>`` that masquerades and blocks the host's own addresses and 169.254.0.0/16.
+  All of it is removed when the context exits. A kernel or privilege refusal raises StartupError
+  naming the step and the fix.
+- ``sandbox.mode = "off"``: :class:`OffSandbox` (``NoSandbox``); logged as a WARNING at start and
+  reported as ``"off"`` by ``app.components["sandbox"].state``.
+
+``listen(port)`` returns the proxy's listening socket, bound on 127.0.0.1:<port> inside the
+namespace. ``wrap(argv, pid_namespace=...)`` returns the argv that runs ``argv`` in the sandbox:
+the network namespace, a private mount namespace and, for every child, a PID namespace of its own
+with a fresh ``/proc`` (PID 1 of it dies with the daemon; everything in it dies with PID 1). The
+returned argv must be exec'd directly by the daemon process (``agent/build/child.py`` ``spawn``).
+
+What children can see (the rule the toolchains follow; details in ``_wrap.py``):
+
+- ``<runtime_dir>`` is hidden except ``<runtime_dir>/children/`` and ``<runtime_dir>/buildkit/``:
+  put generated configs, the buildkitd socket and the children's HOME there, nothing else.
+- ``<state_dir>/builds/``, ``<state_dir>/records/`` and ``<state_dir>/logs/`` are hidden; other
+  ``<state_dir>`` subdirectories (toolchain storage: ``buildah/``, ``buildkit/``) are visible.
+- The config file, ``build.docker_config`` and the control socket are hidden with their
+  directories (only the files, with a start-up warning, when a directory is shared).
+
+Orphans: ``cleanup_buildkitd(pidfile: Path, root: Path) -> None`` (blocking, bounded) kills the
+process tree a previous daemon's buildkitd left (the pid in ``pidfile`` if its command line still
+names ``buildkitd`` or ``root``, and processes whose root or program lies under ``root``), unmounts
+everything at or under ``root`` and removes the pidfile. Call it before starting buildkitd.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from agent.sandbox._orphans import cleanup_buildkitd
+from agent.sandbox._sandbox import OffSandbox, Sandbox, open_sandbox
+from agent.sandbox._wrap import RUNTIME_VISIBLE, STATE_HIDDEN, HidePlan, hide_plan
 
-from agent.app import App
-from agent.errors import StartupError
-from agent.ports import NoSandbox, SandboxPort
-
-
-@asynccontextmanager
-async def open_sandbox(app: App) -> AsyncIterator[SandboxPort]:
-    """Create the sandbox for the daemon's lifetime; remove it on exit."""
-    if app.config.sandbox.mode == "off":
-        yield NoSandbox()
-        return
-    raise StartupError('sandbox.mode = "on" is not implemented yet; set sandbox.mode = "off"')
-
-
-__all__ = ["open_sandbox"]
+__all__ = [
+    "RUNTIME_VISIBLE",
+    "STATE_HIDDEN",
+    "HidePlan",
+    "OffSandbox",
+    "Sandbox",
+    "cleanup_buildkitd",
+    "hide_plan",
+    "open_sandbox",
+]

@@ -30,6 +30,10 @@ from tests.infra.registry import Registry, start_registry
 __all__ = ["make_proxy"]  # fixture
 
 TLS = ("--src-tls-verify=false", "--dest-tls-verify=false")
+ACCEPT = {
+    "Accept": "application/vnd.oci.image.manifest.v1+json, "
+    "application/vnd.docker.distribution.manifest.v2+json"
+}
 
 
 def upstream_requests(reg: Registry, pattern: str) -> list[str]:
@@ -199,9 +203,7 @@ async def test_build_route_pins_writes_and_vanishes(
     assert res.rc == 0, res.err
     base_url = f"{h.url}/v2/{route.prefix}"
     async with aiohttp.ClientSession() as s:
-        async with s.get(
-            f"{base_url}/target/manifests/t1", headers={"Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"}
-        ) as r:  # fmt: skip
+        async with s.get(f"{base_url}/target/manifests/t1", headers=ACCEPT) as r:
             assert r.status == 200
             manifest, ctype = await r.read(), r.headers["Content-Type"]
         for url in (f"{base_url}/target/manifests/other", f"{base_url}/base/manifests/latest"):
@@ -292,12 +294,12 @@ async def test_upstream_errors_pass_through(make_proxy: ProxyFactory, registry: 
     h = await make_proxy(
         http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
     )
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{h.url}/v2/ws/never-pushed/manifests/nope") as r:
-            assert r.status == 404
-            body = await r.json()
-            assert body["errors"][0]["code"] in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN")
-            assert "WWW-Authenticate" not in r.headers
+    url = f"{h.url}/v2/ws/never-pushed/manifests/nope"
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 404
+        body = await r.json()
+        assert body["errors"][0]["code"] in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN")
+        assert "WWW-Authenticate" not in r.headers
 
 
 async def test_manifest_digest(
@@ -323,9 +325,8 @@ async def test_stopped_registry_gives_503_after_bounded_retries(
         h = await make_proxy(
             http_hosts=[reg.host], routes=[("ws", f"{reg.host}/team", "push")], retries=3
         )
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"{h.url}/v2/ws/x/tags/list") as r:
-                assert r.status == 404  # reachable: the registry answers
+        async with aiohttp.ClientSession() as s, s.get(f"{h.url}/v2/ws/x/tags/list") as r:
+            assert r.status == 404  # reachable: the registry answers
         reg.stop()
         async with aiohttp.ClientSession() as s:
             started = asyncio.get_running_loop().time()

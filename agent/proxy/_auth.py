@@ -211,7 +211,13 @@ class Authenticator:
                     "scope": " ".join(ordered),
                     "client_id": "build-agent",
                 }
-                req = session.post(realm, data=form, allow_redirects=False)
+                # The shared session skips automatic Content-Type (blobs pass through as sent).
+                req = session.post(
+                    realm,
+                    data=form,
+                    headers={"Content-Type": "application/x-www-form-urlencoded"},
+                    allow_redirects=False,
+                )
             else:
                 params: list[tuple[str, str]] = [("service", service)] if service else []
                 params += [("scope", s) for s in ordered]

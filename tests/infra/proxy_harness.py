@@ -10,7 +10,7 @@ import json
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,7 @@ class Result:
     err: str
 
 
-async def run(*argv: str, timeout: float = 120.0, env: dict[str, str] | None = None) -> Result:
+async def run(*argv: str, limit: float = 120.0, env: dict[str, str] | None = None) -> Result:
     """Run a client (skopeo, buildah) while this loop keeps serving the in-process proxy."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -136,12 +136,10 @@ async def run(*argv: str, timeout: float = 120.0, env: dict[str, str] | None = N
         env=env,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(), limit)
     except BaseException:
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         await proc.wait()
         raise
     return Result(proc.returncode or 0, out.decode(), err.decode())

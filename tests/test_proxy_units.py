@@ -1,0 +1,167 @@
+"""The proxy's pure parts: references, route resolution and write rules, challenges, token
+lifetimes, Location mapping."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from agent.config import ProxyConfig, RegistryConfig, RouteConfig
+from agent.errors import BadRequest
+from agent.ports import RouteTarget
+from agent.proxy import parse
+from agent.proxy._auth import _lifetime, parse_challenges, pick_challenge
+from agent.proxy._forward import Forwarder
+from agent.proxy._routes import Router, denial, split_oci_path
+from agent.proxy._uploads import Uploads
+
+D = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("ref", "registry", "repo", "tag", "digest"),
+    [
+        ("busybox", "docker.io", "library/busybox", "latest", None),
+        ("index.docker.io/team/x:1", "docker.io", "team/x", "1", None),
+        ("localhost:5000/a/b", "localhost:5000", "a/b", "latest", None),
+        ("localhost/a", "localhost", "a", "latest", None),
+        ("reg.example.com:443/a/b:v1.2", "reg.example.com", "a/b", "v1.2", None),
+        (f"r.io/a@{D}", "r.io", "a", None, D),
+        (f"r.io:5000/a/b:t@{D}", "r.io:5000", "a/b", "t", D),
+    ],
+)
+def test_parse(ref: str, registry: str, repo: str, tag: str | None, digest: str | None) -> None:
+    r = parse(ref)
+    assert (r.registry, r.repository, r.tag, r.digest) == (registry, repo, tag, digest)
+
+
+@pytest.mark.parametrize(
+    "ref", ["", "Upper/case", "r.io/a:bad tag", "r.io/a@sha256:short", "r.io/a/../b", "r.io//a"]
+)
+def test_parse_rejects(ref: str) -> None:
+    with pytest.raises(BadRequest):
+        parse(ref)
+
+
+def test_split_oci_path() -> None:
+    assert split_oci_path("a/b/manifests/latest") == ("a/b", "manifests", "latest")
+    assert split_oci_path("blobs/manifests/x") == ("blobs", "manifests", "x")
+    assert split_oci_path(f"a/blobs/{D}") == ("a", "blobs", D)
+    assert split_oci_path("a/blobs/uploads/") == ("a", "blobs/uploads", "")
+    assert split_oci_path("a/blobs/uploads/abc-1") == ("a", "blobs/uploads", "abc-1")
+    assert split_oci_path("a/tags/list") == ("a", "tags", "list")
+    for bad in ("a/../b/manifests/x", "a/manifests/..", "a/blobs/notadigest", "a/tags/x", "x"):
+        assert split_oci_path(bad) is None
+
+
+def _router() -> Router:
+    return Router(
+        ProxyConfig(
+            routes=[
+                RouteConfig("ws", "reg.example.com/team/images", "push"),
+                RouteConfig("ro", "reg.example.com/ro", "pull"),
+            ],
+            registries=[
+                RegistryConfig(host="localhost:5000"),
+                RegistryConfig(host="quay.io", name="quay"),
+            ],
+        )
+    )
+
+
+def test_routes_and_write_rules() -> None:
+    r = _router()
+    res = r.resolve("ws/sub/manifests/v1", None)
+    assert res is not None and res.target.repository == "team/images/sub"
+    assert denial(res, "PUT") is None
+    res = r.resolve("ws/manifests/v1", None)
+    assert res is not None and res.target.repository == "team/images"
+    res = r.resolve("ro/x/manifests/v1", None)
+    assert res is not None and denial(res, "GET") is None and denial(res, "PUT") is not None
+    assert r.resolve("nope/manifests/v1", None) is None
+    mirrors = {m.host: m.prefix for m in r.mirrors()}
+    assert mirrors == {
+        "localhost:5000": "mirror/localhost-5000",
+        "quay.io": "mirror/quay",
+        "docker.io": "mirror/docker.io",
+    }
+    res = r.resolve("mirror/docker.io/library/busybox/manifests/1", None)
+    assert res is not None and res.target.registry == "docker.io"
+    assert denial(res, "PUT") is not None
+    res = r.resolve("busybox/manifests/1", "docker.io")
+    assert res is not None and res.target.repository == "library/busybox"
+    assert r.resolve("busybox/manifests/1", "evil.example") is None
+
+    route = r.add_build(
+        "localhost:8080",
+        RouteTarget("reg.example.com/base"),
+        RouteTarget("reg.example.com/team/ws", tag="t1", push=True),
+    )
+    p = route.prefix
+    tgt = r.resolve(f"{p}/target/manifests/t1", None)
+    assert tgt is not None and denial(tgt, "PUT") is None and denial(tgt, "DELETE") is None
+    other = r.resolve(f"{p}/target/manifests/t2", None)
+    assert other is not None and denial(other, "PUT") is not None
+    assert denial(other, "DELETE") is not None
+    by_digest = r.resolve(f"{p}/target/manifests/{D}", None)
+    assert by_digest is not None and denial(by_digest, "PUT") is None
+    base = r.resolve(f"{p}/base/blobs/uploads/", None)
+    assert base is not None and denial(base, "POST") is not None
+    assert r.resolve(f"{p}/target/sub/manifests/t1", None) is None
+    r.remove_build(route)
+    assert r.resolve(f"{p}/target/manifests/t1", None) is None
+
+
+def test_challenges() -> None:
+    h = (
+        'Bearer realm="https://auth.example/token",service="reg.example",'
+        'scope="repository:a/b:pull,push"'
+    )
+    (c,) = parse_challenges(h)
+    assert c.scheme == "bearer"
+    assert c.params == {
+        "realm": "https://auth.example/token",
+        "service": "reg.example",
+        "scope": "repository:a/b:pull,push",
+    }
+    both = parse_challenges('Basic realm="x", Bearer realm="https://a/t", service=s')
+    assert [c.scheme for c in both] == ["basic", "bearer"]
+    assert pick_challenge('Basic realm="x", Bearer realm="https://a/t"').scheme == "bearer"
+    assert pick_challenge('Basic realm="Registry Realm"').scheme == "basic"
+
+
+def test_token_lifetime() -> None:
+    assert _lifetime({}, 60) == pytest.approx(54)
+    assert _lifetime({"expires_in": 300}, 60) == pytest.approx(290)
+    old = (datetime.now(UTC) - timedelta(seconds=100)).isoformat()
+    assert _lifetime({"expires_in": 300, "issued_at": old}, 60) == pytest.approx(190, abs=2)
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    assert _lifetime({"expires_in": 300, "issued_at": future}, 60) == pytest.approx(290)
+    assert time.time() > 0
+
+
+def test_location_mapping_relative_absolute_and_outside_v2() -> None:
+    router = _router()
+    uploads = Uploads()
+    fwd = Forwarder(router, uploads, None, None, None)  # type: ignore[arg-type]
+    res = router.resolve("ws/sub/blobs/uploads/", None)
+    assert res is not None
+    sent = "https://reg.example.com/v2/team/images/sub/blobs/uploads/"
+    # Google Artifact Registry style: absolute, not under /v2/, state in the query.
+    gar = "https://reg.example.com/artifacts-uploads/namespaces/p/uploads/XYZ?upload_id=1&s=2"
+    mapped = fwd._map_location(res, gar, sent, 202)
+    assert mapped is not None
+    path, _, query = mapped.partition("?")
+    assert path.startswith("/v2/ws/sub/blobs/uploads/") and query == "upload_id=1&s=2"
+    upload_id = path.rsplit("/", 1)[1]
+    stored = uploads.lookup(upload_id, "reg.example.com", "team/images/sub")
+    assert stored == "https://reg.example.com/artifacts-uploads/namespaces/p/uploads/XYZ"
+    assert uploads.lookup(upload_id, "reg.example.com", "team/other") is None
+    # distribution style: relative, under /v2/.
+    rel = fwd._map_location(res, "/v2/team/images/sub/blobs/uploads/u-1?_state=abc%3D", sent, 202)
+    assert rel is not None and rel.endswith("?_state=abc%3D")
+    done = fwd._map_location(res, f"/v2/team/images/sub/blobs/{D}", sent, 201)
+    assert done == f"/v2/ws/sub/blobs/{D}"
+    assert fwd._map_location(res, "https://cdn.example/x", sent, 201) is None

@@ -78,6 +78,13 @@ def _metrics_address(v: Any) -> str | None:
     return _host_port(v, empty_ok=True)
 
 
+def _listen_address(v: Any) -> str | None:
+    """HOST:PORT where port 0 asks the kernel for a free port (tests, several daemons)."""
+    if isinstance(v, str) and v.endswith(":0") and v[:-2]:
+        return None
+    return _host_port(v)
+
+
 def _ids(v: Any) -> str | None:
     return None if all(0 <= i < 2**32 for i in v) else "must be a list of ids from 0 to 4294967295"
 
@@ -210,7 +217,9 @@ class ProxyConfig:
         8080, "port of the proxy inside the sandbox: children use localhost:<port>", _port
     )
     host_address: str = _key(
-        "127.0.0.1:8079", "host-side listener for the daemon and operators", _host_port
+        "127.0.0.1:8079",
+        "host-side listener for the daemon and operators (port 0: any free port)",
+        _listen_address,
     )
     routes: list[RouteConfig] = _key([], "static routes ([[proxy.routes]])")
     registries: list[RegistryConfig] = _key(

@@ -27,7 +27,8 @@ def short_tmp() -> Iterator[Path]:
 
 @pytest.fixture
 def daemon_factory(short_tmp: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """``daemon_factory(sections=None, *, env=None, start=True)``: real daemons, always stopped."""
+    """``daemon_factory(sections=None, *, env=None, start=True, preamble="")``: real daemons
+    (tests/infra/daemon.py), always stopped and cleaned up at teardown."""
     made: list[DaemonProcess] = []
 
     def make(
@@ -35,8 +36,9 @@ def daemon_factory(short_tmp: Path) -> Iterator[Callable[..., DaemonProcess]]:
         *,
         env: dict[str, str] | None = None,
         start: bool = True,
+        preamble: str = "",
     ) -> DaemonProcess:
-        d = DaemonProcess(short_tmp / f"d{len(made)}", sections, env=env)
+        d = DaemonProcess(short_tmp / f"d{len(made)}", sections, env=env, preamble=preamble)
         made.append(d)
         return d.start() if start else d
 

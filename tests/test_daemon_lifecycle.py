@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ctl.client import ClientError
 from tests.infra.daemon import DAEMON, REPO, DaemonProcess
 
 Factory = Callable[..., DaemonProcess]
@@ -50,33 +52,87 @@ def test_watchdog_for_another_pid_is_ignored(daemon_factory: Factory) -> None:
     assert "WATCHDOG=1" not in d.notifications
 
 
-def test_systemd_variables_are_removed_from_the_environment(daemon_factory: Factory) -> None:
-    d = daemon_factory(env={"WATCHDOG_USEC": "60000000", "LISTEN_FDNAMES": "x"})
-    environ = Path(f"/proc/{d.pid}/environ").read_bytes().split(b"\0")
-    # /proc shows the initial environment; what matters is os.environ, which children inherit.
-    # The daemon reports that through its own view: the test checks the code path directly.
-    assert any(e.startswith(b"NOTIFY_SOCKET=") for e in environ)
+def test_systemd_variables_are_taken_out_of_the_environment() -> None:
+    # What a child inherits is os.environ: after take_environment() nothing of systemd's is left,
+    # while the values meant for this pid were read first.
     code = (
         "import os; from agent.notify import take_environment; "
         "os.environ.update(NOTIFY_SOCKET='/x', LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', "
-        "WATCHDOG_USEC='5'); sd = take_environment(); "
-        "print(sd.notify_socket, sd.listen_fds, sd.watchdog_usec, "
+        "WATCHDOG_USEC='5', LISTEN_FDNAMES='control'); sd = take_environment(); "
+        "print(sd.notify_socket, sd.listen_fds, sd.watchdog_usec, sd.listen_fdnames, "
         "sorted(k for k in os.environ if k.startswith(('LISTEN_', 'NOTIFY_', 'WATCHDOG_'))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     ).stdout
-    assert out.strip() == "/x 1 5 []"
+    assert out.strip() == "/x 1 5 ('control',) []"
+
+
+def test_listen_fds_for_another_pid_are_ignored() -> None:
+    code = (
+        "import os; from agent.notify import take_environment; "
+        "os.environ.update(LISTEN_PID='1', LISTEN_FDS='1'); sd = take_environment(); "
+        "print(sd.listen_fds, 'LISTEN_FDS' in os.environ)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
+    assert out.strip() == "0 False"
+
+
+# A test-only op registered inside the daemon process: sleeps args.seconds, then answers.
+SLEEP_OP = """
+import asyncio
+from agent.control.ops import Access, ops
+
+@ops.register("test_sleep", access=Access.READ)
+async def _sleep(ctx, args):
+    await ctx.emit("started", None)
+    await asyncio.sleep(args.number("seconds", 0.0))
+    return {"slept": True}
+"""
+
+
+def test_sigterm_lets_a_running_request_finish(daemon_factory: Factory) -> None:
+    d = daemon_factory(preamble=SLEEP_OP)
+    with d.client() as c:
+        call = c.start("test_sleep", {"seconds": 0.5})
+        assert next(iter(call)).name == "started"  # in flight on the daemon
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGTERM)
+        assert call.result() == {"slept": True}
+    assert d.proc.wait(10) == 0
 
 
 def test_second_signal_forces_stop(daemon_factory: Factory) -> None:
-    d = daemon_factory()
-    # A request that never ends keeps shutdown waiting; none exists yet, so simulate the wait
-    # with two signals in a row: the daemon must still exit, with 0 or the forced code 1.
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGTERM)
-    d.proc.send_signal(signal.SIGTERM)
-    assert d.stop() in (0, 1)
+    d = daemon_factory(preamble=SLEEP_OP)
+    with d.client() as c:
+        call = c.start("test_sleep", {"seconds": 60})
+        assert next(iter(call)).name == "started"
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGTERM)
+        d.wait_notify("STOPPING=1")
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(10) == 1  # forced: distinct from a clean stop
+        assert time.monotonic() - t0 < 1.0  # did not sit out the request grace
+    assert not os.path.exists(d.socket_path)
+
+
+def test_request_grace_then_cancel(daemon_factory: Factory) -> None:
+    d = daemon_factory(preamble=SLEEP_OP)
+    with d.client() as c:
+        call = c.start("test_sleep", {"seconds": 60})
+        assert next(iter(call)).name == "started"
+        t0 = time.monotonic()
+        assert d.stop() == 0
+        assert 1.5 < time.monotonic() - t0 < 10  # waited the request grace (2 s), then stopped
+        try:
+            call.result()
+        except ClientError:
+            pass
+        else:
+            raise AssertionError("a cancelled request must not get a result")
 
 
 def test_invalid_config_exits_78_naming_the_key(short_tmp: Path) -> None:

@@ -81,6 +81,7 @@ class DaemonProcess:
         *,
         env: Mapping[str, str] | None = None,
         argv_prefix: Sequence[str] = (),
+        preamble: str = "",
     ) -> None:
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -108,6 +109,8 @@ class DaemonProcess:
         self.config_path.write_text(to_toml(merged))
         self.extra_env = dict(env or {})
         self.argv_prefix = list(argv_prefix)
+        # Python run in the daemon process before main(): tests register extra ops this way.
+        self.preamble = preamble
         self.log_path = self.tmp / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify_path = str(self.sock_dir / "notify")
@@ -123,12 +126,15 @@ class DaemonProcess:
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout: float = 15.0, *, wait_ready: bool = True) -> DaemonProcess:
+    def _notify_bind(self) -> None:
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(self.notify_path)
+
+    def start(self, timeout: float = 15.0, *, wait_ready: bool = True) -> DaemonProcess:
+        self._notify_bind()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.argv_prefix, *DAEMON, "run", "--config", str(self.config_path)],
+                [*self.argv_prefix, *self.command(), "run", "--config", str(self.config_path)],
                 env=self.env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -142,6 +148,12 @@ class DaemonProcess:
 
     def _pass_fds(self) -> tuple[int, ...]:
         return ()
+
+    def command(self) -> list[str]:
+        if not self.preamble:
+            return list(DAEMON)
+        main = "import sys\nfrom agent.__main__ import main\nsys.exit(main(sys.argv[1:]))"
+        return [sys.executable, "-c", f"{self.preamble}\n{main}"]
 
     @property
     def pid(self) -> int:
@@ -242,6 +254,24 @@ class DaemonProcess:
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def settled_fds(self, timeout: float = 5.0) -> int:
+        """The daemon's fd count once it stops changing (closed clients are reaped async)."""
+        deadline = time.monotonic() + timeout
+        last, same = self.open_fds(), 0
+        while same < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+            now = self.open_fds()
+            same = same + 1 if now == last else 0
+            last = now
+        return last
+
+    def wait_fds(self, expected: int, timeout: float = 5.0) -> int:
+        """Poll until the daemon holds ``expected`` fds (or the deadline); returns the count."""
+        deadline = time.monotonic() + timeout
+        while (now := self.open_fds()) != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return now
 
 
 def as_user(user: int | str) -> list[str]:

@@ -1,0 +1,219 @@
+"""The control protocol against the real daemon: framing, errors, pipelining, fds, slow readers."""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+import pytest
+
+from tests.infra.daemon import DaemonProcess
+from tests.infra.wire import connect, frame, is_closed, recv_msg
+
+Factory = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def daemon(daemon_factory: Factory) -> DaemonProcess:
+    return daemon_factory({"daemon": {"max_frame": 4096}})
+
+
+def ping_ok(d: DaemonProcess) -> None:
+    with d.client() as c:
+        assert c.call("ping")["pong"] is True
+
+
+def test_ping_roundtrip_raw(daemon: DaemonProcess) -> None:
+    with connect(daemon.socket_path) as s:
+        s.sendall(frame({"v": 1, "id": 7, "op": "ping", "args": {}}))
+        reply = recv_msg(s)
+    assert reply["id"] == 7 and reply["ok"] is True and reply["result"]["pong"] is True
+
+
+def test_garbage_bytes_close_the_connection(daemon: DaemonProcess) -> None:
+    with connect(daemon.socket_path) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = recv_msg(s)
+        assert reply["id"] is None and reply["error"]["code"] == "bad_request"
+        assert "limit" in reply["error"]["message"]
+        assert is_closed(s)
+    ping_ok(daemon)
+
+
+def test_oversized_length_is_refused_and_closed(daemon: DaemonProcess) -> None:
+    with connect(daemon.socket_path) as s:
+        s.sendall(struct.pack(">I", 4097))
+        reply = recv_msg(s)
+        assert reply["error"]["code"] == "bad_request"
+        assert "4097" in reply["error"]["message"] and "max_frame" in reply["error"]["message"]
+        assert is_closed(s)
+    ping_ok(daemon)
+
+
+def test_frame_at_the_limit_is_read(daemon: DaemonProcess) -> None:
+    with connect(daemon.socket_path) as s:
+        pad = "x" * (4096 - 60)
+        f = frame({"v": 1, "id": 1, "op": "ping", "args": {"pad": pad}})
+        assert len(f) - 4 <= 4096
+        s.sendall(f)
+        assert recv_msg(s)["ok"] is True
+
+
+def test_truncated_frame_then_eof(daemon: DaemonProcess) -> None:
+    with connect(daemon.socket_path) as s:
+        s.sendall(frame({"v": 1, "id": 1, "op": "ping"})[:-3])
+        s.shutdown(socket.SHUT_WR)
+        assert is_closed(s)
+    ping_ok(daemon)
+
+
+def test_truncated_frame_does_not_block_others(daemon: DaemonProcess) -> None:
+    with connect(daemon.socket_path) as stuck:
+        stuck.sendall(struct.pack(">I", 100) + b"\x80")
+        ping_ok(daemon)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [[1, 2, 3], "ping", 42, None, b"\x00"],
+    ids=["list", "str", "int", "nil", "bin"],
+)
+def test_non_map_payload_gets_bad_request_and_connection_survives(
+    daemon: DaemonProcess, payload: object
+) -> None:
+    with connect(daemon.socket_path) as s:
+        s.sendall(frame(payload))
+        reply = recv_msg(s)
+        assert reply == {
+            "id": None,
+            "ok": False,
+            "error": {"code": "bad_request", "message": reply["error"]["message"], "details": {}},
+        }
+        assert "not a map" in reply["error"]["message"]
+        s.sendall(frame({"v": 1, "id": 2, "op": "ping"}))
+        assert recv_msg(s)["ok"] is True
+
+
+def test_invalid_msgpack_body(daemon: DaemonProcess) -> None:
+    with connect(daemon.socket_path) as s:
+        s.sendall(struct.pack(">I", 3) + b"\xc1\xc1\xc1")  # 0xc1 is never valid msgpack
+        reply = recv_msg(s)
+        assert reply["error"]["code"] == "bad_request"
+        assert "msgpack" in reply["error"]["message"]
+        s.sendall(frame({"v": 1, "id": 2, "op": "ping"}))
+        assert recv_msg(s)["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("request_", "reply_id", "code", "words"),
+    [
+        ({"v": 1, "id": "7", "op": "ping"}, None, "bad_request", "request id"),
+        ({"v": 1, "id": -1, "op": "ping"}, None, "bad_request", "request id"),
+        ({"v": 1, "id": True, "op": "ping"}, None, "bad_request", "request id"),
+        ({"v": 1, "op": "ping"}, None, "bad_request", "request id"),
+        ({"v": 1, "id": 3, "op": 5}, 3, "bad_request", "unknown op"),
+        ({"v": 1, "id": 3, "op": "nope"}, 3, "bad_request", "unknown op 'nope'"),
+        ({"v": 1, "id": 3, "op": "ping", "args": [1]}, 3, "bad_request", "args must be a map"),
+        ({"v": 1, "id": 3, "op": "drain", "args": {"enable": "yes"}}, 3, "bad_request", "enable"),
+        ({"v": 2, "id": 3, "op": "ping"}, 3, "unsupported_version", "version 2"),
+        ({"v": "1", "id": 3, "op": "ping"}, 3, "unsupported_version", "not supported"),
+        ({"id": 3, "op": "ping"}, 3, "unsupported_version", "not supported"),
+    ],
+)
+def test_invalid_requests_get_documented_errors(
+    daemon: DaemonProcess, request_: dict[str, object], reply_id: int | None, code: str, words: str
+) -> None:
+    with connect(daemon.socket_path) as s:
+        s.sendall(frame(request_))
+        reply = recv_msg(s)
+        assert reply["id"] == reply_id
+        assert reply["ok"] is False
+        assert reply["error"]["code"] == code
+        assert words in reply["error"]["message"]
+        s.sendall(frame({"v": 1, "id": 99, "op": "ping"}))
+        assert recv_msg(s)["id"] == 99
+
+
+def test_unknown_op_lists_known_ops(daemon: DaemonProcess) -> None:
+    with connect(daemon.socket_path) as s:
+        s.sendall(frame({"v": 1, "id": 1, "op": "frobnicate"}))
+        reply = recv_msg(s)
+    assert {"ping", "info"} <= set(reply["error"]["details"]["ops"])
+
+
+def test_pipelined_requests_all_answered(daemon: DaemonProcess) -> None:
+    with connect(daemon.socket_path) as s:
+        s.sendall(b"".join(frame({"v": 1, "id": i, "op": "ping"}) for i in range(1, 51)))
+        ids = {recv_msg(s)["id"] for _ in range(50)}
+    assert ids == set(range(1, 51))
+
+
+def test_client_library_several_calls_in_flight(daemon: DaemonProcess) -> None:
+    with daemon.client() as c:
+        calls = [c.start("ping"), c.start("info"), c.start("ping")]
+        results = [call.result() for call in reversed(calls)]
+    assert results[0]["pong"] and "uptime" in results[1] and results[2]["pong"]
+
+
+def test_passed_fds_are_closed_by_the_daemon(daemon: DaemonProcess) -> None:
+    ping_ok(daemon)
+    before = daemon.settled_fds()
+    r, w = os.pipe()
+    try:
+        with connect(daemon.socket_path) as s:
+            for i in range(20):
+                s.sendmsg(
+                    [frame({"v": 1, "id": i, "op": "ping"})],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w, r]))],
+                )
+                assert recv_msg(s)["ok"] is True
+    finally:
+        os.close(r)
+        os.close(w)
+    ping_ok(daemon)
+    assert daemon.wait_fds(before) == before
+
+
+def test_too_many_fds_close_the_connection(daemon: DaemonProcess) -> None:
+    before = daemon.settled_fds()
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(40)]
+    try:
+        with connect(daemon.socket_path) as s:
+            s.sendmsg(
+                [frame({"v": 1, "id": 1, "op": "ping"})],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+            )
+            reply = recv_msg(s)
+            assert reply["error"]["code"] == "bad_request"
+            assert "file descriptors" in reply["error"]["message"]
+            assert is_closed(s)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    ping_ok(daemon)
+    assert daemon.wait_fds(before) == before
+
+
+def test_slow_reader_does_not_stall_others(daemon: DaemonProcess) -> None:
+    # A client that sends thousands of requests and never reads a reply: the daemon must stop
+    # reading it (bounded output) and keep answering everyone else.
+    before = daemon.settled_fds()
+    hog = connect(daemon.socket_path)
+    hog.setblocking(False)
+    req = frame({"v": 1, "id": 1, "op": "info"})
+    sent = 0
+    try:
+        while sent < 64 << 20:
+            sent += hog.send(req * 64)
+    except BlockingIOError:
+        pass  # the daemon stopped reading us: the kernel buffers are full
+    assert sent < 64 << 20, "the daemon kept reading a client that never reads"
+    for _ in range(5):
+        ping_ok(daemon)
+    hog.close()
+    ping_ok(daemon)
+    # The hog's connection and buffers go away once it is closed.
+    assert daemon.wait_fds(before) == before

@@ -1,0 +1,257 @@
+"""Reading what ``buildctl --progress=plain`` and ``crane`` print, to turn a failure into an error a
+user can act on.
+
+The shapes handled are the ones BuildKit v0.11.6 and crane v0.20.2 really print
+(``fixtures/toolchain/build-*-plain.txt``, ``crane-*.txt``):
+
+- the last line is ``error: <what failed>`` (``failed to solve: ...`` for anything the solver did);
+- a Dockerfile problem comes with a source box: ``Dockerfile:2`` then ``   2 | >>> RUN ...``;
+- a failed RUN says ``process "/bin/sh -c ..." did not complete successfully: exit code: 3``;
+- a refused push says ``failed to push <ref>: unexpected status: 401 Unauthorized``;
+- a buildkitd that died says ``failed to receive status: rpc error: code = Unavailable desc =
+  error reading from server: EOF``; one that is not there says ``connection error: ... dial unix``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.build.toolchain import LogSink
+from agent.errors import (
+    AgentError,
+    BuildFailed,
+    InternalError,
+    NotFound,
+    UpstreamUnauthorized,
+    UpstreamUnavailable,
+)
+
+_SOURCE = re.compile(r"^(?P<file>\S+):(?P<line>\d+)$")
+_MARKED = re.compile(r"^\s*(?P<line>\d+) \| >>> (?P<text>.*)$")
+_PROCESS = re.compile(
+    r'process "(?P<cmd>.*)" did not complete successfully: exit code: (?P<code>\d+)'
+)
+_PARSE = re.compile(r"dockerfile parse error on line (?P<line>\d+): (?P<why>.*)")
+_PUSH = re.compile(r"failed to push (?P<ref>\S+): (?P<why>.*)")
+_STATUS = re.compile(r"\b(?P<status>[1-5]\d\d) (?P<text>[A-Z][A-Za-z ]+)")
+_METADATA = re.compile(r"^#\d+ \[internal\] load metadata for (?P<ref>\S+)$")
+_URL_HOST = re.compile(r"https?://(?P<host>[^/\s\"]+)/")
+_DIGEST = re.compile(r"digest: (?P<digest>sha256:[0-9a-f]{64})")
+
+
+@dataclass
+class Transcript:
+    """A :class:`LogSink` that passes every line on and keeps the last ``keep`` for diagnosis."""
+
+    sink: LogSink
+    keep: int = 400
+    lines: deque[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lines = deque(maxlen=self.keep)
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+        self.sink.line(text)
+
+
+def _host_of(ref: str) -> str:
+    m = _URL_HOST.search(ref)
+    if m:
+        return m.group("host")
+    first = ref.split("/", 1)[0]
+    return first if ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
+def _tail(lines: list[str], n: int) -> list[str]:
+    """The last ``n`` lines worth reading: before BuildKit's Dockerfile source box (which the
+    message already quotes), without blank lines and box rules."""
+    end = len(lines)
+    for i, ln in enumerate(lines):
+        if _SOURCE.match(ln.strip()) and i + 1 < len(lines) and lines[i + 1].startswith("---"):
+            end = i
+            break
+    kept = [ln for ln in lines[:end] if ln.strip() and not set(ln.strip()) <= {"-"}]
+    return kept[-n:]
+
+
+def _with_tail(message: str, tail: list[str]) -> str:
+    if not tail:
+        return message
+    return message + "\nlast log lines:\n" + "\n".join("  " + ln for ln in tail)
+
+
+def build_error(
+    lines: list[str],
+    returncode: int,
+    *,
+    tail_lines: int,
+    scrub: Callable[[str], str] = lambda s: s,
+    exit_words: str = "",
+) -> AgentError:
+    """The error for a ``buildctl build`` that exited non-zero, from its output."""
+    error = next((ln[len("error: ") :] for ln in reversed(lines) if ln.startswith("error: ")), "")
+    body = [ln for ln in lines if not ln.startswith("error: ")]
+    tail = [scrub(ln) for ln in _tail(body, tail_lines)]
+    source = ""
+    marked_line: int | None = None
+    marked_text = ""
+    for i, ln in enumerate(lines):
+        m = _MARKED.match(ln)
+        if m:
+            marked_line, marked_text = int(m.group("line")), m.group("text").strip()
+            for back in reversed(lines[:i]):
+                sm = _SOURCE.match(back.strip())
+                if sm:
+                    source = sm.group("file")
+                    break
+    where = f"{source or 'Dockerfile'}:{marked_line}" if marked_line else ""
+    details: dict[str, object] = {"log_tail": tail, "exit_status": returncode}
+    if where:
+        details["dockerfile_line"] = marked_line
+        details["instruction"] = scrub(marked_text)
+
+    if "failed to receive status" in error or "error reading from server: EOF" in error:
+        details["reason"] = "builder_died"
+        return BuildFailed(
+            _with_tail(
+                "buildkitd stopped during the build (killed or crashed); the daemon restarts it: "
+                "build again",
+                tail,
+            ),
+            details=details,
+        )
+    if "connection error" in error and ("dial unix" in error or "connect:" in error):
+        details["reason"] = "builder_unreachable"
+        return InternalError(
+            "buildctl could not reach buildkitd ("
+            + scrub(error.split("desc = ", 1)[-1].strip('"'))
+            + "); the daemon restarts buildkitd: build again, and check the daemon log if it "
+            "persists",
+            details=details,
+        )
+    push = _PUSH.search(error)
+    if push:
+        ref, why = scrub(push.group("ref")), push.group("why")
+        registry = _host_of(ref)
+        status = _STATUS.search(why)
+        details["reason"] = "push_refused"
+        if status and status.group("status") in ("401", "403"):
+            return UpstreamUnauthorized(
+                f"the registry {registry} refused the push of {ref}: {why}; give the agent "
+                "credentials that may push there (build.docker_config)",
+                registry=registry,
+                details=details,
+            )
+        return UpstreamUnavailable(
+            f"pushing {ref} to {registry} failed: {scrub(why)}; check that the registry is up",
+            registry=registry,
+            details=details,
+        )
+    parse = _PARSE.search(error)
+    if parse:
+        details["reason"] = "dockerfile_syntax"
+        line = where or f"Dockerfile:{parse.group('line')}"
+        shown = f": {scrub(marked_text)}" if marked_text else ""
+        return BuildFailed(
+            _with_tail(f"{line}: syntax error: {parse.group('why')}{shown}", tail),
+            details=details,
+        )
+    proc = _PROCESS.search(error)
+    if proc:
+        details["reason"] = "run_failed"
+        details["exit_code"] = int(proc.group("code"))
+        what = scrub(marked_text) if marked_text else f"RUN {scrub(proc.group('cmd'))}"
+        at = f"{where}: " if where else ""
+        return BuildFailed(
+            _with_tail(
+                f"{at}{what} failed: the command exited with status {proc.group('code')}", tail
+            ),
+            details=details,
+        )
+    if marked_text.upper().startswith("FROM") or _loads_metadata_failed(lines):
+        details["reason"] = "base_image"
+        image = marked_text.split()[1] if len(marked_text.split()) > 1 else ""
+        image = image or _failed_metadata_ref(lines)
+        why = error.removeprefix("failed to solve: ")
+        why = why.removeprefix(f"{image}: ") if image else why
+        at = f"{where}: " if where else ""
+        return BuildFailed(
+            _with_tail(
+                f"{at}the base image {scrub(image)} could not be pulled: {scrub(why)}; check the "
+                "FROM line and that the image exists",
+                tail,
+            ),
+            details=details,
+        )
+    details["reason"] = "build_failed"
+    at = f"{where}: " if where else ""
+    summary = scrub(error) if error else f"buildctl {exit_words or f'exited with {returncode}'}"
+    return BuildFailed(_with_tail(f"{at}{summary}", tail), details=details)
+
+
+def _loads_metadata_failed(lines: list[str]) -> bool:
+    return bool(_failed_metadata_ref(lines))
+
+
+def _failed_metadata_ref(lines: list[str]) -> str:
+    """The image whose ``load metadata`` step is followed by an ``ERROR``."""
+    steps: dict[str, str] = {}
+    for ln in lines:
+        m = _METADATA.match(ln)
+        if m:
+            steps[ln.split(" ", 1)[0]] = m.group("ref")
+        elif " ERROR: " in ln:
+            ref = steps.get(ln.split(" ", 1)[0])
+            if ref:
+                return ref
+    return ""
+
+
+def copy_error(
+    lines: list[str],
+    returncode: int,
+    src: str,
+    dst: str,
+    *,
+    tail_lines: int,
+    scrub: Callable[[str], str] = lambda s: s,
+    exit_words: str = "",
+) -> AgentError:
+    """The error for a ``crane copy`` that exited non-zero (crane prints ``Error: ...``)."""
+    error = next((ln[len("Error: ") :] for ln in reversed(lines) if ln.startswith("Error: ")), "")
+    tail = [scrub(ln) for ln in _tail(lines, tail_lines)]
+    details: dict[str, object] = {"log_tail": tail, "exit_status": returncode}
+    shown = scrub(error) or f"crane {exit_words or f'exited with {returncode}'}"
+    registry = _host_of(error) if _URL_HOST.search(error) else _host_of(dst)
+    if "MANIFEST_UNKNOWN" in error or "NAME_UNKNOWN" in error or "404 Not Found" in error:
+        return NotFound(f"the image {scrub(src)} to copy does not exist: {shown}", details=details)
+    if re.search(r"\b(401|403)\b|UNAUTHORIZED|DENIED", error):
+        return UpstreamUnauthorized(
+            f"the registry {scrub(registry)} refused the copy of {scrub(src)} to {scrub(dst)}: "
+            f"{shown}; give the agent credentials for it (build.docker_config)",
+            registry=scrub(registry),
+            details=details,
+        )
+    if re.search(r"connection refused|no such host|i/o timeout|\b50[0234]\b", error):
+        return UpstreamUnavailable(
+            f"copying {scrub(src)} to {scrub(dst)} failed, {scrub(registry)} is not answering: "
+            f"{shown}",
+            registry=scrub(registry),
+            details=details,
+        )
+    return BuildFailed(
+        _with_tail(f"copying {scrub(src)} to {scrub(dst)} failed: {shown}", tail), details=details
+    )
+
+
+def copied_digest(lines: list[str]) -> str | None:
+    """``sha256:...`` from crane's ``<dst>: digest: sha256:... size: N`` line."""
+    for ln in reversed(lines):
+        m = _DIGEST.search(ln)
+        if m:
+            return m.group("digest")
+    return None

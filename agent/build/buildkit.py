@@ -1,0 +1,421 @@
+"""The BuildKit toolchain: one supervised buildkitd; ``buildctl build`` per build; ``crane copy``.
+
+For the wiring code (``agent/build/__init__.py``):
+
+- :func:`buildkit_binaries` returns the three programs (``AGENT_BUILDKITD``, ``AGENT_BUILDCTL``,
+  ``AGENT_CRANE``, else ``PATH``) or None when one is missing: ``toolchain = "auto"`` picks BuildKit
+  exactly when it is not None.
+- ``create(app, proxy)`` builds one with the daemon's sandbox (``app.sandbox``), or
+  ``BuildkitToolchain(app, sandbox=..., proxy=..., binaries=..., policy=...)`` with everything
+  explicit; ``await tc.start()`` writes
+  ``buildkitd.toml``, cleans up after a buildkitd a crashed daemon left behind, starts buildkitd and
+  returns once ``buildctl debug workers`` answers (StartupError when it cannot: the daemon must not
+  report READY without its builder). ``await tc.close()`` stops it.
+
+Files: ``<runtime_dir>/buildkit/`` holds ``buildkitd.toml``, ``buildkitd.sock``, ``buildkitd.pid``
+and ``home/`` (the children's empty HOME and DOCKER_CONFIG); BuildKit's own state lives in
+``<state_dir>/buildkit``. buildkitd runs through ``sandbox.wrap(..., pid_namespace=True)``: its own
+PID and mount namespace, so that when it dies every RUN process and overlay mount goes with it
+(BuildKit v0.11.6 killed with SIGKILL leaves both behind, see ``fixtures/toolchain/README.md``).
+
+buildkitd.toml marks the proxy's child address as plain HTTP and points every FROM-line registry
+the proxy serves at the proxy::
+
+    [registry."docker.io"]
+      mirrors = ["localhost:8080/mirror/docker.io"]
+
+BuildKit accepts a path after the mirror host and asks ``http://<mirror>/v2/<path>/<repo>/...`` with
+containerd's ``?ns=<registry>`` query.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.app import App
+from agent.build import child as children
+from agent.build._buildkit_progress import Transcript, build_error, copied_digest, copy_error
+from agent.build._supervisor import Policy, State, Supervisor
+from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
+from agent.errors import AgentError, BuildFailed, InternalError, StartupError
+from agent.ports import Mirror, RegistryPort, SandboxPort
+
+log = logging.getLogger("agent.build")
+
+ENV_VARS = {"buildkitd": "AGENT_BUILDKITD", "buildctl": "AGENT_BUILDCTL", "crane": "AGENT_CRANE"}
+
+# How long a build waits for a buildkitd that is (re)starting before it gives up.
+_BUILD_WAIT_READY = 60.0
+
+
+@dataclass(frozen=True)
+class BuildkitBinaries:
+    """Absolute paths of the three programs the toolchain runs."""
+
+    buildkitd: str
+    buildctl: str
+    crane: str
+
+
+def buildkit_binaries(environ: Mapping[str, str] | None = None) -> BuildkitBinaries | None:
+    """The BuildKit programs: ``AGENT_BUILDKITD``/``AGENT_BUILDCTL``/``AGENT_CRANE`` when set,
+    else found on ``PATH``. None when any of the three is missing (or not executable)."""
+    env = os.environ if environ is None else environ
+    found: dict[str, str] = {}
+    for name, var in ENV_VARS.items():
+        given = env.get(var, "")
+        path = shutil.which(given) if given else shutil.which(name, path=env.get("PATH"))
+        if not path:
+            return None
+        found[name] = os.path.abspath(path)
+    return BuildkitBinaries(**found)
+
+
+def _toml_str(s: str) -> str:
+    # A TOML basic string accepts JSON's escapes for everything json.dumps produces here.
+    return json.dumps(s)
+
+
+def render_config(*, root: Path, socket: Path, proxy_address: str, mirrors: list[Mirror]) -> str:
+    """buildkitd.toml: OCI worker only, the proxy as a plain-HTTP registry, mirrors onto it."""
+    out = [
+        "# Written by build-agent at every start; edits are lost.",
+        f"root = {_toml_str(str(root))}",
+        "",
+        "[grpc]",
+        f"  address = [{_toml_str('unix://' + str(socket))}]",
+        "",
+        "[worker.oci]",
+        "  enabled = true",
+        "",
+        "[worker.containerd]",
+        "  enabled = false",
+    ]
+    hosts: list[str] = []
+    if proxy_address:
+        hosts.append(proxy_address)
+        port = proxy_address.rpartition(":")[2]
+        for alias in (f"localhost:{port}", f"127.0.0.1:{port}"):
+            if alias not in hosts:
+                hosts.append(alias)
+    for host in hosts:
+        out += ["", f"[registry.{_toml_str(host)}]", "  http = true", "  insecure = true"]
+    if proxy_address:
+        for m in mirrors:
+            target = f"{proxy_address}/{m.prefix.strip('/')}"
+            out += ["", f"[registry.{_toml_str(m.host)}]", f"  mirrors = [{_toml_str(target)}]"]
+    return "\n".join(out) + "\n"
+
+
+def parse_workers(output: str) -> list[dict[str, object]]:
+    """Workers from ``buildctl debug workers --format '{{json .}}'`` (fixtures/workers.json), or
+    from the plain table (fixtures/workers.txt). Empty when there are none or it is unreadable."""
+    text = output.strip()
+    if text.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            return []
+        return [w for w in data if isinstance(w, dict) and w.get("id")]
+    rows = [ln.split() for ln in text.splitlines()[1:] if ln.strip()]
+    return [{"id": r[0], "platforms": r[1] if len(r) > 1 else ""} for r in rows]
+
+
+def _read_json(path: str) -> object:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+
+Cleanup = Callable[[Path, Path], None]
+
+
+def _default_cleanup() -> Cleanup | None:
+    """The sandbox's orphan cleanup (kills what a crashed daemon's buildkitd left, unmounts under
+    its root), when the sandbox provides one."""
+    try:
+        from agent import sandbox
+    except ImportError:  # pragma: no cover - the package always exists
+        return None
+    fn = getattr(sandbox, "cleanup_buildkitd", None)
+    return fn if callable(fn) else None
+
+
+class BuildkitToolchain:
+    """The ``buildkit`` toolchain (:class:`agent.build.toolchain.Toolchain`)."""
+
+    name = "buildkit"
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        sandbox: SandboxPort,
+        proxy: RegistryPort | None,
+        binaries: BuildkitBinaries | None = None,
+        policy: Policy | None = None,
+        cleanup: Cleanup | None = None,
+        cache_ref: str | None = None,
+    ) -> None:
+        bins = binaries or buildkit_binaries()
+        if bins is None:
+            raise StartupError(
+                "build.toolchain = buildkit needs buildkitd, buildctl and crane: install them on "
+                "PATH or name them with AGENT_BUILDKITD, AGENT_BUILDCTL and AGENT_CRANE"
+            )
+        self.bins = bins
+        self.app = app
+        self.sandbox = sandbox
+        self.proxy = proxy
+        self.cache_ref = cache_ref
+        self.tail_lines = app.config.build.log_tail_lines
+        self.run_dir = Path(app.config.daemon.runtime_dir) / "buildkit"
+        self.root = Path(app.config.daemon.state_dir) / "buildkit"
+        self.socket = self.run_dir / "buildkitd.sock"
+        self.config_path = self.run_dir / "buildkitd.toml"
+        self.pidfile = self.run_dir / "buildkitd.pid"
+        self.home = self.run_dir / "home"
+        self.addr = f"unix://{self.socket}"
+        self._cleanup = cleanup if cleanup is not None else _default_cleanup()
+        self.supervisor = Supervisor(
+            "buildkitd",
+            launch=self._launch,
+            probe=self._probe,
+            registry=app.registry,
+            policy=policy,
+            after_exit=self._after_exit,
+        )
+
+    @property
+    def state(self) -> str:
+        return self.supervisor.state.value
+
+    def _env(self) -> dict[str, str]:
+        return children.child_env(self.home)
+
+    def _scrub(self, text: str) -> str:
+        return self.proxy.scrub(text) if self.proxy is not None else text
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._cleanup is not None:
+            self._cleanup(self.pidfile, self.root)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        address = self.proxy.child_address if self.proxy is not None else ""
+        mirrors = self.proxy.mirrors() if self.proxy is not None else []
+        text = render_config(
+            root=self.root, socket=self.socket, proxy_address=address, mirrors=mirrors
+        )
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config_path)
+        self.supervisor.start()
+        state = await self.supervisor.wait_ready(self.supervisor.policy.ready_timeout * 2)
+        if state is not State.RUNNING:
+            await self.supervisor.stop()
+            raise StartupError(self._not_running(state))
+
+    async def close(self) -> None:
+        await self.supervisor.stop()
+        await self._after_exit()
+
+    def _not_running(self, state: State) -> str:
+        out = [ln for ln in self.supervisor.output if ln.strip()][-5:]
+        last = self._scrub(" | ".join(out)) if out else "no output"
+        return (
+            f"buildkitd is {state.value}: it {self.supervisor.last_exit or 'did not start'} "
+            f"({self.supervisor.quick_failures} failed starts in a row; last output: {last}); "
+            f"fix the cause, then reload or restart the daemon"
+        )
+
+    async def _launch(self) -> children.Child:
+        # buildkitd creates its --root itself (and fails loudly when it cannot).
+        argv = [
+            self.bins.buildkitd,
+            "--config",
+            str(self.config_path),
+            "--root",
+            str(self.root),
+            "--addr",
+            self.addr,
+            # The sandbox's network namespace is the isolation; BuildKit's CNI is not needed.
+            "--oci-worker-net",
+            "host",
+        ]
+        child = await children.spawn(
+            "buildkitd", argv, sandbox=self.sandbox, env=self._env(), pid_namespace=True
+        )
+        self.pidfile.write_text(f"{child.pid}\n")
+        return child
+
+    async def _after_exit(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.pidfile.unlink()
+
+    async def _probe(self, child: children.Child) -> bool:
+        if not self.socket.exists():
+            return False
+        sink = _Collect()
+        argv = [
+            self.bins.buildctl,
+            "--addr",
+            self.addr,
+            "debug",
+            "workers",
+            "--format",
+            "{{json .}}",
+        ]
+        try:
+            code = await children.run(
+                "buildctl-probe", argv, sandbox=self.sandbox, env=self._env(), sink=sink
+            )
+        except AgentError:
+            return False
+        if code != 0:
+            log.debug("buildkitd probe: %s", " | ".join(sink.lines[-3:]))
+            return False
+        workers = parse_workers("\n".join(sink.lines))
+        if workers:
+            log.info("buildkitd (pid %d) ready: worker %s", child.pid, workers[0].get("id"))
+        return bool(workers)
+
+    async def _ready(self) -> None:
+        sup = self.supervisor
+        if sup.state is State.RUNNING:
+            return
+        if sup.state is State.STOPPED:
+            raise InternalError("the BuildKit toolchain is not started")
+        state = await sup.wait_ready(_BUILD_WAIT_READY)
+        if state is not State.RUNNING:
+            raise InternalError(self._not_running(state))
+
+    # --- builds -----------------------------------------------------------------------------
+
+    def build_argv(self, spec: BuildSpec, metadata_file: str) -> list[str]:
+        ctx = f"/dev/fd/{spec.context_fd}"
+        argv = [
+            self.bins.buildctl,
+            "--addr",
+            self.addr,
+            "build",
+            "--frontend",
+            "dockerfile.v0",
+            "--local",
+            f"context={ctx}",
+            "--local",
+            f"dockerfile={ctx}",
+            "--opt",
+            f"filename={spec.dockerfile}",
+        ]
+        if spec.target:
+            argv += ["--opt", f"target={spec.target}"]
+        if spec.platform:
+            argv += ["--opt", f"platform={spec.platform}"]
+        for key, value in sorted(spec.build_args.items()):
+            argv += ["--opt", f"build-arg:{key}={value}"]
+        if spec.no_cache:
+            argv.append("--no-cache")
+        if self.cache_ref:
+            argv += [
+                "--export-cache",
+                f"type=registry,ref={self.cache_ref},mode=max",
+                "--import-cache",
+                f"type=registry,ref={self.cache_ref}",
+            ]
+        argv += [
+            "--output",
+            f"type=image,name={spec.push_ref},push=true",
+            "--progress=plain",
+            "--metadata-file",
+            metadata_file,
+        ]
+        return argv
+
+    async def build(self, spec: BuildSpec, log_sink: LogSink) -> BuildOutput:
+        await self._ready()
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.TemporaryDirectory(prefix="build-", dir=self.run_dir) as tmp:
+            metadata = os.path.join(tmp, "metadata.json")
+            transcript = Transcript(log_sink)
+            code = await children.run(
+                "buildctl",
+                self.build_argv(spec, metadata),
+                sandbox=self.sandbox,
+                env=self._env(),
+                sink=transcript,
+                pass_fds=(spec.context_fd,),
+            )
+            if code != 0:
+                raise build_error(
+                    list(transcript.lines),
+                    code,
+                    tail_lines=self.tail_lines,
+                    scrub=self._scrub,
+                    exit_words=children.describe_exit(code),
+                )
+            try:
+                data = _read_json(metadata)
+            except (OSError, ValueError) as exc:
+                raise BuildFailed(
+                    "buildctl reported success but wrote no readable metadata file "
+                    f"({exc}); the pushed image's digest is unknown"
+                ) from exc
+        digest = data.get("containerimage.digest") if isinstance(data, dict) else None
+        return BuildOutput(digest=digest if isinstance(digest, str) else None)
+
+    async def copy(self, src: str, dst: str, log_sink: LogSink) -> str | None:
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        transcript = Transcript(log_sink)
+        # The proxy speaks plain HTTP to children: --insecure lets crane use it.
+        argv = [self.bins.crane, "copy", src, dst, "--insecure"]
+        code = await children.run(
+            "crane", argv, sandbox=self.sandbox, env=self._env(), sink=transcript
+        )
+        lines = list(transcript.lines)
+        if code != 0:
+            raise copy_error(
+                lines,
+                code,
+                src,
+                dst,
+                tail_lines=self.tail_lines,
+                scrub=self._scrub,
+                exit_words=children.describe_exit(code),
+            )
+        return copied_digest(lines)
+
+
+def create(app: App, proxy: RegistryPort | None) -> BuildkitToolchain:
+    """The toolchain as the daemon runs it: ``app.sandbox`` (or no sandbox when it is off), the
+    binaries of :func:`buildkit_binaries` (StartupError when one is missing)."""
+    from agent.ports import NoSandbox
+
+    return BuildkitToolchain(app, sandbox=app.sandbox or NoSandbox(), proxy=proxy)
+
+
+__all__ = [
+    "BuildkitBinaries",
+    "BuildkitToolchain",
+    "buildkit_binaries",
+    "create",
+    "parse_workers",
+    "render_config",
+]

@@ -1,0 +1,545 @@
+"""Registry proxy throughput, memory and latency (issue 3), written to docs/performance.md.
+
+    .venv/bin/python bench/proxy_throughput.py [--size 1GiB] [--heads 2000] [--no-write]
+
+One run starts a plain docker-registry, a token-auth docker-registry (with the tests' token
+server), the proxy in its own process (uvloop, as the daemon runs it) and nginx as a streaming
+reverse proxy, then measures with curl as the client:
+
+- push (POST + one PUT of the whole blob) and pull (GET) of a random blob: directly, through the
+  proxy, through nginx; MB/s and the ratios (goals: proxy/direct >= 0.95, proxy >= nginx);
+- peak RSS growth of the proxy process during those transfers (goal <= 16 MiB), sampled from
+  /proc every 10 ms against its RSS just before;
+- HEAD of a manifest on the token-auth registry, direct (with a token the bench fetched) and
+  through the proxy (with its cached token): p50/p90 and the added p50 (goal <= 0.5 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MiB = 1 << 20
+USER, PASSWORD = "bench", "bench-pw-7c1f"
+START, END = "<!-- bench:proxy -->", "<!-- /bench:proxy -->"
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)\s*(k|m|g|kib|mib|gib)?", text.strip().lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; e.g. 256MiB, 1GiB")
+    unit = {"k": 1 << 10, "kib": 1 << 10, "m": MiB, "mib": MiB, "g": 1 << 30, "gib": 1 << 30}
+    return int(m[1]) * unit.get(m[2] or "", 1)
+
+
+# --- the proxy in its own process -------------------------------------------------------------
+
+
+def serve_proxy(config_path: str) -> None:
+    """Child mode: run open_proxy under uvloop, print the host address, stop when stdin closes."""
+    import uvloop
+
+    from agent import config as config_mod
+    from agent.app import App
+    from agent.ports import NoSandbox
+    from agent.proxy import open_proxy
+
+    async def main() -> None:
+        app = App(config=config_mod.load(config_path, environ={}))
+        async with open_proxy(app, NoSandbox()) as proxy:
+            print(proxy.host_address, flush=True)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, sys.stdin.read)
+
+    uvloop.run(main())
+
+
+class ProxyProcess:
+    def __init__(self, config_path: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-proxy", str(config_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.address = self.proc.stdout.readline().strip()
+        if not self.address:
+            raise RuntimeError("proxy process did not start")
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class RssSampler:
+    """Peak RSS of a process while a block runs (sampled every 10 ms on a thread)."""
+
+    def __init__(self, proxy: ProxyProcess) -> None:
+        self.proxy = proxy
+        self.peak = 0
+        self.before = 0
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[None]:
+        self.before = self.proxy.rss()
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(0.01):
+                self.peak = max(self.peak, self.proxy.rss() - self.before)
+
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+
+
+# --- nginx ------------------------------------------------------------------------------------
+
+
+class Nginx:
+    def __init__(self, tmp: Path, upstream: str, port: int) -> None:
+        prefix = tmp / "nginx"
+        prefix.mkdir()
+        conf = prefix / "nginx.conf"
+        # A plain streaming reverse proxy: no request or response buffering (the default would
+        # spool a 1 GiB upload to disk first, which is not the comparison we want).
+        conf.write_text(
+            f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/body;
+  proxy_temp_path {prefix}/proxy;
+  fastcgi_temp_path {prefix}/fastcgi;
+  uwsgi_temp_path {prefix}/uwsgi;
+  scgi_temp_path {prefix}/scgi;
+  client_max_body_size 0;
+  upstream registry {{ server {upstream}; keepalive 16; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://registry;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_request_buffering off;
+      proxy_buffering off;
+      proxy_read_timeout 600s;
+      proxy_send_timeout 600s;
+    }}
+  }}
+}}
+"""
+        )
+        self.proc = subprocess.Popen(
+            ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.address = f"127.0.0.1:{port}"
+        wait_http(f"http://{self.address}/v2/")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_http(url: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready")
+
+
+# --- transfers (curl is the client for every path) --------------------------------------------
+
+
+def curl(*args: str) -> tuple[float, str]:
+    out = subprocess.run(
+        ["curl", "-sS", "--fail-with-body", "-w", "\n%{time_total}", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    body, _, total = out.rpartition("\n")
+    return float(total), body
+
+
+def start_upload(base: str, repo: str) -> str:
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-X",
+            "POST",
+            f"{base}/v2/{repo}/blobs/uploads/",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    m = re.search(r"^location:\s*(\S+)", out, re.I | re.M)
+    if m is None:
+        raise RuntimeError(f"no Location from {base}: {out}")
+    loc = m[1]
+    return loc if loc.startswith("http") else base + loc
+
+
+def push(base: str, repo: str, blob: Path, digest: str) -> float:
+    loc = start_upload(base, repo)
+    sep = "&" if "?" in loc else "?"
+    seconds, _ = curl(
+        "-X", "PUT", "-H", "Content-Type: application/octet-stream", "-H", "Expect:",
+        "--data-binary", f"@{blob}", f"{loc}{sep}digest={digest}", "-o", "/dev/null",
+    )  # fmt: skip
+    return seconds
+
+
+def pull(base: str, repo: str, digest: str) -> float:
+    seconds, _ = curl("-o", "/dev/null", f"{base}/v2/{repo}/blobs/{digest}")
+    return seconds
+
+
+# --- HEAD latency ------------------------------------------------------------------------------
+
+
+async def head_latency(url: str, headers: dict[str, str], n: int) -> list[float]:
+    import aiohttp
+
+    samples = []
+    async with aiohttp.ClientSession() as s:
+        for i in range(n + 50):
+            t0 = time.perf_counter()
+            async with s.head(url, headers=headers) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"HEAD {url} -> {r.status}")
+            if i >= 50:  # warm-up: connections, token cache
+                samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def token_for(realm: str, service: str, scope: str) -> str:
+    req = urllib.request.Request(
+        f"{realm}?service={service}&scope={scope}",
+        headers={
+            "Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        },
+    )
+    with urllib.request.urlopen(req) as r:
+        return str(json.load(r)["token"])
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def run(size: int, heads: int, rounds: int) -> dict[str, Any]:
+    from tests.infra.registry import free_port, start_registry
+    from tests.infra.token_server import start_token_registry
+
+    tmp = Path(tempfile.mkdtemp(prefix="ba-bench-proxy-", dir="/tmp"))
+    stack = contextlib.ExitStack()
+    try:
+        plain = start_registry(tmp / "plain")
+        stack.callback(plain.stop)
+        tokreg = start_token_registry(tmp / "tok", {USER: PASSWORD})
+        stack.callback(tokreg.stop)
+        docker_cfg = tmp / "docker-config.json"
+        docker_cfg.write_text(
+            json.dumps(
+                {
+                    "auths": {
+                        tokreg.host: {
+                            "auth": base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+                        }
+                    }
+                }
+            )
+        )
+        cfg = tmp / "agent.toml"
+        cfg.write_text(
+            f"""
+[daemon]
+log_level = "warning"
+[build]
+docker_config = "{docker_cfg}"
+[proxy]
+port = {free_port()}
+host_address = "127.0.0.1:0"
+[[proxy.routes]]
+name = "plain"
+upstream = "{plain.host}/bench"
+access = "push"
+[[proxy.routes]]
+name = "tok"
+upstream = "{tokreg.host}/bench"
+access = "push"
+[[proxy.registries]]
+host = "{plain.host}"
+http = true
+[[proxy.registries]]
+host = "{tokreg.host}"
+http = true
+"""
+        )
+        proxy = ProxyProcess(cfg)
+        stack.callback(proxy.stop)
+        nginx = Nginx(tmp, plain.host, free_port())
+        stack.callback(nginx.stop)
+
+        blob = tmp / "blob"
+        h = hashlib.sha256()
+        chunk = os.urandom(4 * MiB)
+        with blob.open("wb") as f:
+            left = size
+            while left:
+                piece = chunk[: min(left, len(chunk))]
+                f.write(piece)
+                h.update(piece)
+                left -= len(piece)
+        digest = f"sha256:{h.hexdigest()}"
+
+        paths = {
+            "direct": (f"http://{plain.host}", "bench/blob"),
+            "proxy": (f"http://{proxy.address}", "plain/blob"),
+            "nginx": (f"http://{nginx.address}", "bench/blob"),
+        }
+        # Warm-up: a small blob through every path (connections, page cache, imports).
+        small = tmp / "small"
+        small.write_bytes(os.urandom(MiB))
+        small_digest = "sha256:" + hashlib.sha256(small.read_bytes()).hexdigest()
+        for base, repo in paths.values():
+            push(base, repo, small, small_digest)
+            pull(base, repo, small_digest)
+
+        sampler = RssSampler(proxy)
+        best: dict[str, dict[str, float]] = {k: {"push": 0.0, "pull": 0.0} for k in paths}
+        for _ in range(rounds):
+            for name, (base, repo) in paths.items():
+                watch = sampler.watch() if name == "proxy" else contextlib.nullcontext()
+                with watch:
+                    up = push(base, repo, blob, digest)
+                    down = pull(base, repo, digest)
+                best[name]["push"] = max(best[name]["push"], size / up / 1e6)
+                best[name]["pull"] = max(best[name]["pull"], size / down / 1e6)
+
+        # HEAD latency against the token-auth registry (pushed once through the proxy).
+        manifest_ref = "v1"
+        cfg_blob = b"{}"
+        cfg_digest = "sha256:" + hashlib.sha256(cfg_blob).hexdigest()
+        small_tok = tmp / "cfg"
+        small_tok.write_bytes(cfg_blob)
+        push(f"http://{proxy.address}", "tok/head", small_tok, cfg_digest)
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": cfg_digest,
+                    "size": 2,
+                },
+                "layers": [],
+            }
+        )
+        subprocess.run(
+            ["curl", "-sS", "--fail", "-X", "PUT", "-H", "Content-Type: application/vnd.oci.image.manifest.v1+json",
+             "--data-binary", manifest, f"http://{proxy.address}/v2/tok/head/manifests/{manifest_ref}"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+        token = token_for(tokreg.tokens.realm, tokreg.tokens.service, "repository:bench/head:pull")
+        direct = asyncio.run(
+            head_latency(
+                f"http://{tokreg.host}/v2/bench/head/manifests/{manifest_ref}",
+                {**accept, "Authorization": f"Bearer {token}"},
+                heads,
+            )
+        )
+        via = asyncio.run(
+            head_latency(
+                f"http://{proxy.address}/v2/tok/head/manifests/{manifest_ref}", accept, heads
+            )
+        )
+        return {
+            "size": size,
+            "rounds": rounds,
+            "mbps": best,
+            "rss_growth": sampler.peak,
+            "head": {
+                "direct_p50": pct(direct, 0.5) * 1000,
+                "direct_p90": pct(direct, 0.9) * 1000,
+                "proxy_p50": pct(via, 0.5) * 1000,
+                "proxy_p90": pct(via, 0.9) * 1000,
+                "n": heads,
+            },
+        }
+    finally:
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def render(r: dict[str, Any]) -> str:
+    m = r["mbps"]
+    size_mib = r["size"] / MiB
+    head = r["head"]
+    added = head["proxy_p50"] - head["direct_p50"]
+
+    def ok(cond: bool) -> str:
+        return "met" if cond else "**missed**"
+
+    lines = [
+        START,
+        "## Registry proxy (bench/proxy_throughput.py)",
+        "",
+        f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}: "
+        f"{os.cpu_count()} CPUs ({_cpu()}), Linux {platform.release()}, Python "
+        f"{platform.python_version()}, docker-registry 2.8.2 (filesystem storage), nginx "
+        f"{_nginx()}, curl as the client. Blob {size_mib:.0f} MiB, best of {r['rounds']} "
+        "round(s); registry, proxy, nginx and client all share the same CPUs over loopback.",
+        "",
+        "| path | push MB/s | pull MB/s |",
+        "| --- | ---: | ---: |",
+    ]
+    for name in ("direct", "proxy", "nginx"):
+        lines.append(f"| {name} | {m[name]['push']:.0f} | {m[name]['pull']:.0f} |")
+    pp = m["proxy"]["push"] / m["direct"]["push"]
+    pl = m["proxy"]["pull"] / m["direct"]["pull"]
+    np_ = m["proxy"]["push"] / m["nginx"]["push"]
+    nl = m["proxy"]["pull"] / m["nginx"]["pull"]
+    rss = r["rss_growth"] / MiB
+    lines += [
+        "",
+        "| figure | measured | goal | |",
+        "| --- | ---: | ---: | --- |",
+        f"| proxy/direct push | {pp:.2f} | >= 0.95 | {ok(pp >= 0.95)} |",
+        f"| proxy/direct pull | {pl:.2f} | >= 0.95 | {ok(pl >= 0.95)} |",
+        f"| proxy/nginx push | {np_:.2f} | >= 1.00 | {ok(np_ >= 1)} |",
+        f"| proxy/nginx pull | {nl:.2f} | >= 1.00 | {ok(nl >= 1)} |",
+        f"| proxy peak RSS growth during the transfers | {rss:.1f} MiB | <= 16 MiB | {ok(rss <= 16)} |",
+        f"| HEAD manifest, token auth: direct p50 / p90 | {head['direct_p50']:.3f} / "
+        f"{head['direct_p90']:.3f} ms | | |",
+        f"| HEAD manifest via proxy (cached token): p50 / p90 | {head['proxy_p50']:.3f} / "
+        f"{head['proxy_p90']:.3f} ms | | |",
+        f"| added HEAD latency, p50 | {added:.3f} ms | <= 0.5 ms | {ok(added <= 0.5)} |",
+        "",
+        f"Command: `.venv/bin/python bench/proxy_throughput.py --size {size_mib:.0f}MiB "
+        f"--rounds {r['rounds']} --heads {head['n']}`.",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def _cpu() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def _nginx() -> str:
+    out = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
+    return out.strip().rpartition("/")[2]
+
+
+def write_doc(section: str) -> Path:
+    doc = ROOT / "docs" / "performance.md"
+    doc.parent.mkdir(exist_ok=True)
+    text = doc.read_text() if doc.exists() else "# Performance\n\nFigures measured by `bench/`.\n"
+    if START in text and END in text:
+        head, _, rest = text.partition(START)
+        _, _, tail = rest.partition(END)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text)
+    return doc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--size", type=parse_size, default=1 << 30, help="blob size (default 1GiB)")
+    ap.add_argument("--rounds", type=int, default=2, help="transfers per path; the best counts")
+    ap.add_argument("--heads", type=int, default=2000, help="HEAD requests per path")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    ap.add_argument("--serve-proxy", metavar="CONFIG", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_proxy:
+        serve_proxy(args.serve_proxy)
+        return 0
+    result = run(args.size, args.heads, args.rounds)
+    section = render(result)
+    print(section)
+    if not args.no_write:
+        print(f"written to {write_doc(section)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

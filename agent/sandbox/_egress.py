@@ -107,8 +107,11 @@ def table_exists(netns: str) -> bool:
 
 
 def link_exists(netns: str) -> bool:
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=host_if_name(netns)))
+    def lookup() -> bool:
+        with IPRoute() as ipr:
+            return bool(ipr.link_lookup(ifname=host_if_name(netns)))
+
+    return _netns.run_inside(None, lookup)
 
 
 def remove(netns: str) -> None:

@@ -14,13 +14,13 @@ import ctypes
 import errno
 import logging
 import os
-import signal
 import threading
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from pyroute2 import IPRoute, netns
+
+from agent.sandbox._orphans import kill_pids
 
 log = logging.getLogger("agent.sandbox")
 
@@ -80,17 +80,8 @@ def pids_inside(name: str) -> list[int]:
     return found
 
 
-def _kill_inside(name: str, timeout: float = 5.0) -> list[int]:
-    pids = [p for p in pids_inside(name) if p != os.getpid()]
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if os.path.exists(f"/proc/{p}")]
-        if pids:
-            time.sleep(0.01)  # waiting for the kernel to finish exiting them: a bounded poll
-    return pids
+def _kill_inside(name: str) -> list[int]:
+    return kill_pids([p for p in pids_inside(name) if p != os.getpid()])
 
 
 def remove(name: str) -> None:
@@ -101,7 +92,7 @@ def remove(name: str) -> None:
     left = _kill_inside(name)
     if killed:
         log.warning(
-            "killed %d process(es) left in network namespace %s by an earlier daemon",
+            "killed %d process(es) still in network namespace %s",
             len(killed),
             name,
         )

@@ -1,0 +1,192 @@
+"""Helpers for the sandbox tests: a config for one test's sandbox, running a command the way the
+daemon runs children, snapshots of the host's namespaces/links/rules/mounts, and a stand-in
+"internet host" network namespace reachable only through the host."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import config as config_mod
+from agent.app import App
+from agent.build import child as children
+from agent.ports import SandboxPort
+from tests.infra.daemon import to_toml
+
+
+def unique_netns() -> str:
+    return f"ba-test-{secrets.token_hex(4)}"
+
+
+def make_app(tmp: Path, **sandbox: Any) -> App:
+    """An App whose config file, credential file and dirs all live under ``tmp``: the config and
+    the credentials in ``tmp/etc`` (a directory of their own), state and runtime dirs beside."""
+    etc = tmp / "etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    creds = etc / "docker-config.json"
+    creds.write_text('{"auths": {"registry.example": {"auth": "c2VjcmV0OnNlY3JldA=="}}}\n')
+    sections = {
+        "daemon": {
+            "state_dir": str(tmp / "state"),
+            "runtime_dir": str(tmp / "run"),
+            "socket": str(tmp / "sock" / "agent.sock"),
+            "socket_group": "",
+        },
+        "build": {"docker_config": str(creds)},
+        "sandbox": {"mode": "on", "netns": unique_netns(), **sandbox},
+    }
+    path = etc / "config.toml"
+    path.write_text(to_toml(sections))
+    for d in ("state", "run", "sock"):
+        (tmp / d).mkdir(exist_ok=True)
+    return App(config_mod.load(path, {}))
+
+
+async def run_child(
+    sandbox: SandboxPort,
+    argv: list[str],
+    home: Path,
+    *,
+    pid_namespace: bool = False,
+    limit: float = 20.0,
+) -> tuple[int, str]:
+    """Run ``argv`` as the daemon runs its children (child.spawn: scrubbed env, own session,
+    wrapped by the sandbox); return (exit code, output)."""
+    child = await children.spawn(
+        "test",
+        argv,
+        sandbox=sandbox,
+        env=children.child_env(home),
+        pid_namespace=pid_namespace,
+    )
+    try:
+        assert child.proc.stdout is not None
+        out = await asyncio.wait_for(child.proc.stdout.read(), limit)
+        code = await asyncio.wait_for(child.wait(), limit)
+    finally:
+        if child.returncode is None:
+            await child.stop(grace=0)
+    return code, out.decode("utf-8", "replace")
+
+
+async def poll(predicate: Callable[[], bool], limit: float = 10.0) -> bool:
+    """Check ``predicate`` every 20 ms until it holds or ``limit`` seconds pass."""
+    deadline = time.monotonic() + limit
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+
+
+def mountinfo() -> str:
+    return Path("/proc/self/mountinfo").read_text()
+
+
+def sh(*argv: str, check: bool = True) -> str:
+    """Run a host command (ip, nft) and return its output."""
+    return subprocess.run(argv, check=check, capture_output=True, text=True).stdout
+
+
+def _run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    netns: frozenset[str]
+    links: frozenset[str]
+    ruleset: str
+    mounts: frozenset[str]
+    rules: str
+    ip_forward: str
+
+
+def snapshot() -> HostSnapshot:
+    links = frozenset(
+        line.split(":")[1].strip().split("@")[0] for line in _run("ip", "-o", "link").splitlines()
+    )
+    mounts = frozenset(
+        line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+    )
+    return HostSnapshot(
+        netns=frozenset(line.split()[0] for line in _run("ip", "netns").splitlines() if line),
+        links=links,
+        ruleset=_run("nft", "list", "ruleset"),
+        mounts=mounts,
+        rules=_run("ip", "rule"),
+        ip_forward=Path("/proc/sys/net/ipv4/ip_forward").read_text().strip(),
+    )
+
+
+def processes_matching(marker: str, *, start: bool = False) -> list[int]:
+    """Live (non-zombie) pids whose command line (NULs read as spaces) contains ``marker``, or
+    with ``start`` begins with it."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            stat = Path(f"/proc/{entry.name}/stat").read_bytes()
+        except OSError:
+            continue
+        text = cmd.replace(b"\0", b" ")
+        found = text.startswith(marker.encode()) if start else marker.encode() in text
+        if found and stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z":
+            out.append(int(entry.name))
+    return out
+
+
+@dataclass
+class InternetHost:
+    """A network namespace standing in for a host on the internet: 198.18.<n>.2, reachable from
+    the host over a veth pair the test made, also holding 169.254.169.254 (a metadata server
+    stand-in). Traffic entering the host from ``via_if`` is policy-routed to it, so only the
+    sandbox's packets go there and the host's own routes are untouched."""
+
+    name: str
+    host_if: str
+    host_ip: str
+    peer_ip: str
+    table: int
+
+    def exec(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+
+@contextlib.contextmanager
+def internet_host(via_if: str) -> Any:
+    n = secrets.randbelow(200) + 20
+    name = f"ba-inet-{secrets.token_hex(3)}"
+    host_if = f"ba-i{secrets.token_hex(4)}"
+    host_ip, peer_ip = f"198.18.{n}.1", f"198.18.{n}.2"
+    table = 40000 + n
+    pref = 40000 + n
+    try:
+        _run("ip", "netns", "add", name)
+        _run("ip", "-n", name, "link", "set", "lo", "up")
+        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", name)
+        _run("ip", "addr", "add", f"{host_ip}/30", "dev", host_if)
+        _run("ip", "link", "set", host_if, "up")
+        _run("ip", "-n", name, "addr", "add", f"{peer_ip}/30", "dev", "eth0")
+        _run("ip", "-n", name, "link", "set", "eth0", "up")
+        _run("ip", "-n", name, "route", "add", "default", "via", host_ip)
+        _run("ip", "-n", name, "addr", "add", "169.254.169.254/32", "dev", "lo")
+        _run("ip", "route", "add", "default", "via", peer_ip, "dev", host_if, "table", str(table))
+        _run("ip", "rule", "add", "iif", via_if, "lookup", str(table), "pref", str(pref))
+        yield InternetHost(name, host_if, host_ip, peer_ip, table)
+    finally:
+        subprocess.run(["ip", "rule", "del", "pref", str(pref)], capture_output=True)
+        subprocess.run(["ip", "route", "flush", "table", str(table)], capture_output=True)
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

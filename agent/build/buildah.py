@@ -19,12 +19,13 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.build.child import child_env, run
+from agent.build.child import child_env, kill_tree, run
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import (
     AgentError,
@@ -191,11 +192,33 @@ class BuildahToolchain:
                 )
         for sub in ("storage", "run", "home", "tmp"):
             (self._root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._kill_leftovers()
         self._state = "ready"
         log.info("toolchain buildah ready (storage %s)", self._root / "storage")
 
     async def close(self) -> None:
         self._state = "stopped"
+
+    def _kill_leftovers(self) -> None:
+        """A daemon killed mid-build leaves its buildah/skopeo children (own sessions) running:
+        they name our storage or work directories on their command line. Kill them with their
+        process trees (RUN steps), and drop their work directories."""
+        marker = str(self._root).encode()
+        me = os.getpid()
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == me:
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if marker in cmdline:
+                pid = int(entry.name)
+                log.warning("killing pid %d left behind by an earlier daemon", pid)
+                kill_tree(pid)
+        for leftover in (self._root / "tmp").iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def _base(self, conf: Path | None = None) -> list[str]:
         argv = [
@@ -217,7 +240,7 @@ class BuildahToolchain:
     async def build(self, spec: BuildSpec, log_sink: LogSink) -> BuildOutput:
         self.runs["build"] += 1
         work = Path(tempfile.mkdtemp(prefix="bud-", dir=self._root / "tmp"))
-        image = f"localhost/build-agent/{work.name}"
+        image = f"localhost/build-agent/bud-{secrets.token_hex(8)}"  # lower case: a valid name
         try:
             conf = work / "registries.conf"
             conf.write_text(registries_conf(spec.proxy_address, spec.mirrors, self._insecure))

@@ -39,17 +39,19 @@ _BUILD_FLAGS = (
     "build_arg",
     "label",
     "force",
-    "build_timeout",
+    "timeout",
     "platform",
     "stage",
 )
 
 
 def register(sub: Subcommands) -> None:
+    # --timeout (a global option) is the build's timeout here: the daemon cancels the build
+    # when it runs out, and agentctl waits as long as the build runs.
     p = sub.add_parser(
         "build",
         help="build and push a workspace image",
-        conflict_handler="resolve",  # our --timeout is the build's, not the client's
+        description="Build and push a workspace image. --timeout SECONDS is the build timeout.",
     )
     p.add_argument("--context", metavar="DIR", help="build context directory (default .)")
     p.add_argument("--file", metavar="PATH", help="Dockerfile, relative to the context")
@@ -62,9 +64,6 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--platform", metavar="OS/ARCH", help="target platform")
     p.add_argument("--stage", metavar="NAME", help="Dockerfile stage to build")
     p.add_argument("--force", action="store_true", default=None, help="rebuild even if cached")
-    p.add_argument(
-        "--timeout", dest="build_timeout", type=float, metavar="SECONDS", help="build timeout"
-    )
     p.add_argument("--detach", action="store_true", help="print the build id and return")
     p.set_defaults(run=_build)
 
@@ -129,10 +128,13 @@ def request_args(
     opts: argparse.Namespace, env: dict[str, str]
 ) -> tuple[dict[str, Any], str | None]:
     """The build request's args and the context directory to open (None for ref-only)."""
-    given = any(getattr(opts, k, None) not in (None, [], False) for k in _BUILD_FLAGS)
+    given = any(
+        getattr(opts, k, None) not in (None, [], False) for k in _BUILD_FLAGS if k != "timeout"
+    )
     if not given:
         bob = _from_bob(env)
         if bob is not None:
+            bob.timeout = getattr(opts, "timeout", None)
             opts = bob
     if not opts.target and not opts.target_repo:
         raise UsageError("give --target REF or --target-repo REPO (or set BOB_TARGET_REF)")
@@ -166,10 +168,11 @@ def request_args(
         args["target"] = opts.stage
     if opts.force:
         args["force"] = True
-    if opts.build_timeout is not None:
-        if opts.build_timeout <= 0:
+    timeout = getattr(opts, "timeout", None)
+    if timeout is not None:
+        if timeout <= 0:
             raise UsageError("--timeout must be a positive number of seconds")
-        args["timeout"] = opts.build_timeout
+        args["timeout"] = timeout
     return args, context
 
 
@@ -238,7 +241,9 @@ def _build(opts: argparse.Namespace, ctx: Context) -> int:
     if opts.detach:
         args["detach"] = True
     try:
-        with ctx.connect() as client:
+        from ctl.client import Client
+
+        with Client.connect(ctx.socket, timeout=None) as client:
             call = client.start("build", args, fds=fds)
             for fd in fds:
                 os.close(fd)

@@ -28,6 +28,7 @@ from agent import build as _build
 from agent import proxy as _proxy
 from agent import sandbox as _sandbox
 from agent.app import App
+from agent.build.resolve import open_resolver  # also registers the resolve op
 from agent.config import Config
 from agent.control import builtin
 from agent.control.server import ControlServer, bind_control_socket
@@ -195,6 +196,8 @@ class Daemon:
         self.notifier.notify("STATUS=starting proxy")
         app.proxy = await stack.enter_async_context(_proxy.open_proxy(app, app.sandbox))
         stack.push_async_callback(self._close_connections)
+        # Before the builds: the build manager resolves ref-only builds through app.resolver.
+        app.resolver = await stack.enter_async_context(open_resolver(app))
         self.notifier.notify("STATUS=starting builds")
         app.builds = await stack.enter_async_context(_build.open_builds(app))
         metrics.set_info(str(getattr(app.toolchain, "name", None) or "none"))

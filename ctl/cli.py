@@ -34,7 +34,7 @@ from ctl.client import (
     RequestFailed,
     default_socket_path,
 )
-from ctl.commands import basic, builds
+from ctl.commands import basic, builds, resolve
 
 # No typing/dataclasses at run time: agentctl's start-up is measured (bench/control_plane.py).
 TYPE_CHECKING = False
@@ -99,7 +99,11 @@ class Subcommands:
 
 
 # Each group module's register(); add yours here.
-COMMAND_GROUPS: list[Callable[[Subcommands], None]] = [basic.register, builds.register]
+COMMAND_GROUPS: list[Callable[[Subcommands], None]] = [
+    basic.register,
+    builds.register,
+    resolve.register,
+]
 
 
 def _common_options(suppress: bool) -> argparse.ArgumentParser:

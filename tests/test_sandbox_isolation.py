@@ -47,7 +47,7 @@ CONNECT = (
     "    try:\n"
     "        s = socket.create_connection((h, int(p)), timeout=3)\n"
     "        s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
-    "        print(hp, 'OK', s.recv(200).decode(errors='replace').split()[:2])\n"
+    "        print(hp, 'OK', s.recv(200).decode(errors='replace').split()[:4])\n"
     "    except OSError as e:\n"
     "        print(hp, 'FAIL', e)\n"
 )

@@ -1,0 +1,104 @@
+"""Build records (atomic writes, transitions, interrupted on load, retention) and live logs
+(scrubbing, many followers, a slow follower catching up from the file)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.build import records as rec
+from agent.build.buildlog import BuildLog, read_file
+from agent.build.records import RecordStore, new_id
+from agent.errors import IllegalTransition, NotFound
+
+
+def test_transitions_are_recorded_and_checked(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path)
+    r = store.create({"id": new_id()})
+    store.transition(r, rec.RUNNING)
+    store.transition(r, rec.SUCCEEDED, digest="sha256:x")
+    on_disk = json.loads((tmp_path / "builds" / f"{r['id']}.json").read_text())
+    assert on_disk["state"] == "succeeded" and on_disk["digest"] == "sha256:x"
+    assert [t["state"] for t in on_disk["transitions"]] == ["queued", "running", "succeeded"]
+    with pytest.raises(IllegalTransition):
+        store.transition(r, rec.RUNNING)
+    assert not list((tmp_path / "builds").glob(".*.tmp"))
+
+
+def test_load_marks_unfinished_interrupted_and_survives_junk(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path)
+    running = store.create({"id": "a-running"})
+    store.transition(running, rec.RUNNING)
+    store.create({"id": "b-queued"})
+    done = store.create({"id": "c-done"})
+    store.transition(done, rec.RUNNING)
+    store.transition(done, rec.FAILED)
+    (tmp_path / "builds" / "d-bad.json").write_text("{half")
+    (tmp_path / "builds" / ".e.json.1.tmp").write_text("{")
+    again = RecordStore(tmp_path)
+    assert sorted(again.load()) == ["a-running", "b-queued"]
+    assert again.get("a-running")["state"] == "interrupted"
+    assert again.get("a-running")["error"]["message"].startswith("the daemon stopped")
+    assert again.get("c-done")["state"] == "failed"
+    assert (tmp_path / "builds" / "d-bad.json.bad").exists()
+    assert not (tmp_path / "builds" / ".e.json.1.tmp").exists()
+    with pytest.raises(NotFound):
+        again.get("d-bad")
+    with pytest.raises(NotFound):
+        again.log_path("../../etc/passwd")
+
+
+def test_retention_by_age_and_count(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path)
+    ids = []
+    for i in range(6):
+        r = store.create({"id": f"r{i}", "created": 1000.0 + i})
+        store.transition(r, rec.RUNNING)
+        store.transition(r, rec.SUCCEEDED)
+        r["finished"] = 1000.0 + i
+        store.save(r)
+        (tmp_path / "builds" / f"r{i}.log").write_text("log\n")
+        ids.append(r["id"])
+    live = store.create({"id": "r9", "created": 0.0})  # unfinished: never pruned
+    pruned = store.prune(max_age=3.5, max_count=100, now=1005.0)
+    assert pruned == ["r0", "r1"]
+    assert not (tmp_path / "builds" / "r0.log").exists()
+    assert store.prune(max_age=1e9, max_count=2, now=1005.0) == ["r2", "r3"]
+    assert [r["id"] for r in store.all()] == ["r9", "r4", "r5"]
+    assert live["state"] == "queued"
+
+
+async def test_log_scrubs_fans_out_and_a_slow_reader_catches_up(tmp_path: Path) -> None:
+    log = BuildLog(tmp_path / "x.log", lambda s: s.replace("SECRET", "***"))
+    fast: list[bytes] = []
+    slow: list[bytes] = []
+
+    async def reader(out: list[bytes], delay: float) -> None:
+        async for _, chunk in log.follow(0):
+            out.append(chunk)
+            if delay:
+                await asyncio.sleep(delay)
+
+    tasks = [asyncio.create_task(reader(fast, 0)), asyncio.create_task(reader(slow, 0.01))]
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    for i in range(20000):  # ~1.3 MB: far past the in-memory tail
+        log.line(f"line {i} SECRET {'x' * 50}")
+        if i % 1000 == 0:
+            await asyncio.sleep(0)
+    writing = time.monotonic() - started
+    log.close()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    whole = (tmp_path / "x.log").read_bytes()
+    assert b"SECRET" not in whole and whole.count(b"\n") == 20000
+    assert b"".join(fast) == whole
+    assert b"".join(slow) == whole  # it fell behind and read the rest from the file
+    assert writing < 5  # the writer never waited for the slow reader
+    assert log.tail(2)[-1].startswith("line 19999 ***")
+    assert read_file(tmp_path / "x.log", len(whole) - 6) == whole[-6:]
+    late = [c async for _, c in log.follow(len(whole) // 2)]
+    assert b"".join(late) == whole[len(whole) // 2 :]

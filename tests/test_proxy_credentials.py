@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from agent.config import CredentialConfig
-from agent.errors import UpstreamUnauthorized
+from agent.errors import ConfigError, UpstreamUnauthorized
 from agent.proxy._credentials import CredentialStore
 from tests.infra.proxy_harness import (
     PASSWORD,
@@ -188,13 +188,14 @@ async def test_file_change_and_reload_and_broken_file(
         # A broken file keeps the credentials already loaded, and says why.
         caplog.set_level(logging.WARNING, logger="agent.proxy")
         path.write_text('{"auths": {')
-        assert h.proxy.reload() is False
+        with pytest.raises(ConfigError, match="previous credentials stay in use"):
+            h.proxy.reload()
         assert "keeping the previous credentials" in caplog.text
         async with s.get(url) as r:
             assert r.status == 404
         # reload() (SIGHUP) takes a good file at once.
         write_docker_config(path, {"auths": {}})
-        assert h.proxy.reload() is True
+        h.proxy.reload()
         async with s.get(url) as r:
             assert r.status == 401
     assert PASSWORD not in caplog.text

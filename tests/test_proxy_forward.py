@@ -343,3 +343,53 @@ async def test_stopped_registry_gives_503_after_bounded_retries(
         assert exc.value.registry == reg.host
     finally:
         reg.stop()
+
+
+async def test_retries_honour_retry_after_then_give_a_named_503(
+    make_proxy: ProxyFactory,
+) -> None:
+    """A failing upstream cannot be made from docker-registry: a small aiohttp server answers
+    /v2/ (open) and fails manifests as a gateway would."""
+    from aiohttp import web
+
+    calls: list[float] = []
+    fail = {"times": 2, "status": 503}
+
+    async def v2(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def manifest(request: web.Request) -> web.Response:
+        calls.append(asyncio.get_running_loop().time())
+        if fail["times"] > 0:
+            fail["times"] -= 1
+            return web.Response(status=fail["status"], text="busy", headers={"Retry-After": "0"})
+        return web.Response(status=200, body=b"{}", content_type="application/json")
+
+    upstream = web.Application()
+    upstream.router.add_get("/v2/", v2)
+    upstream.router.add_route("*", "/v2/{repo:.+}/manifests/{ref}", manifest)
+    runner = web.AppRunner(upstream, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        host = f"127.0.0.1:{port}"
+        h = await make_proxy(http_hosts=[host], routes=[("ws", f"{host}/team", "push")], retries=3)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.url}/v2/ws/x/manifests/v1") as r:
+                assert r.status == 200
+            assert len(calls) == 3
+            assert h.metric("build_agent_proxy_retries_total", reason="503") == 2
+            fail.update(times=10, status=502)
+            async with s.get(f"{h.url}/v2/ws/x/manifests/v1") as r:
+                assert r.status == 503
+                err = (await r.json())["errors"][0]
+            assert host in err["message"] and "last answer: 502" in err["message"]
+            # A body-carrying PUT is never replayed: one call, the answer passed through.
+            before = len(calls)
+            async with s.put(f"{h.url}/v2/ws/x/manifests/v1", data=b"{}") as r:
+                assert r.status == 502
+            assert len(calls) == before + 1
+    finally:
+        await runner.cleanup()

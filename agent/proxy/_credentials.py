@@ -132,6 +132,7 @@ class CredentialStore:
         for cred in self._inline.values():
             self._seen.update(cred.secrets())
         self.generation = 0  # bumped whenever what get() returns may have changed
+        self.last_error = ""  # why the last read failed (no secret in it)
         self.reload()
 
     # --- loading ------------------------------------------------------------------------------
@@ -171,8 +172,10 @@ class CredentialStore:
             self._state = _FileState(
                 self._state.auths, self._state.helpers, self._state.store, stamp
             )
+            self.last_error = f"credential file {self.path} is unusable: {exc}"
             return False
         self._state = _FileState(auths, helpers, store, stamp)
+        self.last_error = ""
         for cred in auths.values():
             self._seen.update(cred.secrets())
         self._changed()

@@ -12,7 +12,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from agent.app import App
-from agent.errors import StartupError, UpstreamUnauthorized, UpstreamUnavailable
+from agent.errors import ConfigError, StartupError, UpstreamUnauthorized, UpstreamUnavailable
 from agent.ports import BuildRoute, Mirror, RouteTarget, SandboxPort
 from agent.proxy import reference
 from agent.proxy._auth import Authenticator, scope
@@ -139,11 +139,16 @@ class Proxy:
         self.router.remove_build(route)
         log.debug("build route removed (%d active)", self.router.build_count)
 
-    def reload(self) -> bool:
-        """Re-read the credential file (SIGHUP). False when it was broken (old ones kept)."""
+    def reload(self) -> None:
+        """Re-read the credential file (SIGHUP, the ``reload`` op). A broken file keeps the
+        credentials already loaded and raises ConfigError saying why."""
         ok = self.credentials.reload()
         self.auth.clear()
-        return ok
+        if not ok:
+            raise ConfigError(
+                f"{self.credentials.last_error}; the previous credentials stay in use, fix "
+                "the file (build.docker_config) and reload again"
+            )
 
     def scrub(self, text: str) -> str:
         secrets = self.credentials.secrets()

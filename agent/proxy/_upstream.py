@@ -27,6 +27,7 @@ from agent.proxy._transport import Transport
 log = logging.getLogger("agent.proxy")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_GATEWAY_STATUSES = frozenset({502, 503, 504})
 _CONNECT_ERRORS = (
     aiohttp.ClientConnectorError,
     aiohttp.ServerDisconnectedError,
@@ -129,6 +130,15 @@ class Upstream:
                 resp.release()
                 await asyncio.sleep(delay)
                 continue
+            if status in _GATEWAY_STATUSES and attempts > 1:
+                # A gateway's bare 502/503/504 tells the client nothing: say which registry.
+                resp.release()
+                self._metrics.upstream_errors.labels("unavailable").inc()
+                raise UpstreamUnavailable(
+                    f"registry {out.registry} is unavailable after {attempt} attempts "
+                    f"(last answer: {status})",
+                    registry=out.registry,
+                )
             return resp
 
     def _backoff(self, attempt: int, headers: Mapping[str, str] | None) -> float:

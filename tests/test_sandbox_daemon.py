@@ -1,0 +1,125 @@
+"""The sandbox in the real daemon (sandbox.mode = "on"): builds with buildah whose RUN steps try to
+reach the node and other routes, and a daemon killed with SIGKILL then restarted. Root; the only
+namespaces are the ones these daemons create (unique names per test)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.sandbox import _egress, _netns
+from tests.infra.builds import build_sections, read_from_image, wait_for, write_context
+from tests.infra.daemon import DaemonProcess
+from tests.infra.registry import Registry
+from tests.infra.sandbox_env import processes_matching, sh, snapshot, unique_netns
+from tests.test_e2e_build_lifecycle import detach, log_of, status
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root"),
+    pytest.mark.skipif(shutil.which("buildah") is None, reason="needs buildah"),
+]
+
+
+def sandboxed(registry: Registry, netns: str, egress: str = "none") -> dict[str, dict[str, Any]]:
+    return build_sections([registry], {"sandbox": {"mode": "on", "netns": netns, "egress": egress}})
+
+
+def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_works(
+    registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    netns = unique_netns()
+    d = DaemonProcess(short_tmp / "d", sandboxed(registry, netns)).start()
+    try:
+        proxy = f"localhost:{d.sections['proxy']['port']}"
+        host_proxy = d.sections["proxy"]["host_address"]
+        probes = {
+            # busybox-static 1.35 wget segfaults with -T: connections fail fast here anyway.
+            "metrics": f"wget -q -O /dev/null http://127.0.0.1:{d.metrics_port}/metrics",
+            "registry": f"wget -q -O /dev/null http://{registry.host}/v2/",
+            "host-proxy": f"wget -q -O /dev/null http://{host_proxy}/v2/",
+            # The proxy answers (GET /v2/ is its own) ...
+            "proxy": f"wget -q -O /dev/null http://{proxy}/v2/",
+            # ... but a route that is not this build's is not there: guessed capability, and the
+            # upstream repository addressed directly.
+            "other-route": (
+                f"wget -S -O /dev/null --post-data= "
+                f"http://{proxy}/v2/b/{uuid.uuid4().hex}/target/blobs/uploads/ 2>&1 "
+                "| grep -q '404 Not Found'"
+            ),
+            "upstream-repo": (
+                f"wget -S -O /dev/null --post-data= "
+                f"http://{proxy}/v2/{registry.host}/stolen/blobs/uploads/ 2>&1 "
+                "| grep -q '404 Not Found'"
+            ),
+        }
+        script = " ; ".join(
+            f'{{ {cmd} ; }} ; echo "{name} $?" >> /probes' for name, cmd in probes.items()
+        )
+        ctx = write_context(
+            short_tmp / "ctx",
+            {"Dockerfile": f"FROM {base_image}\nRUN {script}\n"},
+        )
+        target = f"{registry.host}/sandboxed-{uuid.uuid4().hex[:8]}:1"
+        r = d.ctl("build", "--context", str(ctx), "--target", target)
+        assert r.returncode == 0, r.stderr + d.log()[-3000:]
+        results = dict(
+            line.split() for line in read_from_image(target, "/probes").decode().splitlines()
+        )
+    finally:
+        d.stop()
+        d.cleanup()
+    assert results["proxy"] == "0", results  # the proxy is reachable (so the others could be)
+    assert results["metrics"] != "0", results
+    assert results["registry"] != "0", results
+    assert results["host-proxy"] != "0", results
+    assert results["other-route"] == "0", results  # it got a 404
+    assert results["upstream-repo"] == "0", results
+    assert not _netns.exists(netns)
+
+
+def test_daemon_killed_then_restarted_recreates_the_sandbox_once_and_leaves_nothing(
+    registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    before = snapshot()
+    netns = unique_netns()
+    sections = sandboxed(registry, netns, egress="nat")
+    marker = f"33{uuid.uuid4().int % 10**6}"
+    ctx = write_context(
+        short_tmp / "ctx",
+        {"Dockerfile": f"FROM {base_image}\nRUN echo started-{marker} && sleep {marker}\n"},
+    )
+    d = DaemonProcess(short_tmp / "d", sections).start()
+    try:
+        old_ino = os.stat(_netns.path(netns)).st_ino
+        build_id = detach(d, ctx, f"{registry.host}/killed:1")
+        wait_for(lambda: f"started-{marker}" in log_of(d, build_id), 60, "the RUN step")
+        wait_for(lambda: processes_matching(f"sleep {marker}", start=True), 10, "the sleep")
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        # Nothing the dead daemon started outlives it, with no restart needed.
+        wait_for(lambda: not processes_matching(f"sleep {marker}", start=True), 10, "RUN gone")
+        assert _netns.exists(netns)  # what the next start must replace
+    finally:
+        d.cleanup()
+    again = DaemonProcess(short_tmp / "d", sections).start()
+    try:
+        assert os.stat(_netns.path(netns)).st_ino != old_ino
+        assert [ln.split()[0] for ln in sh("ip", "netns").splitlines()].count(netns) == 1
+        host_if = _egress.host_if_name(netns)
+        assert sh("ip", "-o", "link").count(f" {host_if}@") == 1
+        assert sh("nft", "list", "tables").count(_egress.table_name(netns)) == 1
+        assert "removing what an earlier daemon left" in again.log()
+        assert status(again, build_id)["state"] == "interrupted"
+        r = again.ctl("info")
+        assert "sandbox" in r.stdout and "on" in r.stdout
+    finally:
+        assert again.stop() == 0
+        again.cleanup()
+    assert snapshot() == before

@@ -29,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", metavar="FILE")
     check.add_argument("--json", action="store_true", help="print JSON instead of TOML-like text")
+    dev = sub.add_parser(
+        "dev",
+        help="development mode: local registry, base image, daemon with temporary state",
+    )
+    dev.add_argument(
+        "--demo", action="store_true", help="build examples/ twice with agentctl, then stop"
+    )
+    dev.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return p
 
 
@@ -61,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if opts.command is None:
         _parser().print_usage(sys.stderr)
         return EXIT_USAGE
+
+    if opts.command == "dev":
+        from agent import devmode
+
+        return devmode.main(demo=opts.demo, keep=opts.keep)
 
     from agent import config as config_mod
 

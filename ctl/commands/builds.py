@@ -285,7 +285,7 @@ def _stream(call: Call, ctx: Context, opts: argparse.Namespace) -> int:
     cache = result.get("cache") or {}
     ctx.err.write(
         f"agentctl: build {result.get('id')} {result.get('state')} in "
-        f"{(result.get('timings') or {}).get('total', 0):.2f}s "
+        f"{(result.get('timings') or {}).get('total', 0):.3f}s "
         f"(base: {_cache_word(cache.get('base'))}, "
         f"workspace: {_cache_word(cache.get('workspace'))})\n"
     )

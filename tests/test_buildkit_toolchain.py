@@ -112,7 +112,7 @@ async def toolchain_factory(short_tmp: Path, registry: Registry) -> AsyncIterato
     made: list[BuildkitToolchain] = []
 
     def make(
-        bins: BuildkitBinaries, *, policy: Policy = FAST, port: Any = None
+        bins: BuildkitBinaries, *, policy: Policy = FAST, port: Any = None, cleanup: Any = None
     ) -> BuildkitToolchain:
         app = App(config=_config(short_tmp), registry=CollectorRegistry())
         tc = BuildkitToolchain(
@@ -121,7 +121,7 @@ async def toolchain_factory(short_tmp: Path, registry: Registry) -> AsyncIterato
             proxy=port or DirectPort(registry.host),
             binaries=bins,
             policy=policy,
-            cleanup=lambda pidfile, root: None,
+            cleanup=cleanup or (lambda pidfile, root: None),
         )
         made.append(tc)
         return tc
@@ -530,3 +530,34 @@ async def test_copy_returns_digest_and_maps_failures(
     with pytest.raises(UpstreamUnauthorized) as refused:
         await tc.copy(base_image, f"{auth_registry.host}/bk:1", Sink())
     assert refused.value.registry == auth_registry.host
+
+
+async def test_start_cleans_up_after_a_crashed_daemons_buildkitd(
+    standins: Standins, toolchain_factory: Any
+) -> None:
+    """A daemon that died left its buildkitd running (pidfile still there): the next start kills
+    it through the sandbox's cleanup_buildkitd before starting its own."""
+    import subprocess
+
+    from agent.sandbox import cleanup_buildkitd
+
+    bins = BuildkitBinaries(
+        standins.path("buildkitd"), standins.path("buildctl"), standins.path("crane")
+    )
+    tc = toolchain_factory(bins, cleanup=cleanup_buildkitd)
+    tc.run_dir.mkdir(parents=True)
+    old_sock = tc.run_dir / "old.sock"
+    leftover = subprocess.Popen(  # noqa: ASYNC220  (a stand-alone "previous" buildkitd)
+        [bins.buildkitd, "--root", str(tc.root), "--addr", f"unix://{old_sock}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        tc.pidfile.write_text(f"{leftover.pid}\n")
+        await tc.start()
+        assert await asyncio.to_thread(leftover.wait, 10) == -signal.SIGKILL
+        assert tc.state == "RUNNING" and tc.supervisor.pid != leftover.pid
+        assert tc.pidfile.read_text().strip() == str(tc.supervisor.pid)
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()

@@ -67,8 +67,16 @@ def _host_of(ref: str) -> str:
 
 
 def _tail(lines: list[str], n: int) -> list[str]:
-    """The last ``n`` lines worth reading: before BuildKit's Dockerfile source box (which the
-    message already quotes), without blank lines and box rules."""
+    """The last ``n`` lines worth reading. BuildKit repeats a failed step's own log between two
+    ``------`` rules (`` > [2/2] RUN ...:`` then its lines): that is the tail when present.
+    Otherwise the lines before the Dockerfile source box (which the message already quotes),
+    without blank lines and box rules."""
+    for i, ln in enumerate(lines):
+        if ln == "------" and i + 1 < len(lines) and lines[i + 1].startswith(" > "):
+            end = next((j for j in range(i + 1, len(lines)) if lines[j] == "------"), len(lines))
+            step = [x for x in lines[i + 1 : end] if x.strip()]
+            if len(step) > 1:  # the header and at least one line of the step's output
+                return step[-n:]
     end = len(lines)
     for i, ln in enumerate(lines):
         if _SOURCE.match(ln.strip()) and i + 1 < len(lines) and lines[i + 1].startswith("---"):

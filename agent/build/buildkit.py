@@ -30,6 +30,7 @@ containerd's ``?ns=<registry>`` query.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -215,8 +216,8 @@ class BuildkitToolchain:
 
     async def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self._cleanup is not None:
-            self._cleanup(self.pidfile, self.root)
+        if self._cleanup is not None:  # blocking, bounded: kills and unmounts what is left
+            await asyncio.to_thread(self._cleanup, self.pidfile, self.root)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         address = self.proxy.child_address if self.proxy is not None else ""

@@ -1,0 +1,92 @@
+"""Errors read from what the real buildctl and crane printed (fixtures/toolchain), unchanged."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.build._buildkit_progress import build_error, copied_digest, copy_error
+from agent.errors import (
+    AgentError,
+    BuildFailed,
+    InternalError,
+    NotFound,
+    UpstreamUnauthorized,
+)
+from tests.standins import FIXTURES_DIR
+
+
+def recorded(name: str) -> tuple[list[str], int]:
+    lines = (FIXTURES_DIR / name).read_text().splitlines()
+    return lines[:-1], int(lines[-1].removeprefix("rc="))
+
+
+CASES: dict[str, tuple[type[AgentError], str, list[str]]] = {
+    "build-fail-run-plain.txt": (
+        BuildFailed,
+        "Dockerfile:2: RUN echo about-to-fail && exit 3 failed: the command exited with status 3",
+        [" > [2/2] RUN echo about-to-fail && exit 3:", "#0 0.089 about-to-fail"],
+    ),
+    "build-fail-syntax-plain.txt": (
+        BuildFailed,
+        "Dockerfile:2: syntax error: unknown instruction: RUNN (did you mean RUN?): RUNN echo typo",
+        ["#2 DONE 0.0s"],
+    ),
+    "build-fail-base-plain.txt": (
+        BuildFailed,
+        "Dockerfile:1: the base image localhost:5000/does-not-exist:latest could not be pulled: "
+        'failed to do request: Head "https://localhost:5000/v2/does-not-exist/manifests/latest"',
+        [" > [internal] load metadata for localhost:5000/does-not-exist:latest:"],
+    ),
+    "build-push-unauthorized-plain.txt": (
+        UpstreamUnauthorized,
+        "the registry localhost:5001 refused the push of localhost:5001/fixture:unauth: "
+        "unexpected status: 401 Unauthorized",
+        [],
+    ),
+    "build-daemon-killed-plain.txt": (
+        BuildFailed,
+        "buildkitd stopped during the build (killed or crashed); the daemon restarts it",
+        ["#5 0.120 start"],
+    ),
+    "buildctl-daemon-unreachable.txt": (
+        InternalError,
+        "buildctl could not reach buildkitd (transport: error while dialing: dial unix "
+        "/run/buildkit/missing.sock: connect: no such file or directory)",
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_recorded_failure_becomes_an_actionable_error(name: str) -> None:
+    cls, start, tail = CASES[name]
+    lines, rc = recorded(name)
+    err = build_error(lines, rc, tail_lines=5)
+    assert type(err) is cls
+    assert err.message.startswith(start), err.message
+    for line in tail:
+        assert line in err.details["log_tail"]
+    assert len(err.details["log_tail"]) <= 5
+
+
+def test_scrub_applies_to_messages_and_tails() -> None:
+    lines, rc = recorded("build-push-unauthorized-plain.txt")
+    lines = [
+        ln.replace("localhost:5001/fixture", "localhost:5001/b/cap-SECRET/fixture") for ln in lines
+    ]
+    err = build_error(lines, rc, tail_lines=20, scrub=lambda s: s.replace("cap-SECRET", "***"))
+    assert "cap-SECRET" not in err.message + repr(err.details)
+    assert "localhost:5001/b/***/fixture:unauth" in err.message
+
+
+def test_recorded_crane_outputs() -> None:
+    ok, _ = recorded("crane-copy-ok.txt")
+    assert copied_digest(ok) == (FIXTURES_DIR / "crane-digest-ok.txt").read_text().split()[0]
+    lines, rc = recorded("crane-copy-notfound.txt")
+    missing = copy_error(lines, rc, "localhost:5000/nope:1", "localhost:5000/x:2", tail_lines=5)
+    assert isinstance(missing, NotFound)
+    assert missing.message.startswith("the image localhost:5000/nope:1 to copy does not exist")
+    lines, rc = recorded("crane-copy-unauthorized.txt")
+    refused = copy_error(lines, rc, "localhost:5000/a:1", "localhost:5001/fixture:1", tail_lines=5)
+    assert isinstance(refused, UpstreamUnauthorized) and refused.registry == "localhost:5001"
+    assert "401 Unauthorized" in refused.message

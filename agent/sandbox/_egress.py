@@ -10,7 +10,8 @@ the namespace's (``eth0`` inside). The nftables rules live in one table of their
 - ``postrouting``: what the sandbox sends out is masqueraded behind the outgoing interface.
 
 Packets are rejected, not dropped, so a RUN step fails at once instead of timing out. Forwarding
-needs ``net.ipv4.ip_forward = 1``; when it was off we turn it on and back off at removal.
+needs ``net.ipv4.ip_forward = 1``; when it was off we turn it on, and the last sandbox removed
+turns it off again.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from agent.sandbox import _netns
 log = logging.getLogger("agent.sandbox")
 
 _FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+# Present while ip_forward is on because a sandbox turned it on (shared by every daemon).
+_FORWARD_MARK = Path("/run/build-agent-ip_forward")
 INNER_IF = "eth0"
 
 
@@ -126,9 +129,8 @@ def remove(netns: str) -> None:
                 ipr.link("del", index=idx)
 
 
-def setup(e: Egress) -> bool:
-    """Create the veth pair, addresses, route and rules. Returns True when it had to turn
-    ``ip_forward`` on (so that :func:`teardown` turns it off again)."""
+def setup(e: Egress) -> None:
+    """Create the veth pair, addresses, route and rules, and turn ``ip_forward`` on."""
     remove(e.netns)
     try:
         with IPRoute() as ipr:
@@ -164,19 +166,21 @@ def setup(e: Egress) -> bool:
             f"sandbox egress: nft refused the rules: {r.stderr.strip()}; the kernel needs "
             'nf_tables with nat and fib support, or set sandbox.egress = "none"'
         )
-    turned_on = False
     if _FORWARD.read_text().strip() != "1":
         _FORWARD.write_text("1\n")
-        turned_on = True
+        _FORWARD_MARK.touch()
         log.info("turned on net.ipv4.ip_forward for sandbox egress (off again at shutdown)")
-    return turned_on
 
 
-def teardown(e: Egress, *, forward_was_off: bool) -> None:
+def teardown(e: Egress) -> None:
+    """Remove ``e``'s veth and rules; the last sandbox to go turns ``ip_forward`` back off when a
+    sandbox turned it on (the mark survives a crashed daemon, not a reboot, like the setting)."""
     remove(e.netns)
-    if forward_was_off and not _other_tables():
+    if _FORWARD_MARK.exists() and not _other_tables():
         with contextlib.suppress(OSError):
             _FORWARD.write_text("0\n")
+        _FORWARD_MARK.unlink(missing_ok=True)
+        log.info("turned net.ipv4.ip_forward off again")
 
 
 def _other_tables() -> bool:

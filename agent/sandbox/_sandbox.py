@@ -33,7 +33,6 @@ class Sandbox:
         self.plan = plan
         self.egress = egress
         self._wrapper = Wrapper(_netns.path(netns), plan, parent=os.getpid())
-        self._forward_was_off = False
         self._state = "starting"
 
     @property
@@ -86,7 +85,7 @@ class Sandbox:
             raise StartupError(str(exc)) from exc
         if self.egress is not None:
             try:
-                self._forward_was_off = _egress.setup(self.egress)
+                _egress.setup(self.egress)
             except BaseException:
                 _netns.remove(name)
                 raise
@@ -94,7 +93,7 @@ class Sandbox:
 
     def _close(self) -> None:
         if self.egress is not None:
-            _egress.teardown(self.egress, forward_was_off=self._forward_was_off)
+            _egress.teardown(self.egress)
         _netns.remove(self.netns)
         self._state = "removed"
         log.info("sandbox %s removed", self.netns)

@@ -9,6 +9,7 @@ buildkitd.toml, the existence check and the cache, not the image's content."""
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -26,11 +27,31 @@ from tests.standins import Standins, install
 REAL = buildkit_binaries()
 
 
-@pytest.fixture(params=["standin", pytest.param("real", marks=pytest.mark.buildkit)])
+def _sandbox_ok() -> bool:
+    return os.geteuid() == 0
+
+
+@pytest.fixture(
+    params=[
+        "standin",
+        pytest.param(
+            "standin-sandbox",
+            marks=pytest.mark.skipif(not _sandbox_ok(), reason="the sandbox needs root"),
+        ),
+        pytest.param("real", marks=pytest.mark.buildkit),
+    ]
+)
 def daemon(
     request: pytest.FixtureRequest, short_tmp: Path, registry: Registry, base_image: str
 ) -> Iterator[tuple[DaemonProcess, Standins | None]]:
     standins: Standins | None = None
+    extra: dict[str, Any] = {"build": {"toolchain": "buildkit"}}
+    if request.param == "standin-sandbox":
+        from tests.infra.sandbox_env import unique_netns
+
+        # buildkitd in the sandbox: own network (the proxy is its only way out), mount and PID
+        # namespace; buildctl and crane in the same network namespace.
+        extra["sandbox"] = {"mode": "on", "netns": unique_netns()}
     if request.param == "real":
         if REAL is None:
             pytest.skip("real buildkitd/buildctl/crane not installed")
@@ -39,9 +60,7 @@ def daemon(
     else:
         standins = install(short_tmp / "bin")
         env = standins.env()
-    d = DaemonProcess(
-        short_tmp / "d", build_sections([registry], {"build": {"toolchain": "buildkit"}}), env=env
-    )
+    d = DaemonProcess(short_tmp / "d", build_sections([registry], extra), env=env)
     try:
         d.start(timeout=30)
         yield d, standins

@@ -505,6 +505,10 @@ async def test_fatal_builder_refuses_builds_with_the_reason(
     with pytest.raises(InternalError) as err:
         await tc.build(spec, Sink())
     assert "buildkitd is FATAL" in err.value.message
+    # The operator fixes the cause and reloads: buildkitd starts again.
+    tc.root.unlink()
+    await tc.reload()
+    assert await tc.supervisor.wait_state(State.RUNNING, 15)
 
 
 # --- copies --------------------------------------------------------------------------------------

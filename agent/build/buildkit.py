@@ -220,6 +220,14 @@ class BuildkitToolchain:
             await asyncio.to_thread(self._cleanup, self.pidfile, self.root)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
+        self._write_config()
+        self.supervisor.start()
+        state = await self.supervisor.wait_ready(self.supervisor.policy.ready_timeout * 2)
+        if state is not State.RUNNING:
+            await self.supervisor.stop()
+            raise StartupError(self._not_running(state))
+
+    def _write_config(self) -> None:
         address = self.proxy.child_address if self.proxy is not None else ""
         mirrors = self.proxy.mirrors() if self.proxy is not None else []
         text = render_config(
@@ -228,11 +236,15 @@ class BuildkitToolchain:
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(self.config_path)
-        self.supervisor.start()
-        state = await self.supervisor.wait_ready(self.supervisor.policy.ready_timeout * 2)
-        if state is not State.RUNNING:
-            await self.supervisor.stop()
-            raise StartupError(self._not_running(state))
+
+    async def reload(self) -> None:
+        """Rewrite buildkitd.toml (the proxy's mirrors may have changed) and start a FATAL
+        buildkitd again, once its cause is fixed. A running buildkitd keeps its configuration
+        until it next restarts: restarting it now would kill the builds it runs."""
+        self._write_config()
+        if self.supervisor.state is State.FATAL:
+            log.info("buildkitd: starting again after FATAL (reload)")
+            self.supervisor.start()
 
     async def close(self) -> None:
         await self.supervisor.stop()

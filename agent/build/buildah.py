@@ -178,6 +178,7 @@ class BuildahToolchain:
         self._skopeo = skopeo or os.environ.get("AGENT_SKOPEO") or "skopeo"
         self._state = "stopped"
         self.runs: dict[str, int] = {"build": 0, "copy": 0}
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
     def state(self) -> str:
@@ -197,6 +198,8 @@ class BuildahToolchain:
         log.info("toolchain buildah ready (storage %s)", self._root / "storage")
 
     async def close(self) -> None:
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
         self._state = "stopped"
 
     def _kill_leftovers(self) -> None:
@@ -302,7 +305,10 @@ class BuildahToolchain:
             digest = digest_file.read_text().strip() if digest_file.exists() else None
             return BuildOutput(digest=digest or None)
         finally:
-            await self._cleanup(image, work)
+            # Removing the local image is not part of the build: the result is upstream already.
+            task = asyncio.get_running_loop().create_task(self._cleanup(image, work))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
 
     async def _cleanup(self, image: str, work: Path) -> None:
         # The pushed image is upstream now; keeping it would only grow the storage.

@@ -26,8 +26,10 @@ from __future__ import annotations
 import ctypes
 import os
 import select
-import signal
 import sys
+
+# The C module: ``signal`` would import enum, a few ms on every child start.
+signal = __import__("_signal")
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000

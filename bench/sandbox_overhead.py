@@ -1,0 +1,128 @@
+"""Per-child cost of the sandbox: ``true`` run plainly vs through ``sandbox.wrap()``.
+
+    sudo .venv/bin/python bench/sandbox_overhead.py [--runs 50] [--write-docs]
+
+Creates a sandbox of its own (a unique network namespace, removed at the end), then starts
+``true`` ``--runs`` times each way, one after another, the way the daemon starts a child
+(fork+exec, wait). Prints a Markdown table; ``--write-docs`` also puts it into
+docs/performance.md between ``<!-- bench:sandbox -->`` and ``<!-- /bench:sandbox -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agent import config as config_mod  # noqa: E402
+from agent.app import App  # noqa: E402
+from agent.ports import SandboxPort  # noqa: E402
+from agent.sandbox import open_sandbox  # noqa: E402
+
+DOC = REPO / "docs" / "performance.md"
+START, END = "<!-- bench:sandbox -->", "<!-- /bench:sandbox -->"
+
+
+def timed(argv: list[str], runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(argv, check=True)
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def row(name: str, ms: list[float]) -> str:
+    ms = sorted(ms)
+    p95 = ms[max(0, int(len(ms) * 0.95) - 1)]
+    return f"| {name} | {statistics.median(ms):.1f} | {p95:.1f} | {statistics.mean(ms):.1f} |"
+
+
+async def measure(runs: int) -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="ba-bench-sb-", dir="/tmp"))
+    try:
+        (tmp / "etc").mkdir()
+        cfg = tmp / "etc" / "config.toml"
+        cfg.write_text(
+            f'[daemon]\nstate_dir = "{tmp}/state"\nruntime_dir = "{tmp}/run"\n'
+            f'socket = "{tmp}/sock/agent.sock"\n[build]\n'
+            f'docker_config = "{tmp}/etc/docker-config.json"\n'
+            f'[sandbox]\nmode = "on"\nnetns = "ba-bench-{secrets.token_hex(4)}"\n'
+        )
+        app = App(config_mod.load(cfg, {}))
+        true = shutil.which("true") or "/bin/true"
+        async with open_sandbox(app) as sb:
+            wrapped_argv = _wrap(sb, true)
+            timed([true], 5)  # warm the page cache for both
+            timed(wrapped_argv, 5)
+            plain = timed([true], runs)
+            wrapped = timed(wrapped_argv, runs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    extra = statistics.median(wrapped) - statistics.median(plain)
+    return "\n".join(
+        [
+            f"`true`, {runs} sequential runs each, fork+exec+wait from Python "
+            f"({platform.python_version()}, {platform.machine()}, kernel {platform.release()}, "
+            f"{_cpus()} CPUs). Wrapped = network namespace + private mount namespace with the "
+            "hidden paths + PID namespace with a fresh /proc, via agent/sandbox/_exec.py.",
+            "",
+            "| how | median ms | p95 ms | mean ms |",
+            "| --- | ---: | ---: | ---: |",
+            row("plain", plain),
+            row("sandbox.wrap()", wrapped),
+            "",
+            f"Per-child overhead: **{extra:.1f} ms** (median). Measured by "
+            f"`bench/sandbox_overhead.py --runs {runs}`.",
+        ]
+    )
+
+
+def _wrap(sb: SandboxPort, true: str) -> list[str]:
+    return sb.wrap([true])
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def write_docs(section: str) -> None:
+    block = f"{START}\n{section}\n{END}"
+    if DOC.exists():
+        text = DOC.read_text()
+        if START in text and END in text:
+            head, rest = text.split(START, 1)
+            _, tail = rest.split(END, 1)
+            DOC.write_text(head + block + tail)
+            return
+        DOC.write_text(text.rstrip("\n") + "\n\n## Sandbox: per-child overhead\n\n" + block + "\n")
+        return
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text("# Performance\n\n## Sandbox: per-child overhead\n\n" + block + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+    section = asyncio.run(measure(args.runs))
+    print(section)
+    if args.write_docs:
+        write_docs(section)
+
+
+if __name__ == "__main__":
+    main()

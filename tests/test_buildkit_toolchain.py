@@ -565,3 +565,53 @@ async def test_start_cleans_up_after_a_crashed_daemons_buildkitd(
         if leftover.poll() is None:
             leftover.kill()
             leftover.wait()
+
+
+def test_cache_repo_maps_onto_a_static_push_route(short_tmp: Path, caplog: Any) -> None:
+    from agent.build.buildkit import cache_ref_for
+    from agent.config import BuildConfig, ProxyConfig, RouteConfig
+
+    def app(cache_repo: str, *routes: RouteConfig) -> App:
+        cfg = Config(
+            build=BuildConfig(cache_repo=cache_repo), proxy=ProxyConfig(routes=list(routes))
+        )
+        return App(config=cfg)
+
+    port = DirectPort("localhost:8080")
+    push = RouteConfig("cache", "registry.example.com/team", "push")
+    pull = RouteConfig("ro", "registry.example.com/team", "pull")
+    assert cache_ref_for(app("", push), port) is None
+    assert (
+        cache_ref_for(app("registry.example.com/team/bk-cache", pull, push), port)
+        == "localhost:8080/cache/bk-cache:buildcache"
+    )
+    assert (
+        cache_ref_for(app("registry.example.com/team", push), port)
+        == "localhost:8080/cache:buildcache"
+    )
+    caplog.set_level(logging.WARNING, logger="agent.build")
+    assert cache_ref_for(app("registry.example.com/other/c", push), port) is None
+    assert "add a [[proxy.routes]] entry" in caplog.text
+
+
+def test_build_argv_with_registry_cache(short_tmp: Path, standins: Standins) -> None:
+    bins = BuildkitBinaries(
+        standins.path("buildkitd"), standins.path("buildctl"), standins.path("crane")
+    )
+    tc = BuildkitToolchain(
+        App(config=_config(short_tmp), registry=CollectorRegistry()),
+        sandbox=NoSandbox(),
+        proxy=DirectPort("localhost:8080"),
+        binaries=bins,
+        cache_ref="localhost:8080/cache/c:buildcache",
+        cleanup=lambda pidfile, root: None,
+    )
+    spec = BuildSpec(context_fd=7, dockerfile="sub/Dockerfile", push_ref="localhost:8080/x:1",
+                     no_cache=True)  # fmt: skip
+    argv = tc.build_argv(spec, "/m.json")
+    assert "--opt" in argv and "filename=sub/Dockerfile" in argv and "--no-cache" in argv
+    at = argv.index("--export-cache")
+    assert argv[at : at + 4] == [
+        "--export-cache", "type=registry,ref=localhost:8080/cache/c:buildcache,mode=max",
+        "--import-cache", "type=registry,ref=localhost:8080/cache/c:buildcache",
+    ]  # fmt: skip

@@ -131,6 +131,9 @@ async def wait_exit(child: Child) -> int:
         fd = os.pidfd_open(child.pid)
     except ProcessLookupError:
         fd = -1  # already reaped
+    if fd >= 0 and child.returncode is not None:
+        os.close(fd)  # reaped before the pidfd was taken: the pid may be someone else's now
+        fd = -1
     if fd >= 0:
         gone: asyncio.Future[None] = loop.create_future()
 

@@ -26,6 +26,12 @@ the proxy serves at the proxy::
 
 BuildKit accepts a path after the mirror host and asks ``http://<mirror>/v2/<path>/<repo>/...`` with
 containerd's ``?ns=<registry>`` query.
+
+The context travels as the caller's directory fd: buildctl gets ``--local context=/dev/fd/N``
+(and the same for ``dockerfile``, with ``--opt filename=``). Not verified here against the real
+buildctl (it cannot be installed on this machine): if its file walker resolves the fd's magic link
+to a path, a directory that is not reachable from the daemon's mount namespace would not be found;
+the real-binary tests (``pytest -m buildkit``) cover it wherever BuildKit is installed.
 """
 
 from __future__ import annotations
@@ -416,18 +422,47 @@ class BuildkitToolchain:
         return copied_digest(lines)
 
 
+def cache_ref_for(app: App, proxy: RegistryPort | None) -> str | None:
+    """Where buildctl exports and imports its registry cache (``build.cache_repo``), as a
+    repository on the proxy: children reach registries only through it, so the cache repository
+    needs a static push route (``[[proxy.routes]]`` whose ``upstream`` is ``cache_repo`` or a
+    prefix of it). None, with a warning, when there is none."""
+    repo = app.config.build.cache_repo
+    if not repo or proxy is None:
+        return None
+    for route in app.config.proxy.routes:
+        up = route.upstream.rstrip("/")
+        if route.access == "push" and (repo == up or repo.startswith(up + "/")):
+            rest = repo[len(up) :]
+            return f"{proxy.child_address}/{route.name}{rest}:buildcache"
+    log.warning(
+        "build.cache_repo = %s is not used: add a [[proxy.routes]] entry with access = "
+        '"push" whose upstream is that repository (children reach registries only through the '
+        "proxy)",
+        repo,
+    )
+    return None
+
+
 def create(app: App, proxy: RegistryPort | None) -> BuildkitToolchain:
     """The toolchain as the daemon runs it: ``app.sandbox`` (or no sandbox when it is off), the
-    binaries of :func:`buildkit_binaries` (StartupError when one is missing)."""
+    binaries of :func:`buildkit_binaries` (StartupError when one is missing), the registry cache
+    of :func:`cache_ref_for`."""
     from agent.ports import NoSandbox
 
-    return BuildkitToolchain(app, sandbox=app.sandbox or NoSandbox(), proxy=proxy)
+    return BuildkitToolchain(
+        app,
+        sandbox=app.sandbox or NoSandbox(),
+        proxy=proxy,
+        cache_ref=cache_ref_for(app, proxy),
+    )
 
 
 __all__ = [
     "BuildkitBinaries",
     "BuildkitToolchain",
     "buildkit_binaries",
+    "cache_ref_for",
     "create",
     "parse_workers",
     "render_config",

@@ -74,7 +74,22 @@ def serve_proxy(config_path: str) -> None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, sys.stdin.read)
 
-    uvloop.run(main())
+    profile_to = os.environ.get("BENCH_PROXY_PROFILE")
+    if os.environ.get("BENCH_PROXY_LOOP") == "asyncio":
+        asyncio.run(main())
+        return
+    if not profile_to:
+        uvloop.run(main())
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        uvloop.run(main())
+    finally:
+        prof.disable()
+        prof.dump_stats(profile_to)
 
 
 class ProxyProcess:
@@ -262,18 +277,22 @@ def pull(base: str, repo: str, digest: str) -> float:
 # --- HEAD latency ------------------------------------------------------------------------------
 
 
-async def head_latency(url: str, headers: dict[str, str], n: int) -> list[float]:
+async def head_latency(
+    targets: dict[str, tuple[str, dict[str, str]]], n: int
+) -> dict[str, list[float]]:
+    """HEAD each target in turn (interleaved, so both see the same machine noise)."""
     import aiohttp
 
-    samples = []
+    samples: dict[str, list[float]] = {k: [] for k in targets}
     async with aiohttp.ClientSession() as s:
         for i in range(n + 50):
-            t0 = time.perf_counter()
-            async with s.head(url, headers=headers) as r:
-                if r.status != 200:
-                    raise RuntimeError(f"HEAD {url} -> {r.status}")
-            if i >= 50:  # warm-up: connections, token cache
-                samples.append(time.perf_counter() - t0)
+            for name, (url, headers) in targets.items():
+                t0 = time.perf_counter()
+                async with s.head(url, headers=headers) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"HEAD {url} -> {r.status}")
+                if i >= 50:  # warm-up: connections, token cache
+                    samples[name].append(time.perf_counter() - t0)
     return samples
 
 
@@ -412,18 +431,22 @@ http = true
         )  # fmt: skip
         accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
         token = token_for(tokreg.tokens.realm, tokreg.tokens.service, "repository:bench/head:pull")
-        direct = asyncio.run(
+        lat = asyncio.run(
             head_latency(
-                f"http://{tokreg.host}/v2/bench/head/manifests/{manifest_ref}",
-                {**accept, "Authorization": f"Bearer {token}"},
+                {
+                    "direct": (
+                        f"http://{tokreg.host}/v2/bench/head/manifests/{manifest_ref}",
+                        {**accept, "Authorization": f"Bearer {token}"},
+                    ),
+                    "proxy": (
+                        f"http://{proxy.address}/v2/tok/head/manifests/{manifest_ref}",
+                        accept,
+                    ),
+                },
                 heads,
             )
         )
-        via = asyncio.run(
-            head_latency(
-                f"http://{proxy.address}/v2/tok/head/manifests/{manifest_ref}", accept, heads
-            )
-        )
+        direct, via = lat["direct"], lat["proxy"]
         return {
             "size": size,
             "rounds": rounds,

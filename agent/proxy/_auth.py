@@ -285,5 +285,6 @@ def _lifetime(data: dict[str, Any], default: float) -> float:
 
 
 def _describe(exc: BaseException) -> str:
+    """A library error for a message: URL queries removed (a signed storage URL is a secret)."""
     text = str(exc) or type(exc).__name__
-    return text[:200]
+    return re.sub(r"\?[^\s'\"]*", "", text)[:200]

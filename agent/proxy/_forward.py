@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from agent.errors import UpstreamError, UpstreamUnauthorized
-from agent.proxy._metrics import ProxyMetrics, status_class
+from agent.proxy._metrics import ProxyMetrics
 from agent.proxy._routes import CAP_RE, Resolved, Router, Target, denial
 from agent.proxy._transport import Transport
 from agent.proxy._uploads import Uploads
@@ -99,8 +99,7 @@ class Forwarder:
         except UpstreamError as exc:
             resp = oci_error(503, "UNAVAILABLE", exc.message)
         status = resp.status
-        self._metrics.requests.labels(kind, request.method, status_class(status)).inc()
-        self._metrics.duration.labels(kind, request.method).observe(time.perf_counter() - started)
+        self._metrics.served(kind, request.method, status, time.perf_counter() - started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s %s -> %d (%.1f ms)",

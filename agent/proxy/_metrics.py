@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PATCH", "PUT", "DELETE", "OPTIONS"})
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900)
 
 
@@ -57,6 +58,22 @@ class ProxyMetrics:
         )
         self.bytes_up = self.bytes.labels("up")
         self.bytes_down = self.bytes.labels("down")
+        self._served: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def served(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one request (labelled children cached: this runs on every request)."""
+        if method not in _METHODS:
+            method = "OTHER"  # a client picks the method: keep the label set closed
+        key = (route, method, status // 100)
+        pair = self._served.get(key)
+        if pair is None:
+            pair = (
+                self.requests.labels(route, method, status_class(status)),
+                self.duration.labels(route, method),
+            )
+            self._served[key] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
 
 
 def status_class(status: int) -> str:

@@ -29,6 +29,7 @@ class Transport:
                 self._insecure.add(host)
         self._connect_timeout = config.connect_timeout
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, str] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -59,9 +60,12 @@ class Transport:
         return self._session
 
     def base_url(self, registry: str) -> str:
-        host = canonical_host(registry)
-        scheme = "http" if host in self._plain else "https"
-        return f"{scheme}://{api_host(host)}"
+        url = self._urls.get(registry)
+        if url is None:
+            host = canonical_host(registry)
+            scheme = "http" if host in self._plain else "https"
+            url = self._urls[registry] = f"{scheme}://{api_host(host)}"
+        return url
 
     def ssl_for(self, registry: str) -> bool | ssl.SSLContext:
         """``True`` verifies (the default); ``False`` only for ``insecure`` registries."""

@@ -112,6 +112,12 @@ class Upstream:
                     f"{'s' if attempt > 1 else ''}: {_describe(exc)}",
                     registry=out.registry,
                 ) from exc
+            except aiohttp.ClientError as exc:  # redirects, bad URLs, a body that broke off
+                self._metrics.upstream_errors.labels("failed").inc()
+                raise UpstreamUnavailable(
+                    f"request to registry {out.registry} failed: {_describe(exc)}",
+                    registry=out.registry,
+                ) from exc
             self._metrics.upstream_latency.labels(out.method).observe(time.perf_counter() - started)
             status = resp.status
             if status == 401 and not refreshed and out.replayable:

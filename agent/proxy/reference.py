@@ -10,6 +10,7 @@ tags ``[\\w][\\w.-]{0,127}``, digests ``algorithm:encoded``.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ class Reference:
         return out
 
 
+@functools.lru_cache(maxsize=1024)
 def canonical_host(host: str) -> str:
     """The key under which a registry host is matched: lower case, no scheme, no path, no
     ``:443``, and every Docker Hub alias folded into ``docker.io`` (as Docker's config lookup)."""

@@ -219,7 +219,7 @@ class Client:
         self._calls[req_id] = call
         try:
             if fds:
-                # The fds travel with the first byte of the frame (docs/protocol.md).
+                # The fds travel in a sendmsg holding this frame alone (docs/protocol.md, 9).
                 ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
                 sent = self._sock.sendmsg([frame], ancillary)
                 if sent < len(frame):

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.infra.daemon import DaemonProcess
+from tests.infra.daemon import TEST_OPS, DaemonProcess
 from tests.infra.wire import connect, frame, is_closed, recv_msg
 
 Factory = Callable[..., DaemonProcess]
@@ -217,3 +217,63 @@ def test_slow_reader_does_not_stall_others(daemon: DaemonProcess) -> None:
     ping_ok(daemon)
     # The hog's connection and buffers go away once it is closed.
     assert daemon.wait_fds(before) == before
+
+
+def test_requests_complete_out_of_order(daemon_factory: Factory) -> None:
+    d = daemon_factory(preamble=TEST_OPS)
+    with connect(d.socket_path) as s:
+        s.sendall(
+            frame({"v": 1, "id": 1, "op": "test_sleep", "args": {"seconds": 0.3}})
+            + frame({"v": 1, "id": 2, "op": "ping"})
+        )
+        first, second, third = recv_msg(s), recv_msg(s), recv_msg(s)
+    assert first == {"id": 1, "event": "started", "data": None}
+    assert second["id"] == 2 and second["ok"] is True  # ping did not wait for the sleep
+    assert third == {"id": 1, "ok": True, "result": {"slept": True}}
+
+
+def test_duplicate_in_flight_id_is_refused(daemon_factory: Factory) -> None:
+    d = daemon_factory(preamble=TEST_OPS)
+    with connect(d.socket_path) as s:
+        s.sendall(frame({"v": 1, "id": 5, "op": "test_sleep", "args": {"seconds": 0.3}}))
+        assert recv_msg(s)["event"] == "started"
+        s.sendall(frame({"v": 1, "id": 5, "op": "ping"}))
+        dup = recv_msg(s)
+        assert dup["id"] == 5 and dup["error"]["code"] == "bad_request"
+        assert "already in flight" in dup["error"]["message"]
+        assert recv_msg(s)["result"] == {"slept": True}
+
+
+def _identity(fd: int) -> list[int]:
+    st = os.fstat(fd)
+    return [st.st_dev, st.st_ino]
+
+
+def test_fds_reach_the_request_they_were_sent_with(daemon_factory: Factory) -> None:
+    d = daemon_factory(preamble=TEST_OPS)
+    before = d.settled_fds()
+    r, w = os.pipe()
+    dfd = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY)
+    ids = {fd: _identity(fd) for fd in (r, w, dfd)}
+    try:
+        with connect(d.socket_path) as s:
+            # A frame without fds, then one sent with two fds, then one without, in 3 writes.
+            s.sendall(frame({"v": 1, "id": 1, "op": "test_fds"}))
+            s.sendmsg(
+                [frame({"v": 1, "id": 2, "op": "test_fds"})],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dfd, r]))],
+            )
+            s.sendall(frame({"v": 1, "id": 3, "op": "test_fds"}))
+            # The fds with the first 6 bytes of a frame, the rest in a later write.
+            split = frame({"v": 1, "id": 4, "op": "test_fds"})
+            s.sendmsg([split[:6]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+            s.sendall(split[6:])
+            replies = {m["id"]: m["result"] for m in (recv_msg(s) for _ in range(4))}
+            # Through the client library too.
+            with d.client() as c:
+                assert c.call("test_fds", fds=[w]) == [ids[w]]
+    finally:
+        for fd in (r, w, dfd):
+            os.close(fd)
+    assert replies == {1: [], 2: [ids[dfd], ids[r]], 3: [], 4: [ids[w]]}
+    assert d.wait_fds(before) == before

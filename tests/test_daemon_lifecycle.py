@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ctl.client import ClientError
-from tests.infra.daemon import DAEMON, REPO, DaemonProcess
+from tests.infra.daemon import DAEMON, REPO, TEST_OPS, DaemonProcess
 
 Factory = Callable[..., DaemonProcess]
 
@@ -80,17 +83,7 @@ def test_listen_fds_for_another_pid_are_ignored() -> None:
     assert out.strip() == "0 False"
 
 
-# A test-only op registered inside the daemon process: sleeps args.seconds, then answers.
-SLEEP_OP = """
-import asyncio
-from agent.control.ops import Access, ops
-
-@ops.register("test_sleep", access=Access.READ)
-async def _sleep(ctx, args):
-    await ctx.emit("started", None)
-    await asyncio.sleep(args.number("seconds", 0.0))
-    return {"slept": True}
-"""
+SLEEP_OP = TEST_OPS
 
 
 def test_sigterm_lets_a_running_request_finish(daemon_factory: Factory) -> None:
@@ -182,3 +175,59 @@ def test_check_config_masks_secrets(short_tmp: Path) -> None:
     assert "hunter2" not in r.stdout
     assert 'password = "***"' in r.stdout
     assert "[daemon]" in r.stdout
+
+
+def test_sighup_reloads_and_keeps_serving(daemon_factory: Factory) -> None:
+    d = daemon_factory()
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "SIGHUP: reloading" not in d.log():
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.02)
+    assert d.ctl("ping").returncode == 0
+    r = d.ctl("--json", "reload")
+    assert r.returncode == 0, r.stderr
+    assert "components" in json.loads(r.stdout)
+    assert d.stop() == 0
+
+
+def test_logs_are_json_lines_off_a_tty(daemon_factory: Factory) -> None:
+    d = daemon_factory()
+    d.stop()
+    records = [json.loads(line) for line in d.log().splitlines() if line.strip()]
+    assert {"ts", "level", "logger", "msg"} <= set(records[0])
+    loggers = {r["logger"] for r in records}
+    assert "agent.daemon" in loggers and "agent.control" in loggers
+    assert any(r["msg"].startswith("ready") for r in records)
+
+
+def test_log_format_text(daemon_factory: Factory) -> None:
+    d = daemon_factory({"daemon": {"log_format": "text"}})
+    d.stop()
+    line = next(x for x in d.log().splitlines() if "agent.daemon: ready" in x)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d INFO agent.daemon: ready \(pid \d+\)", line), line
+
+
+def test_missing_socket_group_warns_and_starts(daemon_factory: Factory) -> None:
+    d = daemon_factory({"daemon": {"socket_group": "no-such-group-zz"}})
+    assert "no-such-group-zz" in d.log() and "does not exist" in d.log()
+    assert os.stat(d.socket_path).st_gid == os.getgid()
+    assert d.ctl("ping").returncode == 0
+
+
+def test_stale_socket_file_is_replaced(daemon_factory: Factory) -> None:
+    d = daemon_factory(start=False)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(d.socket_path)  # a crash leftover: the file exists, nobody listens
+    stale.close()
+    d.start()
+    assert d.ctl("ping").returncode == 0
+
+
+def test_non_socket_at_socket_path_exits_70(daemon_factory: Factory) -> None:
+    d = daemon_factory(start=False)
+    Path(d.socket_path).write_text("not a socket")
+    d.start(wait_ready=False)
+    assert d.proc is not None and d.proc.wait(20) == 70
+    assert "exists and is not a socket" in d.log()

@@ -7,8 +7,11 @@ descriptors (SCM_RIGHTS) and only ``recvmsg`` delivers them. Rules this module e
 - A frame announcing more than ``daemon.max_frame`` bytes gets a ``bad_request`` reply and the
   connection is closed (the stream cannot be resynchronised). A frame that is intact but is not a
   valid request gets a ``bad_request`` / ``unsupported_version`` reply and the connection goes on.
-- File descriptors belong to the request whose frame *starts* at or after the byte they arrived
-  with; the server closes every fd the handler did not take out of ``ctx.fds``.
+- File descriptors belong to the request whose frame holds the *last* byte of the read they
+  arrived with. Linux ends a stream read right after the message that carried fds, so when the
+  client sends a frame (or its beginning) and the fds in one ``sendmsg`` holding no other frame,
+  that is the frame they were sent with. The server closes every fd the handler did not take out
+  of ``ctx.fds``.
 - Every request runs in its own task, so several may be in flight on one connection (up to
   ``_MAX_INFLIGHT``). Frames are written whole and in order from the loop thread, so writes never
   interleave. A slow reader only ever stalls itself: past ``_HIGH_WATER`` bytes of unsent output
@@ -106,7 +109,8 @@ class _Connection:
                 self._fatal(f"more than {_MAX_FDS} file descriptors sent with one message")
                 return
             if fds:
-                self.pending_fds.append((self.inpos + len(self.inbuf), fds))
+                last = self.inpos + len(self.inbuf) + len(data) - 1
+                self.pending_fds.append((last, fds))
         if not data:
             self._on_eof()
             return
@@ -137,7 +141,7 @@ class _Connection:
             end = off + 4 + length
             if end > size:
                 break
-            fds = self._take_fds(self.inpos + off) if self.pending_fds else []
+            fds = self._take_fds(self.inpos + end) if self.pending_fds else []
             body = bytes(buf[off + 4 : end])
             off = end
             self._dispatch(body, fds)
@@ -145,9 +149,10 @@ class _Connection:
             del buf[:off]
             self.inpos += off
 
-    def _take_fds(self, start: int) -> list[int]:
+    def _take_fds(self, end: int) -> list[int]:
+        """The fds whose read ended inside the frame that ends at stream offset ``end``."""
         taken: list[int] = []
-        while self.pending_fds and self.pending_fds[0][0] <= start:
+        while self.pending_fds and self.pending_fds[0][0] < end:
             taken.extend(self.pending_fds.pop(0)[1])
         return taken
 

@@ -40,6 +40,25 @@ DAEMON = [sys.executable, "-m", "agent"]
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Test-only ops, registered inside a daemon started with ``preamble=TEST_OPS``:
+#   test_sleep {seconds}: emits "started", sleeps, answers {"slept": true}
+#   test_fds: answers the (st_dev, st_ino) of each fd received with the request
+TEST_OPS = """
+import asyncio, os
+from agent.control.ops import Access, ops
+
+@ops.register("test_sleep", access=Access.READ)
+async def _sleep(ctx, args):
+    await ctx.emit("started", None)
+    await asyncio.sleep(args.number("seconds", 0.0))
+    return {"slept": True}
+
+@ops.register("test_fds", access=Access.READ)
+async def _fds(ctx, args):
+    return [[os.fstat(fd).st_dev, os.fstat(fd).st_ino] for fd in ctx.fds]
+"""
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -18,7 +18,9 @@ from tests.infra.builds import build_sections, read_from_image, wait_for, write_
 from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry
 from tests.infra.sandbox_env import processes_matching, sh, snapshot, unique_netns
+from tests.standins import install
 from tests.test_e2e_build_lifecycle import detach, log_of, status
+from tests.test_sandbox_isolation import pid1_of
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root"),
@@ -123,3 +125,47 @@ def test_daemon_killed_then_restarted_recreates_the_sandbox_once_and_leaves_noth
         assert again.stop() == 0
         again.cleanup()
     assert snapshot() == before
+
+
+def test_sigkilled_buildkitd_takes_its_run_steps_along_and_is_restarted(
+    registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    """buildkitd (the stand-in: it runs a RUN step's ``sleep`` as its own child, an orphan when it
+    is killed unsandboxed) is PID 1 of its namespace: SIGKILL it mid-build and nothing of its tree
+    is left, not even a zombie, nor a mount under its root; the supervisor starts a new one."""
+    standins = install(short_tmp / "bin")
+    netns = unique_netns()
+    sections = build_sections(
+        [registry],
+        {"build": {"toolchain": "buildkit"}, "sandbox": {"mode": "on", "netns": netns}},
+    )
+    marker = f"34{uuid.uuid4().int % 10**6}"
+    ctx = write_context(
+        short_tmp / "ctx", {"Dockerfile": f"FROM {base_image}\nRUN echo start && sleep {marker}\n"}
+    )
+    d = DaemonProcess(short_tmp / "d", sections, env=standins.env()).start(timeout=30)
+    try:
+        pidfile = Path(d.sections["daemon"]["runtime_dir"]) / "buildkit" / "buildkitd.pid"
+        root = str(Path(d.sections["daemon"]["state_dir"]) / "buildkit")
+        first = pidfile.read_text().strip()
+        build_id = detach(d, ctx, f"{registry.host}/bk-killed:1")
+        (step,) = wait_for(lambda: processes_matching(f"sleep {marker}", start=True), 30, "RUN")
+        buildkitd = pid1_of(step)
+        assert "buildkitd" in Path(f"/proc/{buildkitd}/cmdline").read_text()
+        os.kill(buildkitd, signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{step}").exists(), 10, "the RUN step gone")
+        wait_for(lambda: status(d, build_id)["state"] == "failed", 30, "the build failed")
+        again = wait_for(
+            lambda: (p := pidfile.read_text().strip() if pidfile.exists() else "") != first and p,
+            30,
+            "a new buildkitd",
+        )
+        assert Path(f"/proc/{again}").exists()
+        assert not any(
+            line.split()[4].startswith(root)
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        )
+    finally:
+        d.stop()
+        d.cleanup()
+    assert not _netns.exists(netns)

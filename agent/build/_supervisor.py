@@ -386,8 +386,10 @@ class Supervisor:
                 return
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
             self.output.append(text)
-            if "level=error" in text or "level=fatal" in text or "level=warning" in text:
+            if "level=error" in text or "level=fatal" in text or "level=panic" in text:
                 log.warning("%s: %s", self.name, text)
+            elif "level=warning" in text:
+                log.info("%s: %s", self.name, text)
             else:
                 log.debug("%s: %s", self.name, text)
 

@@ -191,6 +191,18 @@ async def test_key_rotation_costs_exactly_one_retry(
             heads = tr.registry.log().count('"HEAD /v2/team/rot/manifests/v1 ') - log_before
             assert heads == 2  # the 401 and the one retry
             assert h.metric(FETCHED, result="ok") == fetched + 1
+            # A manifest PUT carries a body, small enough to hold and send again after a 401.
+            async with s.get(url, headers=OCI) as r:
+                manifest = await r.read()
+            tr.rotate_key()
+            puts = tr.registry.log().count('"PUT /v2/team/rot/manifests/v2 ')
+            async with s.put(
+                f"{h.url}/v2/ws/rot/manifests/v2",
+                data=manifest,
+                headers={"Content-Type": OCI["Accept"]},
+            ) as r:
+                assert r.status == 201, await r.text()
+            assert tr.registry.log().count('"PUT /v2/team/rot/manifests/v2 ') - puts == 2
     finally:
         tr.stop()
 

@@ -45,7 +45,7 @@ _REQUEST_DROP = _HOP_BY_HOP | {"host", "authorization", "cookie", "expect"}
 # Never returned: a challenge would send clients to the registry's token server.
 _RESPONSE_DROP = _HOP_BY_HOP | {"www-authenticate", "set-cookie", "location", "server", "date"}
 _API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
-_OCI_JSON = "application/json; charset=utf-8"
+_SMALL = 4 << 20  # the largest manifest distribution accepts
 
 
 def oci_error(status: int, code: str, message: str) -> web.Response:
@@ -168,7 +168,13 @@ class Forwarder:
         has_body = request.body_exists
         if has_body and request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        counted = _Counted(request.content) if has_body else None
+        body: _Counted | bytes | None = None
+        length = request.content_length
+        if has_body and res.endpoint == "manifests" and length is not None and length <= _SMALL:
+            # A manifest is small: hold it so a 401 (rotated key) can be retried with a new token.
+            body = await request.content.readexactly(length)
+        elif has_body:
+            body = _Counted(request.content)
         retryable = method in ("GET", "HEAD") or (
             method == "POST" and res.endpoint == "blobs/uploads" and not has_body
         )
@@ -178,7 +184,7 @@ class Forwarder:
             url=url,
             headers=headers,
             scopes=frozenset(scopes),
-            body=counted,
+            body=body,
             retryable=retryable,
         )
         up = await self._upstream.send(out)
@@ -186,8 +192,9 @@ class Forwarder:
             return await self._respond(request, res, up, url)
         finally:
             up.release()
-            if counted is not None:
-                self._metrics.bytes_up.inc(counted.count)
+            self._metrics.bytes_up.inc(
+                len(body) if isinstance(body, bytes) else body.count if body is not None else 0
+            )
 
     def _rewrite_query(self, query: str, res: Resolved, scopes: set[str]) -> str:
         """Drop containerd's ``ns``; point a cross-repo mount's ``from`` at the upstream

@@ -85,7 +85,16 @@ class Upstream:
         follow = out.method in ("GET", "HEAD")
         while True:
             attempt += 1
-            auth = await self._auth.header(out.registry, out.scopes, force=refreshed)
+            try:
+                auth = await self._auth.header(out.registry, out.scopes, force=refreshed)
+            except UpstreamUnavailable:
+                # Nothing of the request was sent yet (challenge probe or token server down):
+                # safe to try again even for a streamed body.
+                if attempt >= self._retries:
+                    raise
+                self._metrics.retries.labels("connect").inc()
+                await asyncio.sleep(self._backoff(attempt, None))
+                continue
             headers = out.headers.copy()
             if auth is not None:
                 headers["Authorization"] = auth

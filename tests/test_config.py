@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -143,3 +144,24 @@ def test_check_config_invalid_exits_78(short_tmp: Path) -> None:
 def test_example_config_is_valid() -> None:
     c = config.load(REPO / "systemd" / "config.example.toml", environ={})
     assert c.daemon.socket == "/run/build-agent/agent.sock"
+
+
+def _reference_table() -> str:
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, help_text in config.describe():
+        meaning = help_text.replace("|", "\\|")
+        rows.append(f"| `{key}` | `{default}` | {meaning} |")
+    return "\n".join(rows)
+
+
+def test_readme_config_reference_is_current() -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    begin, end = "<!-- config:begin -->", "<!-- config:end -->"
+    head, rest = text.split(begin, 1)
+    current, tail = rest.split(end, 1)
+    table = _reference_table()
+    if os.environ.get("UPDATE_DOCS"):
+        readme.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+        return
+    assert current.strip() == table, "config keys changed: run with UPDATE_DOCS=1 to regenerate"

@@ -38,6 +38,7 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
     netns = unique_netns()
     d = DaemonProcess(short_tmp / "d", sandboxed(registry, netns)).start()
     try:
+        daemon_cmdline = Path(f"/proc/{d.pid}/cmdline").read_text().replace("\0", " ")
         proxy = f"localhost:{d.sections['proxy']['port']}"
         host_proxy = d.sections["proxy"]["host_address"]
         probes = {
@@ -59,6 +60,10 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
                 f"http://{proxy}/v2/{registry.host}/stolen/blobs/uploads/ 2>&1 "
                 "| grep -q '404 Not Found'"
             ),
+            # The daemon's process (and its children's command lines) are out of sight, while
+            # the step's own are there ("[a]" keeps the pattern from matching itself).
+            "self-visible": "cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -q -e '>> /probes'",
+            "daemon-visible": "cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -q -e '-m [a]gent run'",
         }
         script = " ; ".join(
             f'{{ {cmd} ; }} ; echo "{name} $?" >> /probes' for name, cmd in probes.items()
@@ -82,6 +87,9 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
     assert results["host-proxy"] != "0", results
     assert results["other-route"] == "0", results  # it got a 404
     assert results["upstream-repo"] == "0", results
+    assert results["daemon-visible"] != "0", results
+    assert results["self-visible"] == "0", results
+    assert "-m agent run" in daemon_cmdline  # control: what the RUN step would have found
     assert not _netns.exists(netns)
 
 

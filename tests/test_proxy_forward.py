@@ -25,7 +25,7 @@ from tests.infra.proxy_harness import (
     run,
     skopeo_env,
 )
-from tests.infra.registry import Registry, start_registry
+from tests.infra.registry import Registry, free_port, start_registry
 
 __all__ = ["make_proxy"]  # fixture
 
@@ -393,3 +393,64 @@ async def test_retries_honour_retry_after_then_give_a_named_503(
             assert len(calls) == before + 1
     finally:
         await runner.cleanup()
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "tls.crt", tmp / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_tls_is_verified_unless_insecure(make_proxy: ProxyFactory, short_tmp: Path) -> None:
+    from agent.config import RegistryConfig
+
+    reg = Registry(root=short_tmp / "tls", port=free_port(), tls=_self_signed(short_tmp))
+    reg.start()
+    try:
+        strict = await make_proxy(routes=[("ws", f"{reg.host}/team", "pull")], retries=1)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{strict.url}/v2/ws/x/tags/list") as r:
+                assert r.status == 503
+                message = (await r.json())["errors"][0]["message"]
+            assert reg.host in message and "certificate" in message.lower()
+            loose = await make_proxy(
+                routes=[("ws", f"{reg.host}/team", "pull")],
+                registries=[RegistryConfig(host=reg.host, insecure=True)],
+            )
+            async with s.get(f"{loose.url}/v2/ws/x/tags/list") as r:
+                assert r.status == 404  # reached the registry over HTTPS
+                assert (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+    finally:
+        reg.stop()

@@ -1,7 +1,8 @@
 """Start and stop real Debian ``docker-registry`` processes on loopback ports.
 
-Kinds: ``plain`` (no auth), ``htpasswd`` (basic auth). The token-auth kind is added by the proxy
-tests' token server (tests/infra/token_server.py) through ``extra_auth``.
+Kinds: ``plain`` (no auth), ``htpasswd`` (basic auth), ``token`` (``auth.token`` trusting the
+tests' token server: tests/infra/token_server.py passes it as ``extra_auth``). ``tls`` =
+(certificate, key) serves HTTPS instead of HTTP.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -38,6 +40,7 @@ class Registry:
     username: str = ""
     password: str = ""
     extra_auth: dict[str, Any] | None = None
+    tls: tuple[Path, Path] | None = None
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -47,7 +50,7 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def _config(self) -> str:
         lines = [
@@ -59,6 +62,10 @@ class Registry:
             "  cache: {blobdescriptor: inmemory}",
             f"http: {{addr: 127.0.0.1:{self.port}, secret: test-secret}}",
         ]
+        if self.tls is not None:
+            lines[-1] = lines[-1][:-1] + (
+                f", tls: {{certificate: {self.tls[0]}, key: {self.tls[1]}}}}}"
+            )
         if self.kind == "htpasswd":
             lines += [
                 "auth:",
@@ -98,7 +105,9 @@ class Registry:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {self.log_path.read_text()[-2000:]}")
             try:
-                urllib.request.urlopen(f"{self.url}/v2/", timeout=1).close()
+                urllib.request.urlopen(
+                    f"{self.url}/v2/", timeout=1, context=ssl._create_unverified_context()
+                ).close()
                 return
             except urllib.error.HTTPError:
                 return  # 401 from an auth registry: it is up

@@ -41,6 +41,7 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
         daemon_cmdline = Path(f"/proc/{d.pid}/cmdline").read_text().replace("\0", " ")
         proxy = f"localhost:{d.sections['proxy']['port']}"
         host_proxy = d.sections["proxy"]["host_address"]
+        cmdlines = "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"
         probes = {
             # busybox-static 1.35 wget segfaults with -T: connections fail fast here anyway.
             "metrics": f"wget -q -O /dev/null http://127.0.0.1:{d.metrics_port}/metrics",
@@ -62,8 +63,8 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
             ),
             # The daemon's process (and its children's command lines) are out of sight, while
             # the step's own are there ("[a]" keeps the pattern from matching itself).
-            "self-visible": "cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -q -e '>> /probes'",
-            "daemon-visible": "cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -q -e '-m [a]gent run'",
+            "self-visible": f"{cmdlines} | grep -q -e '>> /probes'",
+            "daemon-visible": f"{cmdlines} | grep -q -e '-m [a]gent run'",
         }
         script = " ; ".join(
             f'{{ {cmd} ; }} ; echo "{name} $?" >> /probes' for name, cmd in probes.items()

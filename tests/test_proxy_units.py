@@ -93,6 +93,13 @@ def test_routes_and_write_rules() -> None:
     res = r.resolve("busybox/manifests/1", "docker.io")
     assert res is not None and res.target.repository == "library/busybox"
     assert r.resolve("busybox/manifests/1", "evil.example") is None
+    # BuildKit with a mirror that has a path sends the prefix and ns together.
+    res = r.resolve("mirror/quay/org/app/manifests/1", "quay.io")
+    assert res is not None and (res.target.registry, res.target.repository) == (
+        "quay.io",
+        "org/app",
+    )
+    assert r.resolve("mirror/unknown/org/app/manifests/1", None) is None
 
     route = r.add_build(
         "localhost:8080",

@@ -162,7 +162,16 @@ class Router:
         return self._mirrors.values()
 
     def target_of(self, name: str, ns: str | None = None) -> Target | None:
-        """The upstream repository the proxy-side repository ``name`` maps to, if any."""
+        """The upstream repository the proxy-side repository ``name`` maps to, if any.
+
+        A ``mirror/<mname>/`` path wins over ``ns``: BuildKit given a mirror with a path sends
+        both (``/v2/mirror/docker.io/library/x/...?ns=docker.io``)."""
+        first, _, rest = name.partition("/")
+        if first == MIRROR_SEGMENT:
+            mname, _, repo = rest.partition("/")
+            mhost = self._mirrors.get(mname)
+            if mhost is not None and repo:
+                return Target("mirror", mhost, repo, writable=False)
         if ns is not None:
             host = canonical_host(ns)
             if host not in self._by_host:
@@ -171,7 +180,6 @@ class Router:
             if host == DOCKER_HUB and "/" not in repo:
                 repo = f"library/{repo}"
             return Target("mirror", host, repo, writable=False)
-        first, _, rest = name.partition("/")
         if first == BUILD_SEGMENT:
             cap, _, alias = rest.partition("/")
             entry = self._builds.get(cap)
@@ -183,11 +191,7 @@ class Router:
                 return entry.base
             return None
         if first == MIRROR_SEGMENT:
-            mname, _, repo = rest.partition("/")
-            mhost = self._mirrors.get(mname)
-            if mhost is None or not repo:
-                return None
-            return Target("mirror", mhost, repo, writable=False)
+            return None
         static = self._static.get(first)
         if static is None:
             return None

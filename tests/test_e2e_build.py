@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -19,6 +20,7 @@ import pytest
 
 from ctl.client import Client
 from tests.infra.builds import (
+    metrics,
     read_from_image,
     start_build_daemon,
     tool_runs,
@@ -135,6 +137,13 @@ def test_force_rebuilds(
     assert forced["_rc"] == 0, forced["_stderr"]
     assert forced["cache"] == {"base": False, "workspace": False}
     assert tool_runs(daemon) == runs + 1
+    m = metrics(daemon)
+    assert m['build_agent_builds_finished_total{outcome="succeeded"}'] >= 2
+    assert m['build_agent_build_cache_hits_total{kind="workspace"}'] >= 1
+    assert m['build_agent_build_phase_duration_seconds_count{phase="base_build"}'] >= 1
+    assert m["build_agent_builds_active"] == 0 and m["build_agent_builds_queued"] == 0
+    with daemon.client() as c:
+        assert c.call("info")["config"]["toolchain"] == "buildah"
 
 
 def test_ref_only_build_copies_the_base(
@@ -298,16 +307,19 @@ def test_push_refused_without_credentials(
     daemon: DaemonProcess, auth_registry: Registry, base_image: str, short_tmp: Path
 ) -> None:
     ctx = example(short_tmp, base_image)
-    err = _failed(
-        daemon,
-        ctx,
-        f"{auth_registry.host}/ws:1",
-        "--base-repo",
-        f"{auth_registry.host}/base",
-    )
-    assert err["code"] == "upstream_unauthorized"
-    assert auth_registry.host in err["message"]
-    assert "s3cret" not in json.dumps(err)
+    where = ["--base-repo", f"{auth_registry.host}/base"]
+    # The cache check (HEAD) is refused first; with --force the build runs and its push is.
+    for extra in ([], ["--force"]):
+        err = _failed(daemon, ctx, f"{auth_registry.host}/ws:1", *where, *extra)
+        assert err["code"] == "upstream_unauthorized", err
+        assert auth_registry.host in err["message"]
+        assert "s3cret" not in json.dumps(err)
+        # No proxy capability (32 hex digits) in the error, the record or the log.
+        record_path = daemon.tmp / "state" / "builds" / f"{err['details']['id']}.json"
+        log_path = record_path.with_suffix(".log")
+        for text in (json.dumps(err), record_path.read_text(), log_path.read_text()):
+            assert not re.search(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])", text), text
+    assert "STEP 3/3: RUN" in log_path.read_text()  # the forced one did build before the push
 
 
 def test_dockerfile_escaping_the_context_is_refused(

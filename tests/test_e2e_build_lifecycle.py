@@ -6,6 +6,7 @@ so the tests wait for the marker in the log (not for time) before acting.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -210,3 +211,21 @@ def test_daemon_killed_mid_build_then_restarted(
     finally:
         again.stop()
         again.cleanup()
+
+
+def test_sigterm_interrupts_a_build_after_the_grace_period(
+    registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    sections = build_sections([registry], {"daemon": {"shutdown_grace": 0.5}})
+    d = DaemonProcess(short_tmp / "d", sections).start()
+    try:
+        build_id = detach(d, sleeper(short_tmp, base_image), f"{registry.host}/term:1")
+        wait_started(d, build_id)
+        left = children_of(d)
+        assert d.stop() == 0
+        assert not any(Path(f"/proc/{p}").exists() for p in left)
+    finally:
+        d.cleanup()
+    record = json.loads((short_tmp / "d" / "state" / "builds" / f"{build_id}.json").read_text())
+    assert record["state"] == "interrupted"
+    assert [t["state"] for t in record["transitions"]] == ["queued", "running", "interrupted"]

@@ -117,10 +117,11 @@ def _diagnose(what: str, code: int, tail: list[str], exit_words: str) -> AgentEr
     host_match = _REGISTRY_IN.search(last_error)
     host = host_match.group("host") if host_match else ""
     if "unauthorized" in low or "authentication required" in low or "denied" in low:
+        why = re.search(r"(unauthorized|denied|forbidden)[^;]*$", last_error, re.IGNORECASE)
         return UpstreamUnauthorized(
-            f"{what}: the registry refused the request (unauthorized): "
-            f"{_short(last_error)}; give the proxy credentials for this registry "
-            "(build.docker_config) or push to a repository they cover",
+            f"{what} was refused by the registry ({why.group(0) if why else 'unauthorized'}); "
+            "give the proxy credentials for it (build.docker_config) or use a repository "
+            "they cover",
             registry=host,
             details=details,
         )
@@ -300,7 +301,7 @@ class BuildahToolchain:
             )
             if code != 0:
                 raise _diagnose(
-                    "pushing the image", code, tail.last(), f"exited with status {code}"
+                    "pushing the built image", code, tail.last(), f"exited with status {code}"
                 )
             digest = digest_file.read_text().strip() if digest_file.exists() else None
             return BuildOutput(digest=digest or None)

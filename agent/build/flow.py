@@ -292,10 +292,15 @@ def _explain(exc: AgentError, plan: Plan | None, registry: str, proxy_address: s
                 exc.args = (exc.message,)
                 exc.details["line"] = lineno
                 break
-    if isinstance(exc, UpstreamError) and exc.registry in ("", proxy_address):
+    if isinstance(exc, UpstreamError) and (
+        not exc.registry or exc.registry == proxy_address or registry in exc.registry
+    ):
         exc.registry = registry
         exc.details["registry"] = registry
-        exc.message = f"{exc.message} (registry {registry})"
+        if "the registry" in exc.message:
+            exc.message = exc.message.replace("the registry", f"the registry {registry}", 1)
+        else:
+            exc.message = f"{exc.message} (registry {registry})"
         exc.args = (exc.message,)
 
 

@@ -28,7 +28,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -319,6 +318,7 @@ def run(size: int, heads: int, rounds: int) -> dict[str, Any]:
     from tests.infra.registry import free_port, start_registry
     from tests.infra.token_server import start_token_registry
 
+    load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="ba-bench-proxy-", dir="/tmp"))
     stack = contextlib.ExitStack()
     try:
@@ -424,9 +424,11 @@ http = true
                 "layers": [],
             }
         )
+        oci = "application/vnd.oci.image.manifest.v1+json"
         subprocess.run(
-            ["curl", "-sS", "--fail", "-X", "PUT", "-H", "Content-Type: application/vnd.oci.image.manifest.v1+json",
-             "--data-binary", manifest, f"http://{proxy.address}/v2/tok/head/manifests/{manifest_ref}"],
+            ["curl", "-sS", "--fail", "-X", "PUT", "-H", f"Content-Type: {oci}",
+             "--data-binary", manifest,
+             f"http://{proxy.address}/v2/tok/head/manifests/{manifest_ref}"],
             check=True, capture_output=True,
         )  # fmt: skip
         accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
@@ -448,6 +450,7 @@ http = true
         )
         direct, via = lat["direct"], lat["proxy"]
         return {
+            "load": (load_before, os.getloadavg()[0]),
             "size": size,
             "rounds": rounds,
             "mbps": best,
@@ -482,7 +485,9 @@ def render(r: dict[str, Any]) -> str:
         f"{os.cpu_count()} CPUs ({_cpu()}), Linux {platform.release()}, Python "
         f"{platform.python_version()}, docker-registry 2.8.2 (filesystem storage), nginx "
         f"{_nginx()}, curl as the client. Blob {size_mib:.0f} MiB, best of {r['rounds']} "
-        "round(s); registry, proxy, nginx and client all share the same CPUs over loopback.",
+        "round(s); registry, proxy, nginx and client all share the same CPUs over loopback. "
+        f"1-minute load average {r['load'][0]:.1f} before and {r['load'][1]:.1f} after the run "
+        "(other work on the machine shares those CPUs).",
         "",
         "| path | push MB/s | pull MB/s |",
         "| --- | ---: | ---: |",
@@ -502,7 +507,8 @@ def render(r: dict[str, Any]) -> str:
         f"| proxy/direct pull | {pl:.2f} | >= 0.95 | {ok(pl >= 0.95)} |",
         f"| proxy/nginx push | {np_:.2f} | >= 1.00 | {ok(np_ >= 1)} |",
         f"| proxy/nginx pull | {nl:.2f} | >= 1.00 | {ok(nl >= 1)} |",
-        f"| proxy peak RSS growth during the transfers | {rss:.1f} MiB | <= 16 MiB | {ok(rss <= 16)} |",
+        f"| proxy peak RSS growth during the transfers | {rss:.1f} MiB | <= 16 MiB "
+        f"| {ok(rss <= 16)} |",
         f"| HEAD manifest, token auth: direct p50 / p90 | {head['direct_p50']:.3f} / "
         f"{head['direct_p90']:.3f} ms | | |",
         f"| HEAD manifest via proxy (cached token): p50 / p90 | {head['proxy_p50']:.3f} / "

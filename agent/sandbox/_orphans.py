@@ -85,7 +85,8 @@ def _alive(pid: int) -> bool:
 
 
 def mounts_under(root: str) -> list[str]:
-    """Mount points at or below ``root`` in this mount namespace, deepest first."""
+    """Mount points at or below ``root`` in this mount namespace, last mounted first (a mount
+    stacked over another's parent must go before it)."""
     found = []
     for line in _read("/proc/self/mountinfo").decode("utf-8", "replace").splitlines():
         fields = line.split()
@@ -94,18 +95,25 @@ def mounts_under(root: str) -> list[str]:
         point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
         if point == root or point.startswith(root + "/"):
             found.append(point)
-    return sorted(found, key=lambda p: p.count("/"), reverse=True)
+    return found[::-1]
 
 
 def unmount_under(root: str) -> list[str]:
     """Lazily unmount everything at or below ``root``; returns what was unmounted."""
-    done = []
+    done: list[str] = []
+    for _ in range(8):  # a covered mount becomes reachable once what covers it is gone
+        points = mounts_under(root)
+        if not points:
+            break
+        progress = False
+        for point in points:
+            if _LIBC.umount2(point.encode(), _MNT_DETACH) == 0:
+                done.append(point)
+                progress = True
+        if not progress:
+            break
     for point in mounts_under(root):
-        if _LIBC.umount2(point.encode(), _MNT_DETACH) == 0:
-            done.append(point)
-        else:
-            err = ctypes.get_errno()
-            log.warning("cannot unmount %s: %s", point, os.strerror(err))
+        log.warning("cannot unmount %s under %s", point, root)
     return done
 
 

@@ -495,3 +495,38 @@ async def test_memory_stays_flat_for_a_large_blob(
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20, f"peak Python allocations {peak / (1 << 20):.1f} MiB"
+
+
+async def test_upstream_breaking_off_cuts_the_client(make_proxy: ProxyFactory) -> None:
+    """A registry that dies mid-blob (a stand-in: docker-registry cannot be made to) must not
+    leave the client with a short body that looks complete."""
+    from aiohttp import web
+
+    async def v2(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "100000"})
+        await resp.prepare(request)
+        await resp.write(b"x" * 1000)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    upstream = web.Application()
+    upstream.router.add_get("/v2/", v2)
+    upstream.router.add_get("/v2/{repo:.+}/blobs/{digest}", blob)
+    runner = web.AppRunner(upstream, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host = f"127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        h = await make_proxy(http_hosts=[host], routes=[("ws", f"{host}/team", "pull")])
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with s.get(f"{h.url}/v2/ws/x/blobs/{digest_of(b'')}") as r:
+                    assert r.status == 200
+                    await r.read()
+        assert h.metric("build_agent_proxy_upstream_errors_total", kind="broke_off") == 1
+    finally:
+        await runner.cleanup()

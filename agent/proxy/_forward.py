@@ -252,10 +252,24 @@ class Forwarder:
         await resp.prepare(request)
         if request.method != "HEAD":
             moved = 0
-            async for chunk in up.content.iter_any():
-                moved += len(chunk)
-                await resp.write(chunk)
-            self._metrics.bytes_down.inc(moved)
+            try:
+                async for chunk in up.content.iter_any():
+                    moved += len(chunk)
+                    await resp.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Headers are gone already: the only honest signal left is a cut connection.
+                self._metrics.upstream_errors.labels("broke_off").inc()
+                log.warning(
+                    "registry %s broke off a response after %d bytes: %s",
+                    res.target.registry,
+                    moved,
+                    type(exc).__name__,
+                )
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+            finally:
+                self._metrics.bytes_down.inc(moved)
         await resp.write_eof()
         return resp
 

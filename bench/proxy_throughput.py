@@ -263,7 +263,7 @@ def push(base: str, repo: str, blob: Path, digest: str) -> float:
     sep = "&" if "?" in loc else "?"
     seconds, _ = curl(
         "-X", "PUT", "-H", "Content-Type: application/octet-stream", "-H", "Expect:",
-        "--data-binary", f"@{blob}", f"{loc}{sep}digest={digest}", "-o", "/dev/null",
+        "-T", str(blob), f"{loc}{sep}digest={digest}", "-o", "/dev/null",
     )  # fmt: skip
     return seconds
 

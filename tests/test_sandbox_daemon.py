@@ -71,7 +71,10 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
         )
         ctx = write_context(
             short_tmp / "ctx",
-            {"Dockerfile": f"FROM {base_image}\nRUN {script}\n"},
+            {
+                "Dockerfile": f"FROM {base_image}\nCOPY hello.txt /hello.txt\nRUN {script}\n",
+                "hello.txt": "from the context",  # the context travels by fd into the sandbox
+            },
         )
         target = f"{registry.host}/sandboxed-{uuid.uuid4().hex[:8]}:1"
         r = d.ctl("build", "--context", str(ctx), "--target", target)
@@ -79,6 +82,7 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
         results = dict(
             line.split() for line in read_from_image(target, "/probes").decode().splitlines()
         )
+        assert read_from_image(target, "/hello.txt") == b"from the context"
     finally:
         d.stop()
         d.cleanup()

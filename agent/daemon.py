@@ -98,6 +98,7 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._reload: asyncio.Event | None = None
         self._signals = 0
+        self._last_signal = int(signal.SIGTERM)
         self._forced = False
         self._current: asyncio.Task[object] | None = None  # the phase a 2nd signal cancels
 
@@ -244,7 +245,9 @@ def run(config: Config, sd: SystemdEnv, *, dev_mode: bool = False) -> int:
         return EXIT_CONFIG
     except AgentError as exc:
         _log.error("start failed: %s", exc.message)
-        daemon.notifier.notify(f"STATUS=start failed: {exc.message}")
+        status = Notifier(sd.notify_socket)  # the daemon's own notifier is closed by now
+        status.notify(f"STATUS=start failed: {exc.message}")
+        status.close()
         return EXIT_STARTUP
     except Exception:
         _log.exception("start failed")

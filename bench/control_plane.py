@@ -122,13 +122,14 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
-        f"Python {platform.python_version()}"
+        f"Python {platform.python_version()}; load average before the run {load}"
     )
 
 
-def render(lat: dict[str, float], rps: dict[int, float], proc: dict[str, float]) -> str:
+def render(where: str, lat: dict[str, float], rps: dict[int, float], proc: dict[str, float]) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     ok50 = "met" if lat["p50_ms"] <= 0.2 else "MISSED"
     okr = "met" if proc["ratio"] <= 2.5 else "MISSED"
@@ -136,7 +137,7 @@ def render(lat: dict[str, float], rps: dict[int, float], proc: dict[str, float])
         MARK_BEGIN,
         "## Control plane (`bench/control_plane.py`)",
         "",
-        f"Measured {now} on {machine()}. Daemon on uvloop, sandbox off, metrics on.",
+        f"Measured {now} on {where}. Daemon on uvloop, sandbox off, metrics on.",
         "",
         "| measure | value | target |",
         "| --- | --- | --- |",
@@ -178,6 +179,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small sample sizes (a smoke run)")
     ap.add_argument("--no-write", action="store_true", help="print, do not update the doc")
     opts = ap.parse_args()
+    where = machine()  # before the daemon starts: the load average says how busy the box was
     n_ping, secs, n_proc = (500, 0.5, 5) if opts.quick else (20000, 3.0, 40)
     with tempfile.TemporaryDirectory(prefix="bench-", dir="/tmp") as tmp:
         d = DaemonProcess(Path(tmp), {"daemon": {"log_level": "warning"}})
@@ -198,7 +200,7 @@ def main() -> int:
             assert d.stop() == 0, d.log()
         finally:
             d.cleanup()
-    text = render(lat, rps, proc)
+    text = render(where, lat, rps, proc)
     if opts.no_write:
         print(text)
     else:

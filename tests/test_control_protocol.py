@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import array
 import os
+import shutil
 import socket
 import struct
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,9 +19,18 @@ from tests.infra.wire import connect, frame, is_closed, recv_msg
 Factory = Callable[..., DaemonProcess]
 
 
-@pytest.fixture
-def daemon(daemon_factory: Factory) -> DaemonProcess:
-    return daemon_factory({"daemon": {"max_frame": 4096}})
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    """One daemon for the bad-input tests of this module: each must leave it serving."""
+    tmp = Path(tempfile.mkdtemp(prefix="ba-m-", dir="/tmp"))
+    d = DaemonProcess(tmp, {"daemon": {"max_frame": 4096}})
+    try:
+        d.start()
+        yield d
+        assert d.stop() == 0, d.log()
+    finally:
+        d.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ping_ok(d: DaemonProcess) -> None:

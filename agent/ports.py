@@ -81,7 +81,9 @@ class SandboxPort(Protocol):
 
     def wrap(self, argv: list[str], *, pid_namespace: bool = False) -> list[str]:
         """argv that runs ``argv`` inside the sandbox (network + private mount namespace, and a
-        PID namespace when asked). With the sandbox off it returns ``argv`` unchanged."""
+        PID namespace when asked: agent.sandbox gives every child one, because a RUN step sees
+        the /proc of its toolchain's PID namespace). With the sandbox off it returns ``argv``
+        unchanged. Exec the result directly from the daemon process (it dies with its parent)."""
         ...
 
     def listen(self, port: int) -> socket.socket:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ctl.client import RequestFailed
 from tests.infra.daemon import TEST_OPS, DaemonProcess
 from tests.infra.wire import connect, frame, is_closed, recv_msg
 
@@ -289,3 +290,37 @@ def test_fds_reach_the_request_they_were_sent_with(daemon_factory: Factory) -> N
             os.close(fd)
     assert replies == {1: [], 2: [ids[dfd], ids[r]], 3: [], 4: [ids[w]]}
     assert d.wait_fds(before) == before
+
+
+def test_in_flight_limit_answers_busy(daemon_factory: Factory) -> None:
+    d = daemon_factory(preamble=TEST_OPS)
+    n = 300
+    with connect(d.socket_path) as s:
+        s.sendall(
+            b"".join(
+                frame({"v": 1, "id": i, "op": "test_sleep", "args": {"seconds": 0.5}})
+                for i in range(n)
+            )
+        )
+        busy = started = done = 0
+        while busy + done < n:
+            m = recv_msg(s)
+            if m.get("event") == "started":
+                started += 1
+            elif m["ok"]:
+                done += 1
+            else:
+                assert m["error"]["code"] == "busy" and "in flight" in m["error"]["message"]
+                busy += 1
+    assert started == done == 256 and busy == n - 256
+
+
+def test_client_iterates_events_then_result(daemon_factory: Factory) -> None:
+    d = daemon_factory(preamble=TEST_OPS)
+    with d.client() as c:
+        call = c.start("test_sleep", {"seconds": 0.01})
+        assert [(e.name, e.data) for e in call] == [("started", None)]
+        assert call.result() == {"slept": True}
+        with pytest.raises(RequestFailed) as err:
+            c.call("test_sleep", {"seconds": "long"})
+        assert err.value.code == "bad_request" and "args.seconds" in err.value.message

@@ -165,3 +165,18 @@ def test_readme_config_reference_is_current() -> None:
         readme.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
         return
     assert current.strip() == table, "config keys changed: run with UPDATE_DOCS=1 to regenerate"
+
+
+def test_check_config_output_is_a_config_that_loads_back(short_tmp: Path) -> None:
+    p = short_tmp / "c.toml"
+    p.write_text(
+        '[daemon]\nallowed_gids = [5, 6]\n[[proxy.routes]]\nname = "ws"\n'
+        'upstream = "registry.example.com/team/images"\naccess = "push"\n'
+    )
+    r = subprocess.run(
+        [*DAEMON, "check-config", "--config", str(p)], capture_output=True, text=True, cwd=REPO
+    )
+    assert r.returncode == 0, r.stderr
+    again = short_tmp / "again.toml"
+    again.write_text(r.stdout)
+    assert config.load(again, environ={}) == config.load(p, environ={})

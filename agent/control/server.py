@@ -98,13 +98,13 @@ class _Connection:
         except OSError:
             self.close()
             return
-        if anc:
+        if anc or flags & socket.MSG_CTRUNC:
             fds: list[int] = []
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     usable = len(payload) - len(payload) % 4
                     fds.extend(array.array("i", payload[:usable]))
-            if flags & socket.MSG_CTRUNC:
+            if flags & socket.MSG_CTRUNC:  # the kernel dropped the fds that did not fit
                 _close_fds(fds)
                 self._fatal(f"more than {_MAX_FDS} file descriptors sent with one message")
                 return

@@ -4,6 +4,7 @@ chunked uploads, ranges, mounts, routes, refusals and an upstream that goes away
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -486,11 +487,11 @@ async def test_memory_stays_flat_for_a_large_blob(
                 headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
             ) as r:
                 assert r.status == 201, await r.text()
-            got = 0
+            got = hashlib.sha256()
             async with s.get(f"{h.url}/v2/ws/big/blobs/{digest}") as r:
                 async for chunk in r.content.iter_any():
-                    got += len(chunk)
-            assert got == size
+                    got.update(chunk)
+            assert f"sha256:{got.hexdigest()}" == digest
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -530,3 +531,27 @@ async def test_upstream_breaking_off_cuts_the_client(make_proxy: ProxyFactory) -
         assert h.metric("build_agent_proxy_upstream_errors_total", kind="broke_off") == 1
     finally:
         await runner.cleanup()
+
+
+async def test_large_blob_download_is_exact_and_keeps_the_connection(
+    make_proxy: ProxyFactory, registry: Registry
+) -> None:
+    """Blobs of a MiB and more leave through splice(2): bytes, ranges and keep-alive hold."""
+    h = await make_proxy(
+        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
+    )
+    data = os.urandom(5 * (1 << 20) + 17)
+    conn = aiohttp.TCPConnector(limit=1)  # one connection: every request reuses it
+    async with aiohttp.ClientSession(connector=conn) as s:
+        digest = await push_blob(s, registry.url, "team/spliced", data)
+        for _ in range(2):
+            async with s.get(f"{h.url}/v2/ws/spliced/blobs/{digest}") as r:
+                assert r.status == 200
+                assert await r.read() == data
+        rng = {"Range": f"bytes=1000-{(2 << 20) + 999}"}
+        async with s.get(f"{h.url}/v2/ws/spliced/blobs/{digest}", headers=rng) as r:
+            assert r.status == 206
+            assert await r.read() == data[1000 : (2 << 20) + 1000]
+        async with s.get(f"{h.url}/v2/") as r:
+            assert r.status == 200
+    assert h.metric("build_agent_proxy_bytes_total", direction="down") == 2 * len(data) + (2 << 20)

@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from agent.errors import UpstreamError, UpstreamUnauthorized
+from agent.proxy import _splice
 from agent.proxy._metrics import ProxyMetrics
 from agent.proxy._routes import CAP_RE, Resolved, Router, Target, denial
 from agent.proxy._transport import Transport
@@ -249,7 +250,20 @@ class Forwarder:
         ):
             self._uploads.drop(res.ref)
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        spliced = _splice.eligible(request, up) if res.endpoint == "blobs" else None
         await resp.prepare(request)
+        if spliced is not None:
+            moved = 0
+            try:
+                moved = await _splice.splice_body(request, resp, up, spliced)
+            except _splice.SpliceBroke as exc:
+                moved = exc.moved
+                self._broke_off(request, res, moved, str(exc))
+                return resp
+            finally:
+                self._metrics.bytes_down.inc(moved)
+            await resp.write_eof()
+            return resp
         if request.method != "HEAD":
             moved = 0
             try:
@@ -257,21 +271,24 @@ class Forwarder:
                     moved += len(chunk)
                     await resp.write(chunk)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                # Headers are gone already: the only honest signal left is a cut connection.
-                self._metrics.upstream_errors.labels("broke_off").inc()
-                log.warning(
-                    "registry %s broke off a response after %d bytes: %s",
-                    res.target.registry,
-                    moved,
-                    type(exc).__name__,
-                )
-                if request.transport is not None:
-                    request.transport.close()
+                self._broke_off(request, res, moved, type(exc).__name__)
                 return resp
             finally:
                 self._metrics.bytes_down.inc(moved)
         await resp.write_eof()
         return resp
+
+    def _broke_off(self, request: web.BaseRequest, res: Resolved, moved: int, why: str) -> None:
+        # Headers are gone already: the only honest signal left is a cut connection.
+        self._metrics.upstream_errors.labels("broke_off").inc()
+        log.warning(
+            "registry %s broke off a response after %d bytes: %s",
+            res.target.registry,
+            moved,
+            why,
+        )
+        if request.transport is not None:
+            request.transport.close()
 
     def _map_location(self, res: Resolved, location: str, sent_url: str, status: int) -> str | None:
         """The client-side URL for an upstream ``Location`` (absolute or relative)."""

@@ -68,6 +68,7 @@ async def measure(runs: int) -> str:
             timed([true], 5)  # warm the page cache for both
             timed(wrapped_argv, 5)
             plain = timed([true], runs)
+            python = timed([sys.executable, "-I", "-S", "-c", "pass"], runs)
             wrapped = timed(wrapped_argv, runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -83,8 +84,11 @@ async def measure(runs: int) -> str:
             "| --- | ---: | ---: | ---: |",
             row("plain", plain),
             row("sandbox.wrap()", wrapped),
+            row("(for scale: `python -I -S -c pass`, the helper's interpreter start)", python),
             "",
-            f"Per-child overhead: **{extra:.1f} ms** (median). Measured by "
+            f"Per-child overhead: **{extra:.1f} ms** (median), most of it the helper's Python "
+            "start; the helper then stays as the PID namespace's parent (about 10 MB RSS, "
+            "mostly shared) while the child runs. Measured by "
             f"`bench/sandbox_overhead.py --runs {runs}`.",
         ]
     )

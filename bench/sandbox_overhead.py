@@ -87,7 +87,8 @@ async def measure(runs: int) -> str:
             row("(for scale: `python -I -S -c pass`, the helper's interpreter start)", python),
             "",
             f"Per-child overhead: **{extra:.1f} ms** (median), most of it the helper's Python "
-            "start; the helper then stays as the PID namespace's parent (about 10 MB RSS, "
+            "start (the interpreter, then ctypes: about 4 ms), the rest setns/unshare/mounts and "
+            "the extra fork; the helper then stays as the PID namespace's parent (about 10 MB RSS, "
             "mostly shared) while the child runs. Measured by "
             f"`bench/sandbox_overhead.py --runs {runs}`.",
         ]

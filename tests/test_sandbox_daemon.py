@@ -17,7 +17,7 @@ from agent.sandbox import _egress, _netns
 from tests.infra.builds import build_sections, read_from_image, wait_for, write_context
 from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry
-from tests.infra.sandbox_env import processes_matching, sh, snapshot, unique_netns
+from tests.infra.sandbox_env import nat_subnet, processes_matching, sh, snapshot, unique_netns
 from tests.standins import install
 from tests.test_e2e_build_lifecycle import detach, log_of, status
 from tests.test_sandbox_isolation import pid1_of
@@ -29,7 +29,8 @@ pytestmark = [
 
 
 def sandboxed(registry: Registry, netns: str, egress: str = "none") -> dict[str, dict[str, Any]]:
-    return build_sections([registry], {"sandbox": {"mode": "on", "netns": netns, "egress": egress}})
+    table = {"mode": "on", "netns": netns, "egress": egress, "nat_subnet": nat_subnet()}
+    return build_sections([registry], {"sandbox": table})
 
 
 def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_works(

@@ -54,7 +54,7 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 @pytest.fixture
 async def nat_sandbox(short_tmp: Path) -> AsyncIterator[Sandbox]:
-    app = make_app(short_tmp, egress="nat", nat_subnet="10.213.7.0/30")
+    app = make_app(short_tmp, egress="nat")
     async with open_sandbox(app) as sb:
         assert isinstance(sb, Sandbox)
         yield sb

@@ -373,3 +373,15 @@ def test_hiding_rule_falls_back_to_files_in_shared_directories(tmp_path: Path) -
     bad = config_mod.load(None, {"AGENT_DAEMON_RUNTIME_DIR": "/run"})
     with pytest.raises(StartupError, match="runtime_dir"):
         hide_plan(bad)
+
+
+async def test_a_nat_subnet_already_in_use_is_refused(short_tmp: Path) -> None:
+    first = make_app(short_tmp / "a", egress="nat")
+    subnet = first.config.sandbox.nat_subnet
+    second = make_app(short_tmp / "b", egress="nat", nat_subnet=subnet)
+    async with open_sandbox(first):
+        with pytest.raises(StartupError, match=r"nat_subnet .* overlaps the host's ba-"):
+            async with open_sandbox(second):
+                pass
+        assert not _netns.exists(second.config.sandbox.netns)
+        assert not _egress.link_exists(second.config.sandbox.netns)

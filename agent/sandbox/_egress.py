@@ -21,9 +21,11 @@ import hashlib
 import ipaddress
 import logging
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -129,9 +131,27 @@ def remove(netns: str) -> None:
                 ipr.link("del", index=idx)
 
 
+def _overlap(e: Egress, ipr: Any) -> str | None:
+    """The host interface already holding an address in ``e``'s subnet (another daemon's
+    sandbox, or a real network), if any."""
+    net = ipaddress.ip_network(f"{e.host_ip}/{e.prefixlen}", strict=False)
+    for msg in ipr.get_addr(family=socket.AF_INET):
+        addr = msg.get_attr("IFA_ADDRESS")
+        if addr and ipaddress.ip_network(f"{addr}/{msg['prefixlen']}", strict=False).overlaps(net):
+            return f"{msg.get_attr('IFA_LABEL') or msg['index']} ({addr}/{msg['prefixlen']})"
+    return None
+
+
 def setup(e: Egress) -> None:
     """Create the veth pair, addresses, route and rules, and turn ``ip_forward`` on."""
     remove(e.netns)
+    with IPRoute() as ipr:
+        taken = _overlap(e, ipr)
+    if taken is not None:
+        raise StartupError(
+            f"sandbox.nat_subnet {e.host_ip}/{e.prefixlen} overlaps the host's {taken}; choose "
+            "a free subnet (each daemon on a node needs its own)"
+        )
     try:
         with IPRoute() as ipr:
             ipr.link(

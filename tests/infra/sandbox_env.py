@@ -26,6 +26,13 @@ def unique_netns() -> str:
     return f"ba-test-{secrets.token_hex(4)}"
 
 
+def nat_subnet() -> str:
+    """A /30 of its own for each test's sandbox (10.214.0.0/16): runs beside each other (or beside
+    a real daemon on 10.203.0.0/30) must not share one."""
+    n = secrets.randbelow(1 << 14)
+    return f"10.214.{n >> 6}.{(n & 63) * 4}/30"
+
+
 def make_app(tmp: Path, **sandbox: Any) -> App:
     """An App whose config file, credential file and dirs all live under ``tmp``: the config and
     the credentials in ``tmp/etc`` (a directory of their own), state and runtime dirs beside."""
@@ -41,7 +48,7 @@ def make_app(tmp: Path, **sandbox: Any) -> App:
             "socket_group": "",
         },
         "build": {"docker_config": str(creds)},
-        "sandbox": {"mode": "on", "netns": unique_netns(), **sandbox},
+        "sandbox": {"mode": "on", "netns": unique_netns(), "nat_subnet": nat_subnet(), **sandbox},
     }
     path = etc / "config.toml"
     path.write_text(to_toml(sections))

@@ -7,7 +7,9 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -324,3 +326,28 @@ def test_client_iterates_events_then_result(daemon_factory: Factory) -> None:
         with pytest.raises(RequestFailed) as err:
             c.call("test_sleep", {"seconds": "long"})
         assert err.value.code == "bad_request" and "args.seconds" in err.value.message
+
+
+def test_out_of_fds_pauses_accepting_then_recovers(daemon_factory: Factory) -> None:
+    d = daemon_factory()
+    ping_ok(d)
+    fds = d.settled_fds()
+    # Room for two more connections, then accept() fails with EMFILE.
+    soft = next(
+        line.split()[3]
+        for line in Path(f"/proc/{d.pid}/limits").read_text().splitlines()
+        if line.startswith("Max open files")
+    )
+    subprocess.run(["prlimit", f"--pid={d.pid}", f"--nofile={fds + 2}:"], check=True)
+    held = [connect(d.socket_path) for _ in range(6)]  # all connect: the backlog holds them
+    try:
+        deadline = time.monotonic() + 10
+        while "pausing new connections" not in d.log():
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.02)
+    finally:
+        for s in held:
+            s.close()
+    subprocess.run(["prlimit", f"--pid={d.pid}", f"--nofile={soft}:"], check=True)
+    ping_ok(d)
+    assert d.log().count("pausing new connections") < 50  # paused, not spinning

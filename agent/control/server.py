@@ -52,6 +52,7 @@ _HIGH_WATER = 1 << 20
 _LOW_WATER = 1 << 18
 _MAX_INFLIGHT = 256
 _ACCEPT_BATCH = 64
+_ACCEPT_PAUSE = 0.5
 _MAX_ID = 2**63 - 1
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
@@ -502,9 +503,18 @@ class ControlServer:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    _log.error("accept failed: %s (out of file descriptors?)", exc)
+                    # The listener stays readable: without a pause this would spin. Clients
+                    # wait in the backlog meanwhile.
+                    _log.error(
+                        "accept failed: %s; pausing new connections for %gs (raise LimitNOFILE?)",
+                        exc.strerror,
+                        _ACCEPT_PAUSE,
+                    )
+                    self.loop.remove_reader(listener.fileno())
+                    self.loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
                     return
-                raise
+                _log.error("accept failed: %s", exc.strerror)
+                return
             sock.setblocking(False)
             try:
                 uid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
@@ -515,6 +525,10 @@ class ControlServer:
             self._conns.add(_Connection(self, sock, peer))
             self.metrics.connections.inc()
             self.metrics.connections_total.inc()
+
+    def _resume_accepting(self) -> None:
+        if self._listener is not None:
+            self.loop.add_reader(self._listener.fileno(), self._on_accept)
 
     def forget(self, conn: _Connection) -> None:
         if conn in self._conns:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 AVAILABLE = hasattr(os, "splice")
 
@@ -77,26 +78,37 @@ async def splice_body(
     try:
         with contextlib.suppress(OSError):
             fcntl.fcntl(wpipe, _F_SETPIPE_SZ, _PIPE_SIZE)
+        room = fcntl.fcntl(wpipe, _F_GETPIPE_SZ)
+        in_pipe = 0  # bytes read from the registry, not yet sent to the client
+        # Both directions are tried on every turn so the registry keeps sending while the
+        # client drains (a read-all-then-write-all loop halves the throughput).
         while moved < length:
-            try:
-                n = os.splice(src, wpipe, min(length - moved, _PIPE_SIZE), flags=_FLAGS)
-            except BlockingIOError:
-                await _wait(loop, src, readable=True, moved=moved)
-                continue
-            except OSError as exc:
-                raise SpliceBroke(moved, f"reading from the registry: {exc.strerror}") from exc
-            if n == 0:
-                raise SpliceBroke(moved, "the registry closed the connection early")
-            while n:
+            want = length - moved - in_pipe
+            read = wrote = 0
+            if want > 0 and in_pipe < room:
                 try:
-                    m = os.splice(rpipe, dst, n, flags=_FLAGS)
+                    read = os.splice(src, wpipe, min(want, room - in_pipe), flags=_FLAGS)
                 except BlockingIOError:
-                    await _wait(loop, dst, readable=False, moved=moved)
-                    continue
+                    pass  # the socket is empty, or the pipe's slots are full
+                except OSError as exc:
+                    raise SpliceBroke(moved, f"reading from the registry: {exc.strerror}") from exc
+                else:
+                    if read == 0:
+                        raise SpliceBroke(moved, "the registry closed the connection early")
+                    in_pipe += read
+            if in_pipe:
+                try:
+                    wrote = os.splice(rpipe, dst, in_pipe, flags=_FLAGS)
+                except BlockingIOError:
+                    pass
                 except OSError as exc:
                     raise SpliceBroke(moved, f"writing to the client: {exc.strerror}") from exc
-                n -= m
-                moved += m
+                in_pipe -= wrote
+                moved += wrote
+            if not (read or wrote):
+                # With bytes in the pipe, the client is the one to wait for (a full pipe
+                # also reads as EAGAIN); with an empty pipe, the registry.
+                await _wait(loop, dst if in_pipe else src, readable=not in_pipe, moved=moved)
     finally:
         for fd in (rpipe, wpipe, src, dst):
             os.close(fd)

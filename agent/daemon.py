@@ -161,10 +161,13 @@ class Daemon:
 
     async def _close_stack(self) -> None:
         # Run in its own task so that a second signal cancels only the wait in progress.
-        task = asyncio.get_running_loop().create_task(self._stack.aclose())
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._stack.aclose())
         self._current = task
         if self._forced:
-            task.cancel()
+            # Already forced: cancel the first wait, but only once the unwinding has begun (a task
+            # cancelled before its first step would skip every cleanup).
+            loop.call_soon(task.cancel)
         while True:
             try:
                 await asyncio.shield(task)

@@ -231,3 +231,12 @@ def test_non_socket_at_socket_path_exits_70(daemon_factory: Factory) -> None:
     d.start(wait_ready=False)
     assert d.proc is not None and d.proc.wait(20) == 70
     assert "exists and is not a socket" in d.log()
+
+
+def test_two_signals_at_once_still_clean_up(daemon_factory: Factory) -> None:
+    d = daemon_factory()
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(signal.SIGINT)
+    assert d.proc.wait(10) in (0, 1)  # 0 if the first stop finished before the second signal
+    assert not os.path.exists(d.socket_path)  # the unwinding ran

@@ -2,7 +2,7 @@
 
 Start order (each step's cleanup goes on the stack, so shutdown runs in exactly the reverse order):
 
-    state/runtime dirs -> metrics -> sandbox -> proxy -> [connection closer] -> builds
+    state/runtime dirs -> metrics -> sandbox -> proxy -> [connection closer] -> resolver -> builds
     -> control socket listening -> READY=1 (+ watchdog)
 
 Shutdown (SIGTERM/SIGINT, DESIGN section 7): ``STOPPING=1``, ``app.draining``; stop accepting and

@@ -351,3 +351,32 @@ def test_out_of_fds_pauses_accepting_then_recovers(daemon_factory: Factory) -> N
     subprocess.run(["prlimit", f"--pid={d.pid}", f"--nofile={soft}:"], check=True)
     ping_ok(d)
     assert d.log().count("pausing new connections") < 50  # paused, not spinning
+
+
+def test_stream_to_a_reader_that_does_not_read_is_paused(daemon_factory: Factory) -> None:
+    d = daemon_factory(preamble=TEST_OPS)
+    size, count = 65536, 1000  # 64 MiB if nothing held the handler back
+    with connect(d.socket_path) as s, d.client() as probe:
+        s.sendall(
+            frame({"v": 1, "id": 1, "op": "test_flood", "args": {"size": size, "count": count}})
+        )
+        # Poll the handler's progress until it stops moving: it must be parked in emit().
+        deadline = time.monotonic() + 10
+        last, same = -1, 0
+        while same < 10 and time.monotonic() < deadline:
+            now = probe.call("test_flood_progress")
+            same = same + 1 if now == last else 0
+            last = now
+            time.sleep(0.01)
+        assert 0 < last < count
+        assert last * size < 8 << 20  # ~1 MiB daemon buffer + the kernel's socket buffers
+        assert probe.call("ping")["pong"] is True  # everyone else is served meanwhile
+        # Reading resumes the stream; every event arrives, in order, then the reply.
+        events = 0
+        while True:
+            m = recv_msg(s)
+            if "event" not in m:
+                break
+            assert len(m["data"]) == size
+            events += 1
+    assert events == count and m["result"] == {"emitted": count}

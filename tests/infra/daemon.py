@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Test-only ops, registered inside a daemon started with ``preamble=TEST_OPS``:
 #   test_sleep {seconds}: emits "started", sleeps, answers {"slept": true}
 #   test_fds: answers the (st_dev, st_ino) of each fd received with the request
+#   test_flood {count, size}: emits `count` events of `size` bytes; test_flood_progress: how many
 TEST_OPS = """
 import asyncio, os
 from agent.control.ops import Access, ops
@@ -56,6 +57,20 @@ async def _sleep(ctx, args):
 @ops.register("test_fds", access=Access.READ)
 async def _fds(ctx, args):
     return [[os.fstat(fd).st_dev, os.fstat(fd).st_ino] for fd in ctx.fds]
+
+_flood = {"emitted": 0}
+
+@ops.register("test_flood", access=Access.READ)
+async def _flood_op(ctx, args):
+    chunk = "x" * args.integer("size", 65536)
+    for i in range(args.integer("count", 1)):
+        await ctx.emit("chunk", chunk)
+        _flood["emitted"] = i + 1
+    return {"emitted": _flood["emitted"]}
+
+@ops.register("test_flood_progress", access=Access.READ)
+async def _flood_progress(ctx, args):
+    return _flood["emitted"]
 """
 
 

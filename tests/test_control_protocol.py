@@ -380,3 +380,14 @@ def test_stream_to_a_reader_that_does_not_read_is_paused(daemon_factory: Factory
             assert len(m["data"]) == size
             events += 1
     assert events == count and m["result"] == {"emitted": count}
+
+
+def test_unserialisable_result_or_details_is_an_internal_error(daemon_factory: Factory) -> None:
+    d = daemon_factory(preamble=TEST_OPS)
+    with d.client() as c:
+        for args in ({}, {"as_error": True}):
+            with pytest.raises(RequestFailed) as err:
+                c.call("test_bad_result", args)
+            assert err.value.code == "internal"
+            assert "test_bad_result" in err.value.message
+        assert c.call("ping")["pong"] is True

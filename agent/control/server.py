@@ -279,24 +279,24 @@ class _Connection:
                     protocol.reply_ok(req_id, result), self.server.max_frame_out
                 )
             except AgentError as exc:
-                code = exc.code
-                frame = protocol.encode(
-                    protocol.reply_error(req_id, code, exc.message, exc.details)
-                )
+                code = exc.code if exc.code in protocol.ERROR_CODES else protocol.INTERNAL
+                try:
+                    frame = protocol.encode(
+                        protocol.reply_error(req_id, code, exc.message, exc.details),
+                        self.server.max_frame_out,
+                    )
+                except Exception as bad:
+                    _log.exception("op %s (request %d): error not encodable", op.name, req_id)
+                    code = protocol.INTERNAL
+                    frame = _internal_error(req_id, op.name, bad)
             except asyncio.CancelledError:
                 code = protocol.CANCELLED
                 raise
             except Exception as exc:
+                # A bug in the handler, or a result/details msgpack cannot carry.
                 code = protocol.INTERNAL
                 _log.exception("op %s (request %d) failed", op.name, req_id)
-                frame = protocol.encode(
-                    protocol.reply_error(
-                        req_id,
-                        code,
-                        f"internal error while running {op.name!r} ({type(exc).__name__}); "
-                        "the daemon's log has the details",
-                    )
-                )
+                frame = _internal_error(req_id, op.name, exc)
             self._write(frame)
         finally:
             if ctx.fds:
@@ -395,6 +395,17 @@ class _Connection:
         self.out.clear()
         self.sock.close()
         self.server.forget(self)
+
+
+def _internal_error(req_id: int, op: str, exc: BaseException) -> bytes:
+    return protocol.encode(
+        protocol.reply_error(
+            req_id,
+            protocol.INTERNAL,
+            f"internal error while running {op!r} ({type(exc).__name__}); "
+            "the daemon's log has the details",
+        )
+    )
 
 
 def _close_fds(fds: list[int]) -> None:

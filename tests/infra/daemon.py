@@ -68,6 +68,13 @@ async def _flood_op(ctx, args):
         _flood["emitted"] = i + 1
     return {"emitted": _flood["emitted"]}
 
+@ops.register("test_bad_result", access=Access.READ)
+async def _bad_result(ctx, args):
+    from agent.errors import NotFound
+    if args.flag("as_error"):
+        raise NotFound("no such thing", details={"obj": object()})
+    return {"obj": object()}
+
 @ops.register("test_flood_progress", access=Access.READ)
 async def _flood_progress(ctx, args):
     return _flood["emitted"]

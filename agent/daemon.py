@@ -31,7 +31,8 @@ from agent.app import App
 from agent.build.resolve import open_resolver  # also registers the resolve op
 from agent.config import Config
 from agent.control import builtin
-from agent.control.server import ControlServer, bind_control_socket
+from agent.control._listen import bind_control_socket
+from agent.control.server import ControlServer
 from agent.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,

@@ -27,11 +27,9 @@ import array
 import asyncio
 import contextlib
 import errno
-import grp
 import logging
 import os
 import socket
-import stat
 import time
 from functools import partial
 from typing import Any
@@ -39,7 +37,7 @@ from typing import Any
 from agent.app import App
 from agent.control._auth import UCRED, Authorizer, peer_credentials
 from agent.control.ops import Args, Op, Peer, Registry, RequestContext, ops
-from agent.errors import AgentError, StartupError
+from agent.errors import AgentError
 from agent.metrics import DaemonMetrics
 from ctl import protocol
 
@@ -413,64 +411,6 @@ def _close_fds(fds: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     fds.clear()
-
-
-def bind_control_socket(path: str, group: str) -> socket.socket:
-    """Create the listening socket at ``path``: mode 0660, group ``group`` when it exists.
-
-    A leftover socket from a crash is replaced; a live one (another daemon) is a StartupError.
-    """
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(
-            f"cannot create the directory of daemon.socket {path}: {exc.strerror}"
-        ) from exc
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(
-                f"daemon.socket {path} exists and is not a socket; remove it or choose another path"
-            )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens
-        else:
-            raise StartupError(
-                f"another daemon is already listening on {path}; stop it first "
-                "(systemctl stop build-agent) or set daemon.socket to another path"
-            )
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o117)  # created 0660 from the start: no window with a wider mode
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"cannot bind daemon.socket {path}: {exc.strerror}") from exc
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o660)
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            _log.warning(
-                "daemon.socket_group %r does not exist; %s stays owned by gid %d "
-                "(create it with: groupadd --system %s)",
-                group,
-                path,
-                os.getgid(),
-                group,
-            )
-        else:
-            os.chown(path, -1, gid)
-    sock.listen(512)
-    return sock
 
 
 class ControlServer:

@@ -249,7 +249,10 @@ class Client:
         """Read until at least one whole frame has been routed to its call."""
         while True:
             if len(self._buf) >= 4:
-                length = protocol.frame_length(bytes(self._buf[:4]), CLIENT_MAX_FRAME)
+                try:
+                    length = protocol.frame_length(bytes(self._buf[:4]), CLIENT_MAX_FRAME)
+                except protocol.FrameError as exc:
+                    raise ProtocolError(str(exc)) from exc
                 if len(self._buf) >= 4 + length:
                     body = bytes(self._buf[4 : 4 + length])
                     del self._buf[: 4 + length]

@@ -157,3 +157,16 @@ def test_agentctl_imports_no_daemon_dependencies(daemon_factory: Factory) -> Non
     }
     assert "ctl" in imported and "msgpack" in imported  # the check sees real imports
     assert not imported & {"aiohttp", "uvloop", "pyroute2", "prometheus_client", "asyncio"}
+
+
+def test_daemon_sending_garbage_is_a_protocol_error(short_tmp: Path) -> None:
+    srv, path = _fake_daemon(short_tmp)
+    with srv:
+        p = _spawn(path, "ping")
+        conn, _ = srv.accept()
+        with conn:
+            _read_request(conn)
+            conn.sendall(b"\xff\xff\xff\xffjunk")
+            _, err = p.communicate(timeout=20)
+    assert p.returncode == 1
+    assert "protocol error" in err and "Traceback" not in err

@@ -75,6 +75,8 @@ async def measure(runs: int) -> str:
     extra = statistics.median(wrapped) - statistics.median(plain)
     return "\n".join(
         [
+            f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, load average "
+            f"{os.getloadavg()[0]:.2f}. "
             f"`true`, {runs} sequential runs each, fork+exec+wait from Python "
             f"({platform.python_version()}, {platform.machine()}, kernel {platform.release()}, "
             f"{_cpus()} CPUs). Wrapped = network namespace + private mount namespace with the "

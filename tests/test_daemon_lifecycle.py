@@ -240,3 +240,24 @@ def test_two_signals_at_once_still_clean_up(daemon_factory: Factory) -> None:
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(10) in (0, 1)  # 0 if the first stop finished before the second signal
     assert not os.path.exists(d.socket_path)  # the unwinding ran
+
+
+def test_notifier_abstract_socket_address() -> None:
+    from agent.notify import Notifier
+
+    name = f"build-agent-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind("\0" + name)
+        listener.settimeout(5)
+        n = Notifier("@" + name)
+        n.notify("READY=1", "STATUS=ok")
+        n.close()
+        assert listener.recv(100) == b"READY=1\nSTATUS=ok"
+
+
+def test_notifier_without_socket_is_a_no_op() -> None:
+    from agent.notify import Notifier
+
+    n = Notifier(None)
+    assert not n.enabled
+    n.notify("READY=1")

@@ -474,6 +474,7 @@ class ControlServer:
                 sock.close()
                 continue
             self._conns.add(_Connection(self, sock, peer))
+            _log.debug("connection from pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
             self.metrics.connections.inc()
             self.metrics.connections_total.inc()
 

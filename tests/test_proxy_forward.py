@@ -543,7 +543,18 @@ async def test_large_blob_download_is_exact_and_keeps_the_connection(
     data = os.urandom(5 * (1 << 20) + 17)
     conn = aiohttp.TCPConnector(limit=1)  # one connection: every request reuses it
     async with aiohttp.ClientSession(connector=conn) as s:
-        digest = await push_blob(s, registry.url, "team/spliced", data)
+        # Up: a monolithic PUT with a length is spliced; its connection is closed after.
+        async with s.post(f"{h.url}/v2/ws/spliced/blobs/uploads/") as r:
+            loc = r.headers["Location"]
+        digest = digest_of(data)
+        async with s.put(
+            f"{h.url}{loc}&digest={digest}",
+            data=data,
+            headers={"Content-Type": "application/octet-stream"},
+        ) as r:
+            assert r.status == 201, await r.text()  # the registry checked the digest
+            assert r.headers.get("Connection", "").lower() == "close"
+        assert h.metric("build_agent_proxy_bytes_total", direction="up") == len(data)
         for _ in range(2):
             async with s.get(f"{h.url}/v2/ws/spliced/blobs/{digest}") as r:
                 assert r.status == 200

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from urllib.parse import quote, unquote_plus
 
 import aiohttp
@@ -169,13 +168,13 @@ class Forwarder:
         has_body = request.body_exists
         if has_body and request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body: _Counted | bytes | None = None
+        body: _splice.UploadBody | bytes | None = None
         length = request.content_length
         if has_body and res.endpoint == "manifests" and length is not None and length <= _SMALL:
             # A manifest is small: hold it so a 401 (rotated key) can be retried with a new token.
             body = await request.content.readexactly(length)
         elif has_body:
-            body = _Counted(request.content)
+            body = _splice.UploadBody(request)
         retryable = method in ("GET", "HEAD") or (
             method == "POST" and res.endpoint == "blobs/uploads" and not has_body
         )
@@ -188,9 +187,20 @@ class Forwarder:
             body=body,
             retryable=retryable,
         )
-        up = await self._upstream.send(out)
         try:
-            return await self._respond(request, res, up, url)
+            up = await self._upstream.send(out)
+        except UpstreamError:
+            if isinstance(body, _splice.UploadBody) and body.took_over:
+                _cut(request)  # part of the body left the socket behind aiohttp's back
+            raise
+        try:
+            return await self._respond(
+                request,
+                res,
+                up,
+                url,
+                close=isinstance(body, _splice.UploadBody) and body.took_over,
+            )
         finally:
             up.release()
             self._metrics.bytes_up.inc(
@@ -233,6 +243,8 @@ class Forwarder:
         res: Resolved,
         up: aiohttp.ClientResponse,
         sent_url: str,
+        *,
+        close: bool = False,
     ) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict()
         for k, v in up.headers.items():
@@ -250,6 +262,8 @@ class Forwarder:
         ):
             self._uploads.drop(res.ref)
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        if close:
+            resp.force_close()
         spliced = _splice.eligible(request, up) if res.endpoint == "blobs" else None
         await resp.prepare(request)
         if spliced is not None:
@@ -287,8 +301,7 @@ class Forwarder:
             moved,
             why,
         )
-        if request.transport is not None:
-            request.transport.close()
+        _cut(request)
 
     def _map_location(self, res: Resolved, location: str, sent_url: str, status: int) -> str | None:
         """The client-side URL for an upstream ``Location`` (absolute or relative)."""
@@ -307,17 +320,6 @@ class Forwarder:
         return None  # an upstream URL the client cannot use through the proxy
 
 
-class _Counted:
-    """The client's request body as an async iterator, counting bytes on the way."""
-
-    def __init__(self, stream: aiohttp.StreamReader) -> None:
-        self._stream = stream
-        self.count = 0
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iter()
-
-    async def _iter(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream.iter_any():
-            self.count += len(chunk)
-            yield chunk
+def _cut(request: web.BaseRequest) -> None:
+    if request.transport is not None:
+        request.transport.close()

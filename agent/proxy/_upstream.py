@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 import aiohttp
+from aiohttp.payload import Payload
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -37,7 +38,7 @@ _CONNECT_ERRORS = (
 )
 _BASE_BACKOFF = 0.1
 
-Body = AsyncIterable[bytes] | bytes | None
+Body = AsyncIterable[bytes] | Payload | bytes | None
 
 
 @dataclass

@@ -93,12 +93,12 @@ def test_random_frames(daemon_factory: Factory) -> None:
     sent_frames = 0
 
     @settings(
-        max_examples=400,
+        max_examples=500,
         deadline=None,
         derandomize=False,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(st.lists(_chunks, min_size=1, max_size=12))
+    @given(st.lists(_chunks, min_size=4, max_size=12))
     def run(chunks: list[bytes]) -> None:
         nonlocal sent_frames
         sent_frames += len(chunks)

@@ -132,6 +132,7 @@ def test_invalid_msgpack_body(daemon: DaemonProcess) -> None:
         ({"v": 1, "id": 3, "op": 5}, 3, "bad_request", "unknown op"),
         ({"v": 1, "id": 3, "op": "nope"}, 3, "bad_request", "unknown op 'nope'"),
         ({"v": 1, "id": 3, "op": "ping", "args": [1]}, 3, "bad_request", "args must be a map"),
+        ({"v": 1, "id": 3, "op": "drain", "args": {b"enable": 1}}, 3, "bad_request", "string keys"),
         ({"v": 1, "id": 3, "op": "drain", "args": {"enable": "yes"}}, 3, "bad_request", "enable"),
         ({"v": 2, "id": 3, "op": "ping"}, 3, "unsupported_version", "version 2"),
         ({"v": "1", "id": 3, "op": "ping"}, 3, "unsupported_version", "not supported"),

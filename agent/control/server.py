@@ -206,13 +206,13 @@ class _Connection:
         args = msg.get("args")
         if args is None:
             args = {}
-        elif type(args) is not dict:
+        elif type(args) is not dict or not all(type(k) is str for k in args):
             _close_fds(fds)
             self._refuse(
                 req_id,
                 op.name,
                 protocol.BAD_REQUEST,
-                f"args must be a map, got {type(args).__name__}",
+                f"args must be a map with string keys, got {_describe(args)}",
                 started,
             )
             return
@@ -393,6 +393,10 @@ class _Connection:
         self.out.clear()
         self.sock.close()
         self.server.forget(self)
+
+
+def _describe(value: Any) -> str:
+    return "a map with non-string keys" if isinstance(value, dict) else type(value).__name__
 
 
 def _internal_error(req_id: int, op: str, exc: BaseException) -> bytes:

@@ -15,8 +15,15 @@ import pytest
 
 from agent.sandbox import Sandbox, _egress, open_sandbox
 from tests.infra.registry import free_port
-from tests.infra.sandbox_env import InternetHost, internet_host, make_app, run_child, sh
-from tests.test_sandbox_isolation import connect_argv, results
+from tests.infra.sandbox_env import (
+    InternetHost,
+    connect_argv,
+    internet_host,
+    make_app,
+    results,
+    run_child,
+    sh,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root")
 

@@ -13,7 +13,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,36 +28,21 @@ from agent.sandbox import Sandbox, _egress, _netns, hide_plan, open_sandbox
 from agent.sandbox._sandbox import Sandbox as SandboxImpl
 from tests.infra.registry import Registry, free_port
 from tests.infra.sandbox_env import (
+    connect_argv,
+    left_behind,
     make_app,
+    markers_of,
     mountinfo,
+    pid1_of,
     poll,
     processes_matching,
+    results,
     run_child,
     sh,
     snapshot,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root")
-
-CONNECT = (
-    "import socket, sys\n"
-    "for hp in sys.argv[1:]:\n"
-    "    h, p = hp.rsplit(':', 1)\n"
-    "    try:\n"
-    "        s = socket.create_connection((h, int(p)), timeout=3)\n"
-    "        s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
-    "        print(hp, 'OK', s.recv(200).decode(errors='replace').split()[:4])\n"
-    "    except OSError as e:\n"
-    "        print(hp, 'FAIL', e)\n"
-)
-
-
-def connect_argv(*targets: str) -> list[str]:
-    return [sys.executable, "-I", "-c", CONNECT, *targets]
-
-
-def results(out: str) -> dict[str, str]:
-    return {line.split()[0]: line.split()[1] for line in out.splitlines() if line.strip()}
 
 
 @pytest.fixture
@@ -196,20 +180,6 @@ async def test_child_sees_no_other_process_of_the_host(
     assert len(pids) < 5, out
 
 
-def pid1_of(pid: int) -> int:
-    """The host pid of PID 1 of ``pid``'s PID namespace (buildkitd, for its RUN processes)."""
-    ns = os.stat(f"/proc/{pid}/ns/pid").st_ino
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, StopIteration):
-            status = Path(f"/proc/{entry.name}/status").read_text()
-            nspid = next(ln for ln in status.splitlines() if ln.startswith("NSpid:")).split()
-            if nspid[-1] == "1" and os.stat(f"/proc/{entry.name}/ns/pid").st_ino == ns:
-                return int(entry.name)
-    raise AssertionError(f"no PID 1 found for {pid}")
-
-
 @pytest.mark.parametrize("victim", ["wrapper", "pid1"])
 async def test_sigkill_leaves_no_process_and_no_mount(
     sandbox: tuple[Sandbox, App], short_tmp: Path, victim: str
@@ -306,9 +276,11 @@ async def test_leftovers_of_a_crashed_daemon_are_replaced_once(short_tmp: Path) 
 
 async def test_running_everything_twice_leaves_nothing_behind(short_tmp: Path) -> None:
     before = snapshot()
+    markers = [str(short_tmp)]
     for i in range(2):
         tmp = short_tmp / str(i)
         app = make_app(tmp, egress="nat")
+        markers += markers_of(app)
         async with open_sandbox(app) as sb:
             mnt = tmp / "state" / "m"
             mnt.mkdir()
@@ -318,8 +290,7 @@ async def test_running_everything_twice_leaves_nothing_behind(short_tmp: Path) -
             assert (code, out.strip()) == (0, "mounted")
             sock = sb.listen(free_port())
             sock.close()
-    after = snapshot()
-    assert after == before
+    assert left_behind(before, snapshot(), markers) == []
 
 
 def test_refused_privileges_are_a_startup_error_naming_the_fix(

@@ -9,6 +9,7 @@ import contextlib
 import os
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from agent import config as config_mod
 from agent.app import App
 from agent.build import child as children
 from agent.ports import SandboxPort
+from agent.sandbox import _egress
 from tests.infra.daemon import to_toml
 
 
@@ -135,6 +137,41 @@ def snapshot() -> HostSnapshot:
     )
 
 
+def left_behind(before: HostSnapshot, after: HostSnapshot, markers: list[str]) -> list[str]:
+    """What ``after`` has that ``before`` had not and that names one of ``markers`` (this test's
+    namespace names, interface names, tables, directories): other test runs on the same host may
+    come and go meanwhile, so only this test's own traces count. ``ip_forward`` counts when no
+    sandbox of anyone's is left to need it."""
+    found = [
+        f"{what} {item}"
+        for what, b, a in (
+            ("netns", before.netns, after.netns),
+            ("link", before.links, after.links),
+            ("mount", before.mounts, after.mounts),
+            ("rule", set(before.ruleset.splitlines()), set(after.ruleset.splitlines())),
+            ("ip rule", set(before.rules.splitlines()), set(after.rules.splitlines())),
+        )
+        for item in sorted(set(a) - set(b))
+        if any(m in item for m in markers)
+    ]
+    if after.ip_forward != before.ip_forward and "table inet ba_" not in after.ruleset:
+        found.append(f"ip_forward {before.ip_forward} -> {after.ip_forward}")
+    return found
+
+
+def markers_of(app: App) -> list[str]:
+    """The names a sandbox made from ``app`` gives what it creates on the host."""
+    netns = app.config.sandbox.netns
+    d = app.config.daemon
+    return [
+        netns,
+        _egress.host_if_name(netns),
+        _egress.table_name(netns),
+        d.state_dir,
+        d.runtime_dir,
+    ]
+
+
 def processes_matching(marker: str, *, start: bool = False) -> list[int]:
     """Live (non-zombie) pids whose command line (NULs read as spaces) contains ``marker``, or
     with ``start`` begins with it."""
@@ -197,3 +234,38 @@ def internet_host(via_if: str) -> Any:
         subprocess.run(["ip", "route", "flush", "table", str(table)], capture_output=True)
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+CONNECT = (
+    "import socket, sys\n"
+    "for hp in sys.argv[1:]:\n"
+    "    h, p = hp.rsplit(':', 1)\n"
+    "    try:\n"
+    "        s = socket.create_connection((h, int(p)), timeout=3)\n"
+    "        s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
+    "        print(hp, 'OK', s.recv(200).decode(errors='replace').split()[:4])\n"
+    "    except OSError as e:\n"
+    "        print(hp, 'FAIL', e)\n"
+)
+
+
+def connect_argv(*targets: str) -> list[str]:
+    return [sys.executable, "-I", "-c", CONNECT, *targets]
+
+
+def results(out: str) -> dict[str, str]:
+    return {line.split()[0]: line.split()[1] for line in out.splitlines() if line.strip()}
+
+
+def pid1_of(pid: int) -> int:
+    """The host pid of PID 1 of ``pid``'s PID namespace (buildkitd, for its RUN processes)."""
+    ns = os.stat(f"/proc/{pid}/ns/pid").st_ino
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, StopIteration):
+            status = Path(f"/proc/{entry.name}/status").read_text()
+            nspid = next(ln for ln in status.splitlines() if ln.startswith("NSpid:")).split()
+            if nspid[-1] == "1" and os.stat(f"/proc/{entry.name}/ns/pid").st_ino == ns:
+                return int(entry.name)
+    raise AssertionError(f"no PID 1 found for {pid}")

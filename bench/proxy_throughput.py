@@ -28,6 +28,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -396,14 +397,23 @@ http = true
 
         sampler = RssSampler(proxy)
         best: dict[str, dict[str, float]] = {k: {"push": 0.0, "pull": 0.0} for k in paths}
-        for _ in range(rounds):
-            for name, (base, repo) in paths.items():
+        per_round: list[dict[str, dict[str, float]]] = []
+        names = list(paths)
+        for i in range(rounds):
+            # Rotate the order: the disk's writeback of one push must not always hit the same
+            # path, and each round gives paired ratios taken under the same machine load.
+            order = names[i % len(names) :] + names[: i % len(names)]
+            this: dict[str, dict[str, float]] = {}
+            for name in order:
+                base, repo = paths[name]
                 watch = sampler.watch() if name == "proxy" else contextlib.nullcontext()
                 with watch:
                     up = push(base, repo, blob, digest)
                     down = pull(base, repo, digest)
-                best[name]["push"] = max(best[name]["push"], size / up / 1e6)
-                best[name]["pull"] = max(best[name]["pull"], size / down / 1e6)
+                this[name] = {"push": size / up / 1e6, "pull": size / down / 1e6}
+                best[name]["push"] = max(best[name]["push"], this[name]["push"])
+                best[name]["pull"] = max(best[name]["pull"], this[name]["pull"])
+            per_round.append(this)
 
         # HEAD latency against the token-auth registry (pushed once through the proxy).
         manifest_ref = "v1"
@@ -454,6 +464,7 @@ http = true
             "size": size,
             "rounds": rounds,
             "mbps": best,
+            "rounds_mbps": per_round,
             "rss_growth": sampler.peak,
             "head": {
                 "direct_p50": pct(direct, 0.5) * 1000,
@@ -489,15 +500,21 @@ def render(r: dict[str, Any]) -> str:
         f"1-minute load average {r['load'][0]:.1f} before and {r['load'][1]:.1f} after the run "
         "(other work on the machine shares those CPUs).",
         "",
+        "MB/s: best round per path. Ratios: median over rounds of the ratio within a round "
+        "(paths run back to back, order rotated each round).",
+        "",
         "| path | push MB/s | pull MB/s |",
         "| --- | ---: | ---: |",
     ]
     for name in ("direct", "proxy", "nginx"):
         lines.append(f"| {name} | {m[name]['push']:.0f} | {m[name]['pull']:.0f} |")
-    pp = m["proxy"]["push"] / m["direct"]["push"]
-    pl = m["proxy"]["pull"] / m["direct"]["pull"]
-    np_ = m["proxy"]["push"] / m["nginx"]["push"]
-    nl = m["proxy"]["pull"] / m["nginx"]["pull"]
+
+    def ratio(kind: str, other: str) -> float:
+        """Median over rounds of the paired ratio proxy/other (same round, same load)."""
+        return statistics.median([rd["proxy"][kind] / rd[other][kind] for rd in r["rounds_mbps"]])
+
+    pp, pl = ratio("push", "direct"), ratio("pull", "direct")
+    np_, nl = ratio("push", "nginx"), ratio("pull", "nginx")
     rss = r["rss_growth"] / MiB
     lines += [
         "",

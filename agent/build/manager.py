@@ -41,6 +41,7 @@ from agent.errors import (
     Busy,
     Cancelled,
     Forbidden,
+    IllegalTransition,
     InternalError,
     NotFound,
     TimedOut,
@@ -195,6 +196,7 @@ class BuildManager:
         if existing is not None and existing.state in (rec.QUEUED, rec.RUNNING):
             _close(plan.context_fd)
             existing.pinned = existing.pinned or detach
+            existing.record["callers"] = existing.record.get("callers", 1) + 1
             self.metrics.dedupe_joins.inc()
             existing.log.line(f"[build-agent] another request for {key} joined this build")
             log.info("build %s: a request joined (dedupe)", existing.id)
@@ -283,6 +285,22 @@ class BuildManager:
         self.metrics.active.set(len(self._running))
 
     async def _run(self, build: Build) -> None:
+        try:
+            await self._run_flow(build)
+        except BaseException:
+            # Whatever broke (a record that cannot be written, say): no caller may wait forever.
+            if not build.done.is_set():
+                log.exception("build %s: could not be run to its end", build.id)
+                self._finish(
+                    build,
+                    rec.FAILED,
+                    error=self._error_dict(
+                        build, InternalError("the build could not be recorded; see the daemon log")
+                    ),
+                )
+            raise
+
+    async def _run_flow(self, build: Build) -> None:
         loop = asyncio.get_running_loop()
         queued_for = time.monotonic() - build.queued_at
         self.metrics.phase.labels("queue").observe(queued_for)
@@ -338,7 +356,15 @@ class BuildManager:
 
     def _finish(self, build: Build, state: str, **fields: Any) -> None:
         fields.setdefault("target_ref", build.record.get("target_ref", ""))
-        self.store.transition(build.record, state, **fields)
+        try:
+            self.store.transition(build.record, state, **fields)
+        except OSError as exc:
+            # The callers still get the outcome; the record on disk stays at its last state
+            # and is marked interrupted by the next start.
+            log.error("build %s: cannot write its record: %s", build.id, exc)
+            build.record.update(fields, state=state)
+        except IllegalTransition:
+            build.record.update(fields, state=state)
         err = build.record.get("error")
         if err:
             build.log.line(f"[build-agent] {state}: {err['message']}")

@@ -12,6 +12,7 @@ percent-escape is never needed by the distribution API and is refused before we 
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import threading
@@ -61,6 +62,7 @@ class Resolved:
     target: Target
 
 
+@functools.lru_cache(maxsize=4096)
 def split_oci_path(path: str) -> tuple[str, str, str] | None:
     """``name/endpoint/ref`` of a path below ``/v2/`` or None when it is no API path."""
     m = _OCI_PATH.fullmatch(path)

@@ -296,6 +296,33 @@ async def head_latency(
     return samples
 
 
+async def aiohttp_floor(n: int = 3000) -> float:
+    """Wall time per HEAD of a bare aiohttp client against a bare aiohttp server returning 200
+    (one process, uvloop): what one aiohttp hop costs on this machine, whatever the proxy does."""
+    import aiohttp
+    from aiohttp import web
+
+    async def ok(request: web.BaseRequest) -> web.Response:
+        return web.Response(status=200)
+
+    runner = web.ServerRunner(web.Server(ok, access_log=None))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v2/x"
+    try:
+        async with aiohttp.ClientSession() as s:
+            samples = []
+            for i in range(n + 100):
+                t0 = time.perf_counter()
+                async with s.head(url) as r:
+                    await r.read()
+                if i >= 100:
+                    samples.append(time.perf_counter() - t0)
+    finally:
+        await runner.cleanup()
+    return statistics.median(samples)
+
+
 def token_for(realm: str, service: str, scope: str) -> str:
     req = urllib.request.Request(
         f"{realm}?service={service}&scope={scope}",
@@ -459,6 +486,9 @@ http = true
             )
         )
         direct, via = lat["direct"], lat["proxy"]
+        import uvloop
+
+        floor = uvloop.run(aiohttp_floor())
         return {
             "load": (load_before, os.getloadavg()[0]),
             "size": size,
@@ -472,6 +502,7 @@ http = true
                 "proxy_p50": pct(via, 0.5) * 1000,
                 "proxy_p90": pct(via, 0.9) * 1000,
                 "n": heads,
+                "aiohttp_hop": floor * 1000,
             },
         }
     finally:
@@ -531,6 +562,8 @@ def render(r: dict[str, Any]) -> str:
         f"| HEAD manifest via proxy (cached token): p50 / p90 | {head['proxy_p50']:.3f} / "
         f"{head['proxy_p90']:.3f} ms | | |",
         f"| added HEAD latency, p50 | {added:.3f} ms | <= 0.5 ms | {ok(added <= 0.5)} |",
+        f"| reference: one bare aiohttp client -> server HEAD, p50 | {head['aiohttp_hop']:.3f} ms "
+        "| | |",
         "",
         f"Command: `.venv/bin/python bench/proxy_throughput.py --size {size_mib:.0f}MiB "
         f"--rounds {r['rounds']} --heads {head['n']}`.",

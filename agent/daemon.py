@@ -102,6 +102,7 @@ class Daemon:
         self._last_signal = int(signal.SIGTERM)
         self._forced = False
         self._current: asyncio.Task[object] | None = None  # the phase a 2nd signal cancels
+        self._phase_started = False
 
     # Signal handlers: state only.
     def _on_stop_signal(self, signum: int) -> None:
@@ -111,8 +112,17 @@ class Daemon:
         self._stop.set()
         if self._signals > 1:
             self._forced = True
-            if self._current is not None:
-                self._current.cancel()
+            asyncio.get_running_loop().call_soon(self._cancel_phase)
+
+    def _cancel_phase(self) -> None:
+        if self._current is None:
+            return
+        if not self._phase_started:
+            # A task cancelled before its first step never runs its body: the unwinding would
+            # skip every cleanup. Try again once it has begun.
+            asyncio.get_running_loop().call_soon(self._cancel_phase)
+            return
+        self._current.cancel()
 
     def _on_hup(self) -> None:
         assert self._reload is not None
@@ -128,6 +138,7 @@ class Daemon:
         helpers: list[asyncio.Task[None]] = []
         try:
             self._current = asyncio.current_task()
+            self._phase_started = True
             try:
                 await self._start()
             except asyncio.CancelledError:
@@ -163,12 +174,11 @@ class Daemon:
     async def _close_stack(self) -> None:
         # Run in its own task so that a second signal cancels only the wait in progress.
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._stack.aclose())
+        self._phase_started = False
+        task = loop.create_task(self._unwind())
         self._current = task
         if self._forced:
-            # Already forced: cancel the first wait, but only once the unwinding has begun (a task
-            # cancelled before its first step would skip every cleanup).
-            loop.call_soon(task.cancel)
+            self._cancel_phase()
         while True:
             try:
                 await asyncio.shield(task)
@@ -185,6 +195,10 @@ class Daemon:
             except Exception:
                 _log.exception("error while shutting down")
                 return
+
+    async def _unwind(self) -> None:
+        self._phase_started = True
+        await self._stack.aclose()
 
     async def _start(self) -> None:
         app = self.app

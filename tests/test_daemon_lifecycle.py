@@ -108,7 +108,7 @@ def test_second_signal_forces_stop(daemon_factory: Factory) -> None:
         t0 = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(10) == 1  # forced: distinct from a clean stop
-        assert time.monotonic() - t0 < 1.0  # did not sit out the request grace
+        assert time.monotonic() - t0 < 1.5  # did not sit out the 2 s request grace
     assert not os.path.exists(d.socket_path)
 
 
@@ -239,7 +239,7 @@ def test_two_signals_at_once_still_clean_up(daemon_factory: Factory) -> None:
     d.proc.send_signal(signal.SIGTERM)
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(10) in (0, 1)  # 0 if the first stop finished before the second signal
-    assert not os.path.exists(d.socket_path)  # the unwinding ran
+    assert not os.path.exists(d.socket_path), d.log()  # the unwinding ran
 
 
 def test_notifier_abstract_socket_address() -> None:

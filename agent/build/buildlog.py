@@ -17,6 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 _TAIL_BYTES = 256 * 1024
+# A follower that was woken waits this long before reading, so the lines a tool prints in a
+# burst go out as one event instead of one each (50 followers x every line is a lot of frames).
+_COALESCE = 0.02
 _READ_MAX = 64 * 1024
 
 
@@ -89,6 +92,8 @@ class BuildLog:
             if self.closed:
                 return
             await waiter.wait()
+            if not self.closed:
+                await asyncio.sleep(_COALESCE)
 
 
 def read_file(path: Path, offset: int, limit: int = _READ_MAX) -> bytes:

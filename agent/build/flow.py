@@ -245,13 +245,16 @@ class Flow:
             self._say(f"building the base image {ref} with {self._tc.name}")
             self._metrics.tool_runs.labels("build").inc()
             try:
-                await self._timed("base_build", self._tc.build(spec, self._sink))
+                output = await self._timed("base_build", self._tc.build(spec, self._sink))
             except AgentError as exc:
                 _explain(exc, plan, ref.registry, self._proxy.child_address)
                 raise
         finally:
             self._proxy.remove_build_route(route)
-        digest = await self._timed("base_check", self._proxy.manifest_digest(str(ref)))
+        # The push's own digest is the registry's answer; ask only when the tool did not say.
+        digest = output.digest or await self._timed(
+            "base_check", self._proxy.manifest_digest(str(ref))
+        )
         if not digest:
             raise BuildFailed(
                 f"the build did not produce the base image: {ref} is not in the registry "

@@ -50,7 +50,10 @@ def _valid_id(build_id: str) -> bool:
     )
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that a reader (or a crash) sees the old or the new content,
+    never a mix. ``durable`` also fsyncs the directory, so the rename itself survives power
+    loss."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
@@ -61,6 +64,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, path)
+    if not durable:
+        return
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)
@@ -145,7 +150,10 @@ class RecordStore:
 
     def save(self, record: dict[str, Any]) -> None:
         data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-        atomic_write(self._path(record["id"]), data)
+        # A lost rename of a queued/running record (power loss) reads back as the previous
+        # state, which the next start marks interrupted anyway: only final states pay for the
+        # directory fsync.
+        atomic_write(self._path(record["id"]), data, durable=record["state"] in FINAL)
 
     # --- queries --------------------------------------------------------------------------------
 

@@ -105,9 +105,27 @@ def test_queue_overflow_is_busy_and_cancel_works_queued_and_running(
     joined = detach(d, sleeper(short_tmp, base_image), f"{registry.host}/q:1")
     assert joined == running
 
-    assert d.ctl("cancel", queued).returncode == 0
-    assert wait_state(d, queued, "cancelled")["error"]["code"] == "cancelled"
-    assert d.ctl("cancel", running).returncode == 0
+    follower = subprocess.Popen(
+        [*AGENTCTL, "--socket", d.socket_path, "logs", "-f", running],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert d.ctl("cancel", queued).returncode == 0
+        assert wait_state(d, queued, "cancelled")["error"]["code"] == "cancelled"
+        assert d.ctl("cancel", running).returncode == 0
+        followed, _ = follower.communicate(timeout=30)  # ends with the build
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 0
+    assert "started-" in followed and "cancelled" in followed.splitlines()[-1]
+    assert d.ctl("logs", running).stdout == followed
+    assert d.ctl("status", running).returncode == 1
+    listed = d.ctl("ls", "--state", "cancelled").stdout
+    assert running in listed and queued in listed
     record = wait_state(d, running, "cancelled")
     assert [t["state"] for t in record["transitions"]] == ["queued", "running", "cancelled"]
     no_children(d)

@@ -67,7 +67,7 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--detach", action="store_true", help="print the build id and return")
     p.set_defaults(run=_build)
 
-    p = sub.add_parser("status", help="show one build")
+    p = sub.add_parser("status", help="show one build (exit 1 when it failed)")
     p.add_argument("id")
     p.set_defaults(run=_status)
     p = sub.add_parser("ls", help="list builds, newest first")
@@ -367,12 +367,18 @@ def _logs(opts: argparse.Namespace, ctx: Context) -> int:
                 ctx.emit(result, str)
             return 0
         offset = opts.offset
+        chunks: list[str] = []
         while True:
             r = client.call("logs", {"id": opts.id, "offset": offset})
-            out.write(str(r.get("data", "")))
+            if ctx.json:
+                chunks.append(str(r.get("data", "")))
+            else:
+                out.write(str(r.get("data", "")))
             if r["next"] == offset or r["next"] >= r["size"]:
                 break
             offset = r["next"]
+        if ctx.json:
+            ctx.emit({**r, "offset": opts.offset, "data": "".join(chunks)}, str)
         out.flush()
     return 0
 

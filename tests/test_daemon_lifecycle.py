@@ -261,3 +261,18 @@ def test_notifier_without_socket_is_a_no_op() -> None:
     n = Notifier(None)
     assert not n.enabled
     n.notify("READY=1")
+
+
+def test_helper_chooses_again_when_its_port_was_taken(daemon_factory: Factory) -> None:
+    d = daemon_factory(start=False)
+    taken = d.sections["daemon"]["metrics_address"]
+    host, _, port = taken.rpartition(":")
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((host, int(port)))
+        squatter.listen(1)
+        d.start()
+    assert d.sections["daemon"]["metrics_address"] != taken
+    assert f"127.0.0.1:{d.metrics_port}" == d.sections["daemon"]["metrics_address"]
+    assert "address already in use" in d.log().lower()
+    assert d.ctl("ping").returncode == 0

@@ -143,6 +143,12 @@ class DaemonProcess:
             # The proxy listens as soon as it exists: keep parallel daemons off each other's ports.
             "proxy": {"port": free_port(), "host_address": f"127.0.0.1:{free_port()}"},
         }
+        # Ports this helper chose (not the caller): start() may choose again if one was taken.
+        self._auto_ports = {
+            ("daemon", "metrics_address"): merged["daemon"]["metrics_address"],
+            ("proxy", "port"): merged["proxy"]["port"],
+            ("proxy", "host_address"): merged["proxy"]["host_address"],
+        }
         for name, table in (sections or {}).items():
             merged.setdefault(name, {}).update(table)
         self.sections = merged
@@ -172,6 +178,54 @@ class DaemonProcess:
         self._notify.bind(self.notify_path)
 
     def start(self, timeout: float = 15.0, *, wait_ready: bool = True) -> DaemonProcess:
+        """Start; with ``wait_ready``, wait for READY=1. free_port() can race with other
+        processes on the machine: when a port this helper chose turns out taken, it chooses
+        again (twice at most) rather than fail the test."""
+        for attempt in range(3):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._launch()
+            if not wait_ready:
+                return self
+            try:
+                self.wait_notify("READY=1", timeout)
+                return self
+            except RuntimeError:
+                if attempt == 2 or not self._reassign_taken_ports(self.log()[offset:]):
+                    raise
+        return self
+
+    def _reassign_taken_ports(self, log: str) -> bool:
+        if "already in use" not in log.lower():
+            return False
+        written = self.config_path.read_text()
+        if written != to_toml(self.sections):
+            return False  # the test edited the file itself: its ports are its business
+        clashed = False
+        for (section, key), value in self._auto_ports.items():
+            if self.sections[section].get(key) != value:
+                continue
+            port = str(value).rpartition(":")[2]
+            if f":{port}" not in log and f", {port})" not in log and f" port {port}" not in log:
+                continue
+            clashed = True
+            fresh = free_port()
+            new: Any = fresh if key == "port" else f"127.0.0.1:{fresh}"
+            self.sections[section][key] = new
+            self._auto_ports[(section, key)] = new
+            if key == "metrics_address":
+                self.metrics_port = fresh
+        if not clashed:
+            return False
+        self.config_path.write_text(to_toml(self.sections))
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.notify_path)
+        self.notifications.clear()
+        return True
+
+    def _launch(self) -> None:
         self._notify_bind()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -183,9 +237,6 @@ class DaemonProcess:
                 cwd=str(REPO),
                 pass_fds=self._pass_fds(),
             )
-        if wait_ready:
-            self.wait_notify("READY=1", timeout)
-        return self
 
     def _pass_fds(self) -> tuple[int, ...]:
         return ()

@@ -372,3 +372,46 @@ def test_context_the_caller_cannot_read(
     finally:
         d.stop()
         d.cleanup()
+
+
+def test_progress_line_on_a_terminal(
+    daemon: DaemonProcess, registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    import pty
+    import subprocess
+
+    from tests.infra.daemon import AGENTCTL
+
+    ctx = example(short_tmp, base_image)
+    master, slave = pty.openpty()
+    seen = bytearray()
+
+    def drain() -> None:  # read as it comes: a full terminal buffer would block agentctl
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the other side is closed and everything was read
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        proc = subprocess.run(
+            [*AGENTCTL, "--socket", daemon.socket_path, "build", "--context", str(ctx),
+             "--target", f"{registry.host}/ws-tty:1"],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            timeout=60,
+            text=True,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+        reader.join(10)
+        os.close(master)
+    assert proc.returncode == 0
+    assert b"\r\x1b[2K" in seen  # the progress line is redrawn in place
+    assert b"running (base_build)" in seen and b"STEP 3/3: RUN" in seen
+    assert "@sha256:" in proc.stdout and "\x1b" not in proc.stdout

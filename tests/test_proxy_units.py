@@ -172,3 +172,26 @@ def test_location_mapping_relative_absolute_and_outside_v2() -> None:
     done = fwd._map_location(res, f"/v2/team/images/sub/blobs/{D}", sent, 201)
     assert done == f"/v2/ws/sub/blobs/{D}"
     assert fwd._map_location(res, "https://cdn.example/x", sent, 201) is None
+
+
+def test_token_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.proxy import _auth
+    from agent.proxy._credentials import CredentialStore
+
+    monkeypatch.setattr(_auth, "_MAX_TOKENS", 3)
+    auth = _auth.Authenticator(
+        CredentialStore("", [], helper_timeout=1),
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        token_ttl=60,
+        clock=lambda: 100.0,
+    )
+    tokens = auth._tokens
+    tokens[("r", frozenset({"a"}))] = _auth._Token("old", expires=50.0)
+    tokens[("r", frozenset({"b"}))] = _auth._Token("b", expires=200.0)
+    tokens[("r", frozenset({"c"}))] = _auth._Token("c", expires=200.0)
+    auth._prune()
+    assert set(tokens) == {("r", frozenset({"b"})), ("r", frozenset({"c"}))}
+    tokens[("r", frozenset({"d"}))] = _auth._Token("d", expires=200.0)
+    auth._prune()
+    assert len(tokens) < 3 and ("r", frozenset({"d"})) in tokens

@@ -32,6 +32,7 @@ from agent.proxy._transport import Transport
 log = logging.getLogger("agent.proxy")
 
 _PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
+_MAX_TOKENS = 4096
 _SCHEME = re.compile(r"\s*([A-Za-z][A-Za-z0-9_-]*)(?=\s|$)")
 
 
@@ -187,9 +188,23 @@ class Authenticator:
             if tok is not None and tok.expires > self.clock() and not force:
                 return "Bearer " + tok.value
             tok = await self._fetch(registry, ch, scopes, cred)
+            if len(self._tokens) >= _MAX_TOKENS:
+                self._prune()
             self._tokens[key] = tok
             self._recent.append(tok.value)
             return "Bearer " + tok.value
+
+    def _prune(self) -> None:
+        """Every build brings new repositories (new scope sets): drop what has expired, then
+        the oldest, so a long-running daemon keeps a bounded cache."""
+        now = self.clock()
+        for key in [k for k, t in self._tokens.items() if t.expires <= now]:
+            del self._tokens[key]
+            self._locks.pop(key, None)
+        while len(self._tokens) >= _MAX_TOKENS:
+            key = next(iter(self._tokens))
+            del self._tokens[key]
+            self._locks.pop(key, None)
 
     async def _fetch(
         self, registry: str, ch: Challenge, scopes: frozenset[str], cred: Credential | None

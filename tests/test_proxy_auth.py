@@ -222,3 +222,28 @@ async def test_wrong_password_is_a_clear_401(
     assert reg.host in message and "refused" in message
     assert "not-the-password" not in message
     assert h.metric(FETCHED, result="unauthorized") == 1
+
+
+async def test_cross_repo_mount_token_carries_both_scopes(
+    make_proxy: ProxyFactory, token_registry: TokenRegistry
+) -> None:
+    reg = token_registry
+    h = await make_proxy(
+        http_hosts=[reg.host],
+        routes=[("ws", f"{reg.host}/team", "push")],
+        credentials=[(reg.host, USER, PASSWORD)],
+    )
+    async with aiohttp.ClientSession() as s:
+        digest = await push_blob(s, h.url, "ws/mnt-src", os.urandom(4000))
+        async with s.post(
+            f"{h.url}/v2/ws/mnt-dst/blobs/uploads/",
+            params={"mount": digest, "from": "ws/mnt-src"},
+        ) as r:
+            assert r.status == 201, await r.text()
+    assert sorted(reg.tokens.fetches[-1].scopes) == [
+        "repository:team/mnt-dst:pull,push",
+        "repository:team/mnt-src:pull",
+    ]
+    log = reg.registry.log()
+    assert '"POST /v2/team/mnt-dst/blobs/uploads/?mount=' in log
+    assert '"PATCH /v2/team/mnt-dst/' not in log

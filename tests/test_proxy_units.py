@@ -195,3 +195,19 @@ def test_token_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     tokens[("r", frozenset({"d"}))] = _auth._Token("d", expires=200.0)
     auth._prune()
     assert len(tokens) < 3 and ("r", frozenset({"d"})) in tokens
+
+
+def test_retry_after_and_capped_backoff() -> None:
+    from email.utils import format_datetime
+
+    from agent.proxy._upstream import Upstream, _retry_after
+
+    assert _retry_after("3") == 3.0
+    assert _retry_after(None) is None and _retry_after("soon") is None
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 < (_retry_after(later) or 0) <= 31
+    up = Upstream(None, None, None, retries=5, max_backoff=2.0)  # type: ignore[arg-type]
+    assert up._backoff(1, {"Retry-After": "1"}) == 1.0
+    assert up._backoff(1, {"Retry-After": "120"}) == 2.0  # honoured, within the cap
+    assert all(0.05 <= up._backoff(1, None) <= 0.1 for _ in range(20))
+    assert all(up._backoff(10, None) <= 2.0 for _ in range(20))

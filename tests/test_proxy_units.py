@@ -90,6 +90,8 @@ def test_routes_and_write_rules() -> None:
     res = r.resolve("mirror/docker.io/library/busybox/manifests/1", None)
     assert res is not None and res.target.registry == "docker.io"
     assert denial(res, "PUT") is not None
+    res = r.resolve("mirror/docker.io/busybox/manifests/1", None)
+    assert res is not None and res.target.repository == "library/busybox"
     res = r.resolve("busybox/manifests/1", "docker.io")
     assert res is not None and res.target.repository == "library/busybox"
     assert r.resolve("busybox/manifests/1", "evil.example") is None

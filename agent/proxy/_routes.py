@@ -173,6 +173,8 @@ class Router:
             mname, _, repo = rest.partition("/")
             mhost = self._mirrors.get(mname)
             if mhost is not None and repo:
+                if mhost == DOCKER_HUB and "/" not in repo:
+                    repo = f"library/{repo}"
                 return Target("mirror", mhost, repo, writable=False)
         if ns is not None:
             host = canonical_host(ns)

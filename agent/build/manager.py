@@ -191,7 +191,8 @@ class BuildManager:
     ) -> tuple[Build, bool]:
         """The build for ``key``: an existing queued/running one (joined=True) or a new one.
         Takes ownership of ``plan.context_fd`` (closed when the build ends, or at once on a join).
-        Raises Busy when the queue is full."""
+        Raises Busy when the queue is full; the caller then still owns the fd (closing it here
+        too made the caller's close a double close, hitting another request's reused fd)."""
         existing = self._by_key.get(key)
         if existing is not None and existing.state in (rec.QUEUED, rec.RUNNING):
             _close(plan.context_fd)
@@ -203,7 +204,6 @@ class BuildManager:
             return existing, True
         free_slot = len(self._running) < self.max_concurrent
         if not free_slot and len(self._queue) >= self.max_queued:
-            _close(plan.context_fd)
             self.metrics.busy.inc()
             raise Busy(
                 f"the build queue is full ({len(self._running)} running, {len(self._queue)} "

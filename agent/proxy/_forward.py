@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from urllib.parse import quote, unquote_plus
 
@@ -45,6 +46,7 @@ _REQUEST_DROP = _HOP_BY_HOP | {"host", "authorization", "cookie", "expect"}
 # Never returned: a challenge would send clients to the registry's token server.
 _RESPONSE_DROP = _HOP_BY_HOP | {"www-authenticate", "set-cookie", "location", "server", "date"}
 _API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+_LINK_URL = re.compile(r"<([^>]*)>")
 _SMALL = 4 << 20  # the largest manifest distribution accepts
 
 
@@ -248,7 +250,10 @@ class Forwarder:
     ) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict()
         for k, v in up.headers.items():
-            if k.lower() not in _RESPONSE_DROP:
+            low = k.lower()
+            if low == "link":  # tags/list and referrers pagination: <url>; rel="next"
+                v = _LINK_URL.sub(lambda m: f"<{self._map_link(res, m[1], sent_url)}>", v)
+            if low not in _RESPONSE_DROP:
                 headers.add(k, v)
         location = up.headers.get("Location")
         if location:
@@ -302,6 +307,15 @@ class Forwarder:
             why,
         )
         _cut(request)
+
+    def _map_link(self, res: Resolved, target: str, sent_url: str) -> str:
+        absolute = URL(sent_url).join(URL(target, encoded=True))
+        prefix = f"/v2/{res.target.repository}/"
+        if not absolute.raw_path.startswith(prefix):
+            return target
+        query = absolute.raw_query_string
+        tail = absolute.raw_path[len(prefix) :]
+        return f"/v2/{res.name}/{tail}" + (f"?{query}" if query else "")
 
     def _map_location(self, res: Resolved, location: str, sent_url: str, status: int) -> str | None:
         """The client-side URL for an upstream ``Location`` (absolute or relative)."""

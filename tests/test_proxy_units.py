@@ -213,3 +213,17 @@ def test_retry_after_and_capped_backoff() -> None:
     assert up._backoff(1, {"Retry-After": "120"}) == 2.0  # honoured, within the cap
     assert all(0.05 <= up._backoff(1, None) <= 0.1 for _ in range(20))
     assert all(up._backoff(10, None) <= 2.0 for _ in range(20))
+
+
+def test_link_mapping_for_pagination() -> None:
+    """docker-registry 2.8 does not paginate tags/list, so the Link rule is checked here."""
+    router = _router()
+    fwd = Forwarder(router, Uploads(), None, None, None)  # type: ignore[arg-type]
+    res = router.resolve("ws/sub/tags/list", None)
+    assert res is not None
+    sent = "https://reg.example.com/v2/team/images/sub/tags/list?n=2"
+    link = "/v2/team/images/sub/tags/list?n=2&last=b"
+    assert fwd._map_link(res, link, sent) == "/v2/ws/sub/tags/list?n=2&last=b"
+    absolute = "https://reg.example.com/v2/team/images/sub/tags/list?last=b"
+    assert fwd._map_link(res, absolute, sent) == "/v2/ws/sub/tags/list?last=b"
+    assert fwd._map_link(res, "https://elsewhere/x", sent) == "https://elsewhere/x"

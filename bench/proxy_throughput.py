@@ -556,7 +556,9 @@ def render(r: dict[str, Any]) -> str:
 
     def ratio(kind: str, other: str) -> float:
         """Median over rounds of the paired ratio proxy/other (same round, same load)."""
-        return statistics.median([rd["proxy"][kind] / rd[other][kind] for rd in r["rounds_mbps"]])
+        return float(
+            statistics.median([rd["proxy"][kind] / rd[other][kind] for rd in r["rounds_mbps"]])
+        )
 
     pp, pl = ratio("push", "direct"), ratio("pull", "direct")
     np_, nl = ratio("push", "nginx"), ratio("pull", "nginx")

@@ -1,8 +1,9 @@
 """The request handler: resolve the route, check the method, forward, stream the answer back.
 
-Bodies are streamed both ways in the chunks the sockets deliver (bounded by the read buffers):
-nothing holds a whole blob. Hop-by-hop headers (RFC 9110 7.6.1), the client's own credentials
-and the registry's challenges are not forwarded; ``Location`` is mapped back onto the proxy.
+Bodies are streamed both ways in the chunks the sockets deliver (bounded by the read buffers),
+or spliced socket to socket where that is exact (_splice.py): nothing holds a whole blob.
+Hop-by-hop headers (RFC 9110 7.6.1), the client's own credentials and the registry's challenges
+are not forwarded; ``Location`` and ``Link`` are mapped back onto the proxy.
 """
 
 from __future__ import annotations
@@ -51,10 +52,8 @@ _SMALL = 4 << 20  # the largest manifest distribution accepts
 
 
 def oci_error(status: int, code: str, message: str) -> web.Response:
-    body = '{"errors":[{"code":"%s","message":%s,"detail":null}]}' % (  # noqa: UP031
-        code,
-        json.dumps(message),
-    )
+    """An error in the distribution spec's shape (``{"errors": [{code, message, detail}]}``)."""
+    body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]})
     return web.Response(
         status=status, text=body, content_type="application/json", headers=dict([_API_VERSION])
     )

@@ -346,9 +346,12 @@ class BuildManager:
         self._finish(build, state, **fields)
 
     def _error_dict(self, build: Build, exc: AgentError) -> dict[str, Any]:
-        details = {k: v for k, v in exc.details.items() if k != "log_tail"}
-        tail = build.log.tail(self.log_tail_lines)
-        details["log_tail"] = [self.scrub(t) for t in tail]
+        details = {
+            k: self.scrub(v) if isinstance(v, str) else v
+            for k, v in exc.details.items()
+            if k != "log_tail"
+        }
+        details["log_tail"] = build.log.tail(self.log_tail_lines)  # scrubbed when logged
         return {"code": exc.code, "message": self.scrub(exc.message), "details": details}
 
     def _expire(self, build: Build) -> None:

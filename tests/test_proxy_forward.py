@@ -454,6 +454,24 @@ async def test_tls_is_verified_unless_insecure(make_proxy: ProxyFactory, short_t
             async with s.get(f"{loose.url}/v2/ws/x/tags/list") as r:
                 assert r.status == 404  # reached the registry over HTTPS
                 assert (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+        # Over TLS, bodies take the streamed path (no splice): a 3 MiB blob up and down.
+        rw = await make_proxy(
+            routes=[("ws", f"{reg.host}/team", "push")],
+            registries=[RegistryConfig(host=reg.host, insecure=True)],
+        )
+        data = os.urandom(3 << 20)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{rw.url}/v2/ws/tls/blobs/uploads/") as r:
+                loc = r.headers["Location"]
+            async with s.put(
+                f"{rw.url}{loc}&digest={digest_of(data)}",
+                data=data,
+                headers={"Content-Type": "application/octet-stream"},
+            ) as r:
+                assert r.status == 201, await r.text()
+                assert "close" not in r.headers.get("Connection", "").lower()
+            async with s.get(f"{rw.url}/v2/ws/tls/blobs/{digest_of(data)}") as r:
+                assert await r.read() == data
     finally:
         reg.stop()
 

@@ -58,7 +58,14 @@ class ProxyMetrics:
         )
         self.bytes_up = self.bytes.labels("up")
         self.bytes_down = self.bytes.labels("down")
+        self._latency: dict[str, Histogram] = {}
         self._served: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def upstream_answered(self, method: str, seconds: float) -> None:
+        child = self._latency.get(method)
+        if child is None:  # methods reaching upstream passed denial(): a closed set
+            child = self._latency[method] = self.upstream_latency.labels(method)
+        child.observe(seconds)
 
     def served(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one request (labelled children cached: this runs on every request)."""

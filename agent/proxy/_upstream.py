@@ -128,7 +128,7 @@ class Upstream:
                     f"request to registry {out.registry} failed: {_describe(exc)}",
                     registry=out.registry,
                 ) from exc
-            self._metrics.upstream_latency.labels(out.method).observe(time.perf_counter() - started)
+            self._metrics.upstream_answered(out.method, time.perf_counter() - started)
             status = resp.status
             if status == 401 and not refreshed and out.replayable:
                 # Key rotated, token revoked, or the challenge changed: one fresh try.

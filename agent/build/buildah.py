@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.build.child import child_env, kill_tree, run
+from agent.build.child import child_env, describe_exit, kill_tree, run
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import (
     AgentError,
@@ -282,7 +282,7 @@ class BuildahToolchain:
                 cwd=str(work),
             )
             if code != 0:
-                raise _diagnose("buildah bud", code, tail.last(), f"exited with status {code}")
+                raise _diagnose("buildah bud", code, tail.last(), describe_exit(code))
             digest_file = work / "digest"
             argv = [
                 *self._base(conf),
@@ -300,9 +300,7 @@ class BuildahToolchain:
                 "buildah push", argv, sandbox=self._sandbox, env=self._env(), sink=tail
             )
             if code != 0:
-                raise _diagnose(
-                    "pushing the built image", code, tail.last(), f"exited with status {code}"
-                )
+                raise _diagnose("pushing the built image", code, tail.last(), describe_exit(code))
             digest = digest_file.read_text().strip() if digest_file.exists() else None
             return BuildOutput(digest=digest or None)
         finally:
@@ -348,9 +346,7 @@ class BuildahToolchain:
             tail = _Tail(log_sink, self._tail_n)
             code = await run("skopeo copy", argv, sandbox=self._sandbox, env=self._env(), sink=tail)
             if code != 0:
-                raise _diagnose(
-                    "copying the image", code, tail.last(), f"exited with status {code}"
-                )
+                raise _diagnose("copying the image", code, tail.last(), describe_exit(code))
             return digest_file.read_text().strip() if digest_file.exists() else None
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctl.client import Client, RequestFailed
+from ctl.client import Client, DaemonUnreachable, RequestFailed
 from tests.infra.builds import build_sections, wait_for
 from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry
@@ -100,6 +100,8 @@ def run_build(
             except RequestFailed as exc:
                 out.code, out.message = exc.code, str(exc)
                 out.id = out.id or str((exc.details or {}).get("id", ""))
+            except DaemonUnreachable as exc:  # the daemon went away mid-stream
+                out.code, out.message = "unreachable", str(exc)
     finally:
         for fd in fds:
             os.close(fd)
@@ -222,3 +224,46 @@ def wait_final(d: DaemonProcess, build_id: str, timeout: float = 60.0) -> dict[s
 
 def pids_alive(pids: list[int]) -> list[int]:
     return [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A wrapper that holds a tool before it runs: it appends its pid to ``started`` and waits for
+    ``go`` to exist, then execs the real tool with the same argv (the daemon's child is the
+    wrapper's pid throughout, so killing it is killing the tool mid-run)."""
+
+    path: Path
+    started: Path
+    go: Path
+
+    def pids(self) -> list[int]:
+        if not self.started.exists():
+            return []
+        return [int(x) for x in self.started.read_text().split()]
+
+    def wait_started(self, timeout: float = 30.0) -> int:
+        pids: list[int] = wait_for(self.pids, timeout, f"{self.path.name} to start")
+        return pids[-1]
+
+    def open(self) -> None:
+        self.go.touch()
+
+
+def make_gate(bindir: Path, name: str, real: str) -> Gate:
+    bindir.mkdir(parents=True, exist_ok=True)
+    gate = Gate(bindir / name, bindir / f"{name}.started", bindir / f"{name}.go")
+    gate.path.write_text(
+        "#!/bin/sh\n"
+        f"echo $$ >> '{gate.started}'\n"
+        f"while [ ! -e '{gate.go}' ]; do sleep 0.05; done\n"
+        f'exec \'{real}\' "$@"\n'
+    )
+    gate.path.chmod(0o755)
+    return gate
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []

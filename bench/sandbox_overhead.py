@@ -35,12 +35,15 @@ DOC = REPO / "docs" / "performance.md"
 START, END = "<!-- bench:sandbox -->", "<!-- /bench:sandbox -->"
 
 
-def timed(argv: list[str], runs: int) -> list[float]:
-    out = []
+def timed(argvs: list[list[str]], runs: int) -> list[list[float]]:
+    """Run each argv ``runs`` times, interleaved (a, b, c, a, b, c...) so all see the same load;
+    milliseconds per run, per argv."""
+    out: list[list[float]] = [[] for _ in argvs]
     for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(argv, check=True)
-        out.append((time.perf_counter() - t) * 1000)
+        for i, argv in enumerate(argvs):
+            t = time.perf_counter()
+            subprocess.run(argv, check=True)
+            out[i].append((time.perf_counter() - t) * 1000)
     return out
 
 
@@ -65,11 +68,9 @@ async def measure(runs: int) -> str:
         true = shutil.which("true") or "/bin/true"
         async with open_sandbox(app) as sb:
             wrapped_argv = _wrap(sb, true)
-            timed([true], 5)  # warm the page cache for both
-            timed(wrapped_argv, 5)
-            plain = timed([true], runs)
-            python = timed([sys.executable, "-I", "-S", "-c", "pass"], runs)
-            wrapped = timed(wrapped_argv, runs)
+            argvs = [[true], [sys.executable, "-I", "-S", "-c", "pass"], wrapped_argv]
+            timed(argvs, 5)  # warm the page cache
+            plain, python, wrapped = timed(argvs, runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     extra = statistics.median(wrapped) - statistics.median(plain)
@@ -77,7 +78,7 @@ async def measure(runs: int) -> str:
         [
             f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, load average "
             f"{os.getloadavg()[0]:.2f}. "
-            f"`true`, {runs} sequential runs each, fork+exec+wait from Python "
+            f"`true`, {runs} runs each (interleaved), fork+exec+wait from Python "
             f"({platform.python_version()}, {platform.machine()}, kernel {platform.release()}, "
             f"{_cpus()} CPUs). Wrapped = network namespace + private mount namespace with the "
             "hidden paths + PID namespace with a fresh /proc, via agent/sandbox/_exec.py.",

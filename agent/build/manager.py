@@ -210,14 +210,27 @@ class BuildManager:
                 f"queued, build.max_queued = {self.max_queued}); try again later",
                 details={"running": len(self._running), "queued": len(self._queue)},
             )
-        record = self.store.create(record)
+        build_log: BuildLog | None = None
+        try:
+            build_log = BuildLog(self.store.log_path(record["id"]), self.scrub)
+            record = self.store.create(record)
+        except OSError as exc:  # ENOSPC, EROFS, EIO: the caller gets why, not an internal error
+            if build_log is not None:
+                build_log.close()
+                with contextlib.suppress(OSError):
+                    self.store.log_path(record["id"]).unlink()
+            raise InternalError(
+                f"cannot record the build under {self.store.dir}: {exc.strerror or exc}; "
+                "free space on that filesystem (daemon.state_dir), then build again",
+                details={"errno": exc.errno},
+            ) from exc
         build = Build(
             id=record["id"],
             key=key,
             plan=plan,
             timeout=timeout,
             record=record,
-            log=BuildLog(self.store.log_path(record["id"]), self.scrub),
+            log=build_log,
             pinned=detach,
         )
         self._live[build.id] = build

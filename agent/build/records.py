@@ -61,6 +61,10 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk must not also leave a temp file
+            os.unlink(tmp)
+        raise
     finally:
         os.close(fd)
     os.rename(tmp, path)
@@ -130,8 +134,8 @@ class RecordStore:
         record.setdefault("created", now)
         record["state"] = QUEUED
         record["transitions"] = [{"state": QUEUED, "at": now}]
+        self.save(record)  # first: a record that cannot be written is not known either
         self._records[record["id"]] = record
-        self.save(record)
         return record
 
     def transition(self, record: dict[str, Any], state: str, **fields: Any) -> None:

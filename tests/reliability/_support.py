@@ -256,7 +256,7 @@ def make_gate(bindir: Path, name: str, real: str) -> Gate:
         "#!/bin/sh\n"
         f"echo $$ >> '{gate.started}'\n"
         f"while [ ! -e '{gate.go}' ]; do sleep 0.05; done\n"
-        f'exec \'{real}\' "$@"\n'
+        f"exec '{real}' \"$@\"\n"
     )
     gate.path.chmod(0o755)
     return gate

@@ -621,10 +621,13 @@ def _notes(
             "request and response buffering off) is also a third process, and under a load "
             "that changes second to second the paired per-round ratios scatter around 1.",
         ]
-    if added > 0.5:
+    verdict = "missed" if added > 0.5 else "met"
+    if added > 0.35:  # near or past the goal: say what sets it
         out += [
             "",
-            f"**Added HEAD latency goal (<= 0.5 ms) missed in this run:** {added:.3f} ms. The "
+            f"**Added HEAD latency (goal <= 0.5 ms) {verdict} in this run:** {added:.3f} ms, "
+            "close to the goal either way; with the machine's load changing, runs land on "
+            "both sides of it. The "
             "proxy's added latency is one aiohttp server hop plus one aiohttp client request; "
             f"the reference row shows that a bare aiohttp client -> server HEAD alone takes "
             f"{r['head']['aiohttp_hop']:.3f} ms on this machine, so the added latency is at the "

@@ -597,6 +597,12 @@ def _notes(
     """Why a goal was missed, from what this run measured (written with the figures)."""
     out: list[str] = []
     cpu = r["proxy_cpu"]
+
+    def spread(kind: str) -> str:
+        return " / ".join(
+            f"{rd['proxy'][kind] / rd['direct'][kind]:.2f}" for rd in r["rounds_mbps"]
+        )
+
     load = max(r["load"])
     cpus = os.cpu_count() or 1
     if min(pp, pl) < 0.95:
@@ -610,9 +616,10 @@ def _notes(
             f"each time a pipe-full is ready. This machine has {cpus} CPUs and the load average "
             f"reached {load:.1f} during the run (other builds and test suites share it), so "
             "every hand-over waits in the run queue and the pipeline stalls; the direct path "
-            "has one hand-over fewer. The ratios also moved by +-20% between runs minutes "
-            "apart. The figure to trust for the goal is a run on an idle machine with at "
-            "least 4 CPUs; on this one it cannot be shown either way.",
+            "has one hand-over fewer. The per-round ratios of this run show how much the "
+            f"load moves them: push {spread('push')}, pull {spread('pull')} (proxy/direct). "
+            "The figure to trust for the goal is a run on an idle machine with at least 4 "
+            "CPUs; on this one it cannot be shown either way.",
         ]
     if min(np_, nl) < 1.0:
         out += [

@@ -356,3 +356,23 @@ async def test_a_nat_subnet_already_in_use_is_refused(short_tmp: Path) -> None:
                 pass
         assert not _netns.exists(second.config.sandbox.netns)
         assert not _egress.link_exists(second.config.sandbox.netns)
+
+
+async def test_children_lose_capabilities_no_builder_needs(
+    sandbox: tuple[Sandbox, App], short_tmp: Path
+) -> None:
+    sb, _ = sandbox
+    code, out = await run_child(sb, ["grep", "CapBnd", "/proc/self/status"], short_tmp / "home")
+    assert code == 0, out
+    child = int(out.split()[1], 16)
+    host = int(own_status("CapBnd"), 16)
+    for cap in (16, 22, 25):  # sys_module, sys_boot, sys_time
+        assert host & (1 << cap), "control: the test runs with the capability"
+        assert not child & (1 << cap), out
+    assert child & (1 << 21)  # sys_admin stays: buildah and buildkitd mount
+
+
+def own_status(field: str) -> str:
+    """A field of this process's /proc/self/status."""
+    status = Path("/proc/self/status").read_text()
+    return next(ln for ln in status.splitlines() if ln.startswith(field + ":")).split()[1]

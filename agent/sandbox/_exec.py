@@ -14,7 +14,9 @@ does its work with a handful of system calls:
 5. ``--keep DIR`` (taken before hiding, with ``open_tree``), ``--hide DIR`` (an empty read-only
    tmpfs over it, then each kept directory under it moved back in), ``--hide-file FILE``
    (``/dev/null`` bound over it, read-only).
-6. With ``--pid``: a new ``/proc`` for the new PID namespace. Then ``execvp(argv)``.
+6. Capabilities no builder needs (loading kernel modules, raw I/O, reboot, setting the clock...)
+   leave the bounding set: :data:`DROP_CAPS`.
+7. With ``--pid``: a new ``/proc`` for the new PID namespace. Then ``execvp(argv)``.
 
 A step the kernel refuses ends the helper with status 125 and one line on stderr naming the step:
 ``build-agent sandbox: <step> failed: <reason>``; the daemon's start probe turns it into a
@@ -43,6 +45,12 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+# Capabilities no builder needs (not buildah, buildkitd/runc, nor their default RUN capability
+# sets): dropped from the bounding set, so neither a child nor anything it runs can get them back.
+# sys_module 16, sys_rawio 17, sys_pacct 20, sys_boot 22, sys_time 25, audit_control 30,
+# mac_override 32, mac_admin 33, syslog 34, wake_alarm 35, block_suspend 36.
+DROP_CAPS = (16, 17, 20, 22, 25, 30, 32, 33, 34, 35, 36)
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
@@ -52,6 +60,7 @@ MOVE_MOUNT_F_EMPTY_PATH = 0x4
 SYS_OPEN_TREE = 428  # the same number on every architecture (new syscall table, Linux 5.2)
 SYS_MOVE_MOUNT = 429
 FAILED = 125
+EINVAL = 22
 # Signals forwarded to the namespace's PID 1 (the rest are not meant for it, or cannot be caught).
 FORWARD = (
     signal.SIGTERM,
@@ -165,6 +174,14 @@ def hide(dirs: list[str], files: list[str], keeps: list[str]) -> None:
             mount(None, f, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
 
 
+def drop_caps() -> None:
+    for cap in DROP_CAPS:
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0:
+            err = ctypes.get_errno()
+            if err != EINVAL:  # a capability this kernel does not know
+                raise fail(f"prctl(PR_CAPBSET_DROP, {cap})", err)
+
+
 def supervise(child: int, proc_fd: int) -> None:
     """Stay outside the PID namespace as its PID 1's parent until it ends; exit as it did."""
 
@@ -231,6 +248,7 @@ def start(opts: dict[str, list[str]], argv: list[str]) -> None:
         if select.select([alive_r], [], [], 0)[0]:  # the supervisor died before prctl took hold
             os._exit(FAILED)
     hide(opts["--hide"], opts["--hide-file"], opts["--keep"])
+    drop_caps()
     if pid_ns:
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     try:

@@ -15,7 +15,8 @@
 ``listen(port)`` returns the proxy's listening socket, bound on 127.0.0.1:<port> inside the
 namespace. ``wrap(argv, pid_namespace=...)`` returns the argv that runs ``argv`` in the sandbox:
 the network namespace, a private mount namespace and, for every child, a PID namespace of its own
-with a fresh ``/proc`` (PID 1 of it dies with the daemon; everything in it dies with PID 1). The
+with a fresh ``/proc`` (PID 1 of it dies with the daemon; everything in it dies with PID 1), and
+without the capabilities no builder needs (``_exec.DROP_CAPS``: modules, raw I/O, boot, time). The
 returned argv must be exec'd directly by the daemon process (``agent/build/child.py`` ``spawn``).
 
 What children can see (the rule the toolchains follow; details in ``_wrap.py``):

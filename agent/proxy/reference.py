@@ -85,8 +85,17 @@ def is_tag(ref: str) -> bool:
     return bool(_TAG.fullmatch(ref))
 
 
+# The OCI image spec's registered algorithms fix their encoding; a registry asked for anything
+# else answers 500 (docker-registry reads it as a tag), so the proxy refuses it as a bad path.
+_REGISTERED = {"sha256": re.compile(r"[a-f0-9]{64}"), "sha512": re.compile(r"[a-f0-9]{128}")}
+
+
 def is_digest(ref: str) -> bool:
-    return bool(_DIGEST.fullmatch(ref))
+    if not _DIGEST.fullmatch(ref):
+        return False
+    algorithm, _, encoded = ref.partition(":")
+    registered = _REGISTERED.get(algorithm)
+    return registered is None or bool(registered.fullmatch(encoded))
 
 
 def split_repository(name: str) -> tuple[str, str]:

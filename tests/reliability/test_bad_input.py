@@ -233,17 +233,17 @@ def _corpus(mirror: str, good_digest: str) -> list[tuple[str, bytes]]:
         (
             "http: negative length",
             get("/v2/ws/app/blobs/uploads/", "Content-Length: -1", method="POST"),
-        ),  # fmt: skip
+        ),
         (
             "http: CL and TE",
             get("/v2/", "Content-Length: 4", "Transfer-Encoding: chunked", method="POST")
             + b"0\r\n\r\nGET /v2/_catalog HTTP/1.1\r\n\r\n",
-        ),  # fmt: skip
+        ),
         (
             "http: bad chunk",
             get("/v2/ws/app/blobs/uploads/", "Transfer-Encoding: chunked", method="PATCH")
             + b"zz\r\nhello\r\n",
-        ),  # fmt: skip
+        ),
         ("http: truncated head", b"GET /v2/ws/app/manifests/latest HTTP/1.1\r\nHost: x"),
     ]
     return out

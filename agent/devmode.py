@@ -146,6 +146,11 @@ def local_registry(root: Path) -> Iterator[str]:
 
 
 def dev_config(tmp: Path, registry: str) -> str:
+    # The sandbox needs root (namespaces, nftables); without it the demo still builds, and the
+    # daemon says loudly that children run unsandboxed.
+    sandbox = (
+        f'mode = "on"\nnetns = "ba-dev-{os.getpid()}"' if os.geteuid() == 0 else 'mode = "off"'
+    )
     return f"""# build-agent development mode (generated; temporary)
 [daemon]
 socket = "{tmp / "agent.sock"}"
@@ -168,7 +173,7 @@ host = "{registry}"
 http = true
 
 [sandbox]
-mode = "off"
+{sandbox}
 """
 
 
@@ -227,7 +232,11 @@ def main(*, demo: bool, keep: bool = False) -> int:
             digest = make_busybox_image(tmp / "base-storage", base)
             print(f"* base image: {base}@{digest}", flush=True)
             with dev_daemon(tmp, registry) as sock:
-                print(f"* daemon: development mode, socket {sock}, state in {tmp}", flush=True)
+                sandboxed = "children sandboxed" if os.geteuid() == 0 else "NO sandbox (not root)"
+                print(
+                    f"* daemon: development mode ({sandboxed}), socket {sock}, state in {tmp}",
+                    flush=True,
+                )
                 if not demo:
                     print(f"  export AGENT_SOCKET={sock}; agentctl info   (Ctrl-C stops)")
                     with contextlib.suppress(KeyboardInterrupt):

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -295,11 +296,7 @@ class DaemonProcess:
         if self._notify is not None:
             self._notify.close()
             self._notify = None
-        for p in self.sock_dir.iterdir() if self.sock_dir.exists() else ():
-            with contextlib.suppress(OSError):
-                p.unlink()
-        with contextlib.suppress(OSError):
-            self.sock_dir.rmdir()
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
 
     def _drain_notify(self) -> None:
         if self._notify is None:

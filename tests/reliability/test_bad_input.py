@@ -103,7 +103,7 @@ _frames = st.lists(
 
 
 def _read_replies(s: socket.socket, expect: int) -> list[dict[str, Any]]:
-    buf, finals = b"", []
+    buf, finals = b"", list[dict[str, Any]]()
     while len(finals) < expect:
         chunk = s.recv(65536)
         if not chunk:

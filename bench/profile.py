@@ -60,6 +60,11 @@ def _frame(f: str) -> str:
     return f"{path}:{name}"
 
 
+# Frames under every sample (the interpreter's entry, the loop's run): no news in "inclusive".
+_WRAPPERS = ("<frozen runpy>", "agent/__main__.py", "asyncio/runners.py", "uvloop/__init__.py",
+             "agent/daemon.py:run")  # fmt: skip
+
+
 def top(raw: Path, n: int = 12) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
     own: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
@@ -75,7 +80,8 @@ def top(raw: Path, n: int = 12) -> tuple[int, list[tuple[str, int]], list[tuple[
         total += c
         own[frames[-1]] += c
         for f in set(frames):
-            incl[f] += c
+            if not f.startswith(_WRAPPERS):
+                incl[f] += c
     return total, own.most_common(n), incl.most_common(n)
 
 

@@ -110,8 +110,8 @@ def render(clients: int, requests: int, s: dict[str, float], load_line: str) -> 
             "final, none lost, fds back to baseline, RSS within 12 MiB |",
             "",
             "Latency is per request from write to final frame, with every client keeping one "
-            "request in flight; the p99 is dominated by the followed log streams (several frames "
-            "per request) and by the clients sharing the 2 CPUs with the daemon.",
+            "request in flight (so 100 clients queue behind each other on one event loop), and "
+            "the clients sharing the 2 CPUs with the daemon.",
             END,
         ]
     )

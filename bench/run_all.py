@@ -115,10 +115,9 @@ def main() -> int:
                 f"\n\n```\n{r.stdout.strip()}\n```"
             )
             DOC.write_text(replace_section(DOC.read_text(), b.name, body))
-        rows.append(
-            f"| {b.name} | `bench/{b.script} {' '.join(argv[2:])}`".rstrip()
-            + f" | {'ok' if r.returncode == 0 else f'exit {r.returncode}'} | {took:.0f} s |"
-        )
+        command = " ".join([f"bench/{b.script}", *argv[2:]])
+        result = "ok" if r.returncode == 0 else f"exit {r.returncode}"
+        rows.append(f"| {b.name} | `{command}` | {result} | {took:.0f} s |")
     la = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     header = "\n".join(
         [

@@ -76,10 +76,10 @@ def load(scale: str) -> str:
          "tests/reliability/test_load.py"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    m = re.search(r"^load: .*$", r.stdout, re.MULTILINE)
-    if r.returncode != 0 or m is None:
+    found = re.findall(r"^load \((\w+)\): (.*)$", r.stdout, re.MULTILINE)
+    if r.returncode != 0 or not found:
         return f"the load test failed (exit {r.returncode}); see `pytest tests/reliability`"
-    return m.group(0)[len("load: ") :]
+    return "<br>".join(f"{toolchain}: {line}" for toolchain, line in found)
 
 
 def render(clients: int, requests: int, s: dict[str, float], load_line: str) -> str:

@@ -20,7 +20,10 @@ import pytest
 from tests.infra.builds import (
     build_sections,
     children_of,
+    detach,
+    log_of,
     start_build_daemon,
+    status,
     wait_for,
     write_context,
 )
@@ -50,23 +53,6 @@ def sleeper(tmp: Path, base: str) -> Path:
         tmp / marker,
         {"Dockerfile": f"FROM {base}\nRUN echo started-{marker} && sleep 60\n"},
     )
-
-
-def detach(d: DaemonProcess, ctx: Path, target: str, *extra: str) -> str:
-    r = d.ctl("build", "--detach", "--context", str(ctx), "--target", target, *extra)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
-
-
-def status(d: DaemonProcess, build_id: str) -> dict[str, Any]:
-    with d.client() as c:
-        result: dict[str, Any] = c.call("status", {"id": build_id})
-        return result
-
-
-def log_of(d: DaemonProcess, build_id: str) -> str:
-    with d.client() as c:
-        return str(c.call("logs", {"id": build_id})["data"])
 
 
 def wait_started(d: DaemonProcess, build_id: str) -> None:

@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 
 from agent.sandbox import _egress, _netns
-from tests.infra.builds import build_sections, read_from_image, wait_for, write_context
+from tests.infra.builds import (
+    build_sections,
+    detach,
+    log_of,
+    read_from_image,
+    status,
+    wait_for,
+    write_context,
+)
 from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry
 from tests.infra.sandbox_env import (
@@ -32,23 +40,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root"),
     pytest.mark.skipif(shutil.which("buildah") is None, reason="needs buildah"),
 ]
-
-
-def detach(d: DaemonProcess, ctx: Path, target: str) -> str:
-    r = d.ctl("build", "--detach", "--context", str(ctx), "--target", target)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
-
-
-def status(d: DaemonProcess, build_id: str) -> dict[str, Any]:
-    with d.client() as c:
-        result: dict[str, Any] = c.call("status", {"id": build_id})
-        return result
-
-
-def log_of(d: DaemonProcess, build_id: str) -> str:
-    with d.client() as c:
-        return str(c.call("logs", {"id": build_id})["data"])
 
 
 def sandboxed(registry: Registry, netns: str, egress: str = "none") -> dict[str, dict[str, Any]]:

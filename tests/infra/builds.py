@@ -106,3 +106,23 @@ def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached in {timeout}s")
         time.sleep(0.05)
+
+
+# Driving builds through the real daemon (used by the lifecycle and sandbox tests).
+
+
+def detach(d: DaemonProcess, ctx: Path, target: str, *extra: str) -> str:
+    r = d.ctl("build", "--detach", "--context", str(ctx), "--target", target, *extra)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def status(d: DaemonProcess, build_id: str) -> dict[str, Any]:
+    with d.client() as c:
+        result: dict[str, Any] = c.call("status", {"id": build_id})
+        return result
+
+
+def log_of(d: DaemonProcess, build_id: str) -> str:
+    with d.client() as c:
+        return str(c.call("logs", {"id": build_id})["data"])

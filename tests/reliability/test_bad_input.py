@@ -170,7 +170,9 @@ def test_hostile_arguments_at_the_handlers(
         with d.client() as c:
             assert c.call("status", {"id": build_id})["state"] == "succeeded"
         fds, _ = settled_census(d.pid, 0, base_fds)
-        assert fds == base_fds, f"fds {base_fds} -> {fds}"
+        # A transient fd at baseline (a closing client, a log being written) may be gone after;
+        # growth is what would be a leak.
+        assert fds <= base_fds, f"fds {base_fds} -> {fds}"
         rss = settled_rss_kb(d.pid)
         print(f"\nfuzz: {sent} frames in {elapsed:.1f}s; RSS {base_rss} -> {rss} KiB")
         assert rss - base_rss < 8 * 1024
@@ -345,5 +347,5 @@ def test_malformed_oci_requests_at_the_proxy(
         f"fds {base_fds}->{fds} (+{pooled} pooled); RSS {base_rss}->{rss} KiB\n"
         + "\n".join(f"  {n}: {sorted(map(str, c))}" for n, c in seen.items())
     )
-    assert fds == base_fds, f"fds {base_fds} -> {fds}"
+    assert fds <= base_fds, f"fds {base_fds} -> {fds}"
     assert rss - base_rss < 8 * 1024

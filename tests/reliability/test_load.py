@@ -155,7 +155,7 @@ def test_mixed_builds_under_load(
 
         # Resources back to baseline.
         fds, pooled = settled_census(d.pid, registry.port, base_fds)
-        assert fds == base_fds, f"fds {base_fds} -> {fds}"
+        assert fds <= base_fds, f"fds {base_fds} -> {fds}"  # growth would be a leak
         assert pooled <= 64, f"{pooled} upstream connections kept (the pool's limit per host: 64)"
         rss = settled_rss_kb(d.pid)
         print(

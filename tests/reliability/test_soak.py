@@ -49,7 +49,7 @@ def test_control_plane_soak(short_tmp: Path, registry: Registry, base_image: str
         assert not result.errors, result.errors[:5]
         assert result.requests == clients * requests
         fds, _ = settled_census(d.pid, registry.port, base_fds)
-        assert fds == base_fds, f"fds {base_fds} -> {fds}"
+        assert fds <= base_fds, f"fds {base_fds} -> {fds}"  # growth would be a leak
         rss = settled_rss_kb(d.pid)
         assert rss - base_rss < 12 * 1024, f"RSS grew {base_rss} -> {rss} KiB"
         assert d.ctl("ping").returncode == 0

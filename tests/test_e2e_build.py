@@ -322,6 +322,19 @@ def test_push_refused_without_credentials(
     assert "STEP 3/3: RUN" in log_path.read_text()  # the forced one did build before the push
 
 
+def test_bad_references_are_refused_before_anything_runs(
+    daemon: DaemonProcess, registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    ctx = example(short_tmp, base_image)
+    for target in ("UPPER/Case:1", f"{registry.host}/ws:bad tag", f"{registry.host}/ws@sha256:xyz"):
+        err = _failed(daemon, ctx, target)
+        assert err["code"] == "bad_request", (target, err)
+        assert "is not an image reference" in err["message"], err["message"]
+    r = daemon.ctl("build", "--base", f"{registry.host}/Nope:1", "--target", f"{registry.host}/w:1")
+    assert r.returncode == 1 and "bad_request" in r.stderr and "Nope" in r.stderr
+    assert daemon.ctl("ping").returncode == 0
+
+
 def test_dockerfile_escaping_the_context_is_refused(
     daemon: DaemonProcess, registry: Registry, base_image: str, short_tmp: Path
 ) -> None:

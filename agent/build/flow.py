@@ -33,6 +33,7 @@ from agent.build._metrics import BuildMetrics
 from agent.build.toolchain import BuildSpec, LogSink, Toolchain
 from agent.errors import AgentError, BadRequest, BuildFailed, NotFound, UpstreamError
 from agent.ports import RegistryPort, RouteTarget
+from agent.proxy import reference
 
 log = logging.getLogger("agent.build")
 
@@ -49,18 +50,22 @@ class Ref:
 
     @classmethod
     def parse(cls, text: str, *, what: str = "reference") -> Ref:
+        """Split ``text`` as written (no docker.io/library/ expansion, no default tag: routes and
+        records keep the caller's spelling); the grammar is the proxy's parser's, so the two never
+        disagree on what is a valid reference."""
         ref = text.strip()
+        try:
+            reference.parse(ref)
+        except BadRequest as exc:
+            raise BadRequest(
+                f"{what} {text!r} is not an image reference ({exc.message}); "
+                "give e.g. registry.example.com/team/image:tag"
+            ) from None
         name, at, digest = ref.partition("@")
         tag: str | None = None
-        slash, colon = name.rfind("/"), name.rfind(":")
-        if colon > slash:
-            name, tag = name[:colon], name[colon + 1 :]
-        if not name or (at and not digest) or (tag is not None and not tag) or " " in ref:
-            raise BadRequest(
-                f"{what} {text!r} is not an image reference; "
-                "give e.g. registry.example.com/team/image:tag"
-            )
-        return cls(name, tag, digest or None)
+        if name.rfind(":") > name.rfind("/"):
+            name, _, tag = name.rpartition(":")
+        return cls(name, tag, digest if at else None)
 
     def __str__(self) -> str:
         out = self.repo

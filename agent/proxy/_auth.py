@@ -133,6 +133,7 @@ class Authenticator:
         self._challenges[registry] = pick_challenge(header)
 
     async def challenge(self, registry: str) -> Challenge:
+        self._creds.maybe_reload()  # a changed credential file drops what was learnt with it
         if self._creds.generation != self._generation:
             self._generation = self._creds.generation
             self.clear()
@@ -167,10 +168,8 @@ class Authenticator:
     ) -> str | None:
         """The Authorization value, or None when the registry needs none."""
         ch = await self.challenge(registry)
-        if ch.scheme == "none":
-            return None
-        cred = await self._creds.get(registry)
         if ch.scheme == "basic":
+            cred = await self._creds.get(registry)
             if cred is None or not cred.password:
                 return None
             return "Basic " + cred.basic()
@@ -179,6 +178,8 @@ class Authenticator:
         key = (registry, scopes)
         tok = self._tokens.get(key)
         if tok is not None and not force and tok.expires > self.clock():
+            # A cached token needs no credential lookup (a helper would run on every expiry
+            # of its own cache, not the token's).
             return "Bearer " + tok.value
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
@@ -187,6 +188,7 @@ class Authenticator:
             # when it is newer than the token that failed (the caller passes force once).
             if tok is not None and tok.expires > self.clock() and not force:
                 return "Bearer " + tok.value
+            cred = await self._creds.get(registry)
             tok = await self._fetch(registry, ch, scopes, cred)
             if len(self._tokens) >= _MAX_TOKENS:
                 self._prune()

@@ -162,16 +162,8 @@ class Proxy:
     async def manifest_digest(self, ref: str) -> str | None:
         r = reference.parse(ref)
         url = f"{self.transport.base_url(r.registry)}/v2/{r.repository}/manifests/{r.ref}"
-        out = Outgoing(
-            registry=r.registry,
-            method="HEAD",
-            url=url,
-            headers=CIMultiDict(Accept=MANIFEST_ACCEPT),
-            scopes=frozenset({scope(r.repository, ["pull"])}),
-            retryable=True,
-        )
         started = time.perf_counter()
-        resp = await self.upstream.send(out)
+        resp = await self.upstream.send(_manifest_request(r, "HEAD", url))
         try:
             status = resp.status
             if status == 404:
@@ -199,15 +191,7 @@ class Proxy:
 
     async def _hash_manifest(self, r: reference.Reference, url: str) -> str:
         """Some registries omit Docker-Content-Digest on HEAD: hash the manifest's bytes."""
-        out = Outgoing(
-            registry=r.registry,
-            method="GET",
-            url=url,
-            headers=CIMultiDict(Accept=MANIFEST_ACCEPT),
-            scopes=frozenset({scope(r.repository, ["pull"])}),
-            retryable=True,
-        )
-        resp = await self.upstream.send(out)
+        resp = await self.upstream.send(_manifest_request(r, "GET", url))
         try:
             if resp.status >= 400:
                 raise UpstreamUnavailable(
@@ -227,6 +211,17 @@ class Proxy:
         finally:
             resp.release()
         return f"sha256:{h.hexdigest()}"
+
+
+def _manifest_request(r: reference.Reference, method: str, url: str) -> Outgoing:
+    return Outgoing(
+        registry=r.registry,
+        method=method,
+        url=url,
+        headers=CIMultiDict(Accept=MANIFEST_ACCEPT),
+        scopes=frozenset({scope(r.repository, ["pull"])}),
+        retryable=True,
+    )
 
 
 def _bind(address: str) -> socket.socket:

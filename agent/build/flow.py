@@ -6,13 +6,13 @@
     exists upstream and not force?  ─ yes ─▶ base cache hit
     else: route(base: push pinned to <key>)
           toolchain.build -> push to route.base:<key>
-          HEAD base_ref -> base digest
+          the push's digest (HEAD base_ref only when the tool did not report one)
                         │
     target = target_ref, or target_repo:sha256("<base repo>@<base digest>\\n<process version>\\n")
     exists and not force?  ─ yes ─▶ workspace cache hit
     else: route(base: read, target: push pinned to <tag>)
           copy route.base@digest -> route.target:tag
-    HEAD target -> digest, or "the build did not produce the workspace image"
+    the copy's digest, else HEAD target, else "the build did not produce the workspace image"
 
 Every route is removed as soon as its phase ends. The proxy maps ``route.base``/``route.target``
 onto the real repositories and holds the credentials; this module only sees upstream refs and the
@@ -189,8 +189,10 @@ class Flow:
             out.digest = existing
             return out
         out.cache["workspace"] = False
-        await self._timed("copy", self._copy(base_repo, base_digest, target))
-        digest = await self._timed("verify", self._proxy.manifest_digest(str(target)))
+        # As for the base: the copy's own digest is the registry's answer; ask only when the tool
+        # did not say.
+        copied = await self._timed("copy", self._copy(base_repo, base_digest, target))
+        digest = copied or await self._timed("verify", self._proxy.manifest_digest(str(target)))
         if not digest:
             raise BuildFailed(
                 f"the build did not produce the workspace image: {target} is not in the "
@@ -269,7 +271,7 @@ class Flow:
         self._say(f"base image {ref} pushed ({digest})")
         return digest
 
-    async def _copy(self, base_repo: str, base_digest: str, target: Ref) -> None:
+    async def _copy(self, base_repo: str, base_digest: str, target: Ref) -> str | None:
         route = self._proxy.add_build_route(
             base=RouteTarget(base_repo),
             target=RouteTarget(target.repo, tag=target.tag, push=True),
@@ -279,7 +281,7 @@ class Flow:
             self._say(f"copying {base_repo}@{base_digest} to {target}")
             self._metrics.tool_runs.labels("copy").inc()
             try:
-                await self._tc.copy(
+                return await self._tc.copy(
                     f"{route.base}@{base_digest}", f"{route.target}:{target.tag}", self._sink
                 )
             except AgentError as exc:

@@ -22,6 +22,7 @@ from tests.infra.proxy_harness import (
     push_image,
     run,
     skopeo_env,
+    team_proxy,
     token_registry,
     write_docker_config,
 )
@@ -43,11 +44,7 @@ async def test_basic_auth_with_inline_credentials(
     make_proxy: ProxyFactory, htpasswd_registry: Registry
 ) -> None:
     reg = htpasswd_registry
-    h = await make_proxy(
-        http_hosts=[reg.host],
-        routes=[("ws", f"{reg.host}/team", "push")],
-        credentials=[(reg.host, USER, PASSWORD)],
-    )
+    h = await team_proxy(make_proxy, reg.host, login=True)
     async with aiohttp.ClientSession() as s:
         digest, _ = await push_image(s, h.url, "ws/basic", "v1", os.urandom(2000))
     assert await h.proxy.manifest_digest(f"{reg.host}/team/basic:v1") == digest
@@ -57,7 +54,7 @@ async def test_basic_auth_refused_without_credentials(
     make_proxy: ProxyFactory, htpasswd_registry: Registry
 ) -> None:
     reg = htpasswd_registry
-    h = await make_proxy(http_hosts=[reg.host], routes=[("ws", f"{reg.host}/team", "push")])
+    h = await team_proxy(make_proxy, reg.host)
     async with aiohttp.ClientSession() as s, s.get(f"{h.url}/v2/ws/x/tags/list") as r:
         assert r.status == 401
         # The registry's challenge is not passed on: clients must not go around the proxy.
@@ -76,9 +73,7 @@ async def test_token_auth_push_with_docker_config_leaks_nothing(
     cfg = write_docker_config(short_tmp / "config.json", {"auths": {reg.host: auth_entry()}})
     caplog.set_level(logging.DEBUG)  # every logger, every level
     issued_before = len(reg.tokens.issued)
-    h = await make_proxy(
-        http_hosts=[reg.host], routes=[("ws", f"{reg.host}/team", "push")], docker_config=cfg
-    )
+    h = await team_proxy(make_proxy, reg.host, docker_config=cfg)
     env = skopeo_env(short_tmp)
     dst = f"docker://{h.proxy.child_address}/ws/leak-check:1"
     res = await run("skopeo", "--debug", "copy", *TLS, f"docker://{base_image}", dst, env=env)
@@ -103,11 +98,7 @@ async def test_token_cache_one_fetch_then_refresh_on_expiry(
     make_proxy: ProxyFactory, token_registry: TokenRegistry, short_tmp: Path
 ) -> None:
     reg = token_registry
-    h = await make_proxy(
-        http_hosts=[reg.host],
-        routes=[("ws", f"{reg.host}/team", "push")],
-        credentials=[(reg.host, USER, PASSWORD)],
-    )
+    h = await team_proxy(make_proxy, reg.host, login=True)
     async with aiohttp.ClientSession() as s:
         await push_image(s, h.url, "ws/cache", "v1", os.urandom(500))
         pulls_before = h.metric(FETCHED, result="ok")
@@ -134,14 +125,10 @@ async def test_anonymous_token_for_pulls(
     make_proxy: ProxyFactory, token_registry: TokenRegistry
 ) -> None:
     reg = token_registry
-    owner = await make_proxy(
-        http_hosts=[reg.host],
-        routes=[("ws", f"{reg.host}/team", "push")],
-        credentials=[(reg.host, USER, PASSWORD)],
-    )
+    owner = await team_proxy(make_proxy, reg.host, login=True)
     async with aiohttp.ClientSession() as s:
         digest, _ = await push_image(s, owner.url, "ws/public", "v1", os.urandom(300))
-    anon = await make_proxy(http_hosts=[reg.host], routes=[("ws", f"{reg.host}/team", "push")])
+    anon = await team_proxy(make_proxy, reg.host)
     assert await anon.proxy.manifest_digest(f"{reg.host}/team/public:v1") == digest
     assert reg.tokens.fetches[-1].grant == "anonymous"
     url = f"{anon.url}/v2/ws/public/blobs/uploads/"
@@ -159,9 +146,7 @@ async def test_identity_token_uses_refresh_grant(
         short_tmp / "config.json",
         {"auths": {f"https://{reg.host}": {"identitytoken": "idt-9f8e7d6c5b4a"}}},
     )
-    h = await make_proxy(
-        http_hosts=[reg.host], routes=[("ws", f"{reg.host}/team", "push")], docker_config=cfg
-    )
+    h = await team_proxy(make_proxy, reg.host, docker_config=cfg)
     async with aiohttp.ClientSession() as s:
         await push_blob(s, h.url, "ws/idtoken", os.urandom(100))
     assert reg.tokens.fetches[-1].grant == "refresh_token"
@@ -173,11 +158,7 @@ async def test_key_rotation_costs_exactly_one_retry(
 ) -> None:
     tr = start_token_registry(short_tmp / "rot", {USER: PASSWORD})
     try:
-        h = await make_proxy(
-            http_hosts=[tr.host],
-            routes=[("ws", f"{tr.host}/team", "push")],
-            credentials=[(tr.host, USER, PASSWORD)],
-        )
+        h = await team_proxy(make_proxy, tr.host, login=True)
         async with aiohttp.ClientSession() as s:
             await push_image(s, h.url, "ws/rot", "v1", os.urandom(100))
             url = f"{h.url}/v2/ws/rot/manifests/v1"
@@ -211,11 +192,7 @@ async def test_wrong_password_is_a_clear_401(
     make_proxy: ProxyFactory, token_registry: TokenRegistry
 ) -> None:
     reg = token_registry
-    h = await make_proxy(
-        http_hosts=[reg.host],
-        routes=[("ws", f"{reg.host}/team", "push")],
-        credentials=[(reg.host, USER, "not-the-password")],
-    )
+    h = await team_proxy(make_proxy, reg.host, credentials=[(reg.host, USER, "not-the-password")])
     async with aiohttp.ClientSession() as s, s.get(f"{h.url}/v2/ws/x/tags/list") as r:
         assert r.status == 401
         message = (await r.json())["errors"][0]["message"]
@@ -228,11 +205,7 @@ async def test_cross_repo_mount_token_carries_both_scopes(
     make_proxy: ProxyFactory, token_registry: TokenRegistry
 ) -> None:
     reg = token_registry
-    h = await make_proxy(
-        http_hosts=[reg.host],
-        routes=[("ws", f"{reg.host}/team", "push")],
-        credentials=[(reg.host, USER, PASSWORD)],
-    )
+    h = await team_proxy(make_proxy, reg.host, login=True)
     async with aiohttp.ClientSession() as s:
         digest = await push_blob(s, h.url, "ws/mnt-src", os.urandom(4000))
         async with s.post(

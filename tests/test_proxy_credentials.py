@@ -21,6 +21,7 @@ from tests.infra.proxy_harness import (
     ProxyFactory,
     htpasswd_registry,
     make_proxy,
+    team_proxy,
     write_docker_config,
 )
 from tests.infra.registry import Registry
@@ -173,9 +174,7 @@ async def test_file_change_and_reload_and_broken_file(
     reg = htpasswd_registry
     path = short_tmp / "config.json"
     write_docker_config(path, {"auths": {reg.host: {"auth": b64(f"{USER}:wrong")}}})
-    h = await make_proxy(
-        http_hosts=[reg.host], routes=[("ws", f"{reg.host}/team", "push")], docker_config=path
-    )
+    h = await team_proxy(make_proxy, reg.host, docker_config=path)
     url = f"{h.url}/v2/ws/x/tags/list"
     async with aiohttp.ClientSession() as s:
         async with s.get(url) as r:

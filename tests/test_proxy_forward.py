@@ -26,6 +26,7 @@ from tests.infra.proxy_harness import (
     push_image,
     run,
     skopeo_env,
+    team_proxy,
 )
 from tests.infra.registry import Registry, free_port, start_registry
 
@@ -64,9 +65,7 @@ async def test_base_endpoint_answers_itself(make_proxy: ProxyFactory, registry: 
 async def test_skopeo_copy_and_inspect_through_static_route(
     make_proxy: ProxyFactory, registry: Registry, base_image: str, short_tmp: Path
 ) -> None:
-    h = await make_proxy(
-        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
-    )
+    h = await team_proxy(make_proxy, registry.host)
     env = skopeo_env(short_tmp)
     dst = f"docker://{h.proxy.child_address}/ws/copied:1"
     res = await run("skopeo", "copy", *TLS, f"docker://{base_image}", dst, env=env)
@@ -94,9 +93,7 @@ async def test_skopeo_copy_and_inspect_through_static_route(
 async def test_buildah_push_and_pull_through_proxy(
     make_proxy: ProxyFactory, registry: Registry, base_image: str, short_tmp: Path
 ) -> None:
-    h = await make_proxy(
-        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
-    )
+    h = await team_proxy(make_proxy, registry.host)
     b = buildah_cmd(short_tmp / "buildah")
     env = skopeo_env(short_tmp)
     mirror = f"{h.proxy.child_address}/mirror/{mirror_name(registry.host)}/busybox:latest"
@@ -119,9 +116,7 @@ async def test_buildah_push_and_pull_through_proxy(
 async def test_multi_chunk_upload_and_range_get(
     make_proxy: ProxyFactory, registry: Registry
 ) -> None:
-    h = await make_proxy(
-        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
-    )
+    h = await team_proxy(make_proxy, registry.host)
     data = os.urandom(3 * 65536 + 123)
     async with aiohttp.ClientSession() as s:
         digest = await push_blob(s, h.url, "ws/chunks", data, chunk=65536)
@@ -145,9 +140,7 @@ async def test_multi_chunk_upload_and_range_get(
 async def test_cross_repo_mount_reuploads_nothing(
     make_proxy: ProxyFactory, registry: Registry
 ) -> None:
-    h = await make_proxy(
-        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
-    )
+    h = await team_proxy(make_proxy, registry.host)
     data = os.urandom(50_000)
     async with aiohttp.ClientSession() as s:
         digest = await push_blob(s, h.url, "ws/mount-src", data)
@@ -293,9 +286,7 @@ async def test_refusals_forward_nothing(make_proxy: ProxyFactory, registry: Regi
 
 
 async def test_upstream_errors_pass_through(make_proxy: ProxyFactory, registry: Registry) -> None:
-    h = await make_proxy(
-        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
-    )
+    h = await team_proxy(make_proxy, registry.host)
     url = f"{h.url}/v2/ws/never-pushed/manifests/nope"
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         assert r.status == 404
@@ -324,9 +315,7 @@ async def test_stopped_registry_gives_503_after_bounded_retries(
 ) -> None:
     reg = start_registry(short_tmp / "doomed")
     try:
-        h = await make_proxy(
-            http_hosts=[reg.host], routes=[("ws", f"{reg.host}/team", "push")], retries=3
-        )
+        h = await team_proxy(make_proxy, reg.host, retries=3)
         async with aiohttp.ClientSession() as s, s.get(f"{h.url}/v2/ws/x/tags/list") as r:
             assert r.status == 404  # reachable: the registry answers
         reg.stop()
@@ -484,9 +473,7 @@ async def test_memory_stays_flat_for_a_large_blob(
     blob's size (the bench measures RSS of a separate proxy process at 1 GiB)."""
     import tracemalloc
 
-    h = await make_proxy(
-        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
-    )
+    h = await team_proxy(make_proxy, registry.host)
     size, piece = 64 << 20, os.urandom(1 << 20)
     digest = digest_of(piece * (size // len(piece)))
 
@@ -555,9 +542,7 @@ async def test_large_blob_download_is_exact_and_keeps_the_connection(
     make_proxy: ProxyFactory, registry: Registry
 ) -> None:
     """Blobs of a MiB and more leave through splice(2): bytes, ranges and keep-alive hold."""
-    h = await make_proxy(
-        http_hosts=[registry.host], routes=[("ws", f"{registry.host}/team", "push")]
-    )
+    h = await team_proxy(make_proxy, registry.host)
     data = os.urandom(5 * (1 << 20) + 17)
     conn = aiohttp.TCPConnector(limit=1)  # one connection: every request reuses it
     async with aiohttp.ClientSession(connector=conn) as s:

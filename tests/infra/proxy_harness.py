@@ -99,6 +99,16 @@ async def make_proxy(short_tmp: Path) -> AsyncIterator[ProxyFactory]:
         await stack.aclose()
 
 
+async def team_proxy(
+    make_proxy: ProxyFactory, host: str, *, login: bool = False, **kw: Any
+) -> Harness:
+    """A proxy whose static route ``ws`` pushes to ``<host>/team`` over plain HTTP; ``login``
+    gives it USER's inline credentials for ``host``."""
+    if login:
+        kw["credentials"] = [(host, USER, PASSWORD)]
+    return await make_proxy(http_hosts=[host], routes=[("ws", f"{host}/team", "push")], **kw)
+
+
 @pytest.fixture(scope="session")
 def htpasswd_registry(session_tmp: Path) -> Iterator[Registry]:
     reg = start_registry(

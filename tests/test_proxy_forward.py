@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import AsyncIterator
@@ -181,8 +182,13 @@ async def test_cross_repo_mount_reuploads_nothing(
 
 
 async def test_build_route_pins_writes_and_vanishes(
-    make_proxy: ProxyFactory, registry: Registry, base_image: str, short_tmp: Path
+    make_proxy: ProxyFactory,
+    registry: Registry,
+    base_image: str,
+    short_tmp: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)  # the per-request debug line names every path
     h = await make_proxy(http_hosts=[registry.host])
     route = h.proxy.add_build_route(
         base=RouteTarget(repo=f"{registry.host}/busybox", tag="latest"),
@@ -226,6 +232,8 @@ async def test_build_route_pins_writes_and_vanishes(
     cap = route.prefix.split("/")[1]
     text = f"pushing to {route.target}:t1 (cap {cap})"
     assert cap not in h.proxy.scrub(text)
+    assert "/v2/b/***/target/manifests/t1" in caplog.text
+    assert cap not in caplog.text
 
 
 async def test_mirror_routes_are_read_only(

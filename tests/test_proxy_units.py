@@ -3,7 +3,6 @@ lifetimes, Location mapping."""
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -148,7 +147,9 @@ def test_token_lifetime() -> None:
     assert _lifetime({"expires_in": 300, "issued_at": old}, 60) == pytest.approx(190, abs=2)
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     assert _lifetime({"expires_in": 300, "issued_at": future}, 60) == pytest.approx(290)
-    assert time.time() > 0
+    # A skewed clock: an issued_at far in the past costs at most half the lifetime.
+    ancient = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    assert _lifetime({"expires_in": 300, "issued_at": ancient}, 60) == pytest.approx(140)
 
 
 def test_location_mapping_relative_absolute_and_outside_v2() -> None:

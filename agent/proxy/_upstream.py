@@ -84,6 +84,8 @@ class Upstream:
         session = self._transport.session
         ssl = self._transport.ssl_for(out.registry)
         follow = out.method in ("GET", "HEAD")
+        # Sent as written: an upload's _state query must reach the registry intact.
+        url = URL(out.url, encoded=True)
         while True:
             attempt += 1
             try:
@@ -103,8 +105,7 @@ class Upstream:
             try:
                 resp = await session.request(
                     out.method,
-                    # Sent as written: an upload's _state query must reach the registry intact.
-                    URL(out.url, encoded=True),
+                    url,
                     headers=headers,
                     data=out.body,
                     ssl=ssl,

@@ -142,7 +142,6 @@ class Forwarder:
     ) -> web.StreamResponse:
         t = res.target
         method = request.method
-        base = self._transport.base_url(t.registry)
         scopes = {_scope(t, _actions(method))}
         query = raw_query
         if res.endpoint == "blobs/uploads" and res.ref:
@@ -152,7 +151,7 @@ class Forwarder:
             url = stored
         else:
             tail = f"/{res.ref}" if res.ref or res.endpoint == "blobs/uploads" else ""
-            url = f"{base}/v2/{t.repository}/{res.endpoint}{tail}"
+            url = f"{self._transport.base_url(t.registry)}/v2/{t.repository}/{res.endpoint}{tail}"
         if query:
             query = self._rewrite_query(query, res, scopes)
         if query:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from agent.build.buildah import registries_conf  # noqa: E402
 from agent.build.context import HashCache, hash_context  # noqa: E402
 from agent.devmode import buildah_cmd, make_busybox_image  # noqa: E402
-from bench.control_plane import machine  # noqa: E402
+from bench._common import machine, write_section  # noqa: E402
 from ctl.client import Client  # noqa: E402
 from tests.infra.builds import build_sections, tool_runs, write_context  # noqa: E402
 from tests.infra.daemon import AGENTCTL, DaemonProcess  # noqa: E402
@@ -230,20 +230,6 @@ def hashing(tmp: Path, files: int, rounds: int) -> dict[str, float]:
         "cold_ms": statistics.median(cold) * 1000,
         "warm_ms": statistics.median(warm) * 1000,
     }
-
-
-def write_section(text: str) -> Path:
-    """Replace this benchmark's section of docs/performance.md (between its own markers)."""
-    doc = REPO / "docs" / "performance.md"
-    current = doc.read_text() if doc.exists() else "# Performance\n\nFigures written by bench/.\n"
-    if MARK_BEGIN in current and MARK_END in current:
-        head, rest = current.split(MARK_BEGIN, 1)
-        _, tail = rest.split(MARK_END, 1)
-        updated = head + text + tail
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text + "\n"
-    doc.write_text(updated)
-    return doc
 
 
 def render(

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import datetime
 import os
-import platform
 import statistics
 import struct
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._common import machine, write_section  # noqa: E402
 from ctl import protocol  # noqa: E402
 from ctl.client import Client  # noqa: E402
 from tests.infra.daemon import AGENTCTL, DaemonProcess  # noqa: E402
@@ -117,22 +117,6 @@ def process_times(path: str, n: int) -> dict[str, float]:
     return {"n": n, "python_ms": b * 1000, "agentctl_ms": c * 1000, "ratio": c / b}
 
 
-def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
-        f"Python {platform.python_version()}; load average before the run {load}"
-    )
-
-
 def render(where: str, lat: dict[str, float], rps: dict[int, float], proc: dict[str, float]) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     ok50 = "met" if lat["p50_ms"] <= 0.2 else "MISSED"
@@ -169,20 +153,6 @@ def render(where: str, lat: dict[str, float], rps: dict[int, float], proc: dict[
         MARK_END,
     ]
     return "\n".join(lines)
-
-
-def write_section(text: str) -> Path:
-    doc = REPO / "docs" / "performance.md"
-    current = doc.read_text() if doc.exists() else "# Performance\n\nFigures written by bench/.\n"
-    if MARK_BEGIN in current and MARK_END in current:
-        head, rest = current.split(MARK_BEGIN, 1)
-        _, tail = rest.split(MARK_END, 1)
-        updated = head + text + tail
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text + "\n"
-    doc.parent.mkdir(exist_ok=True)
-    doc.write_text(updated)
-    return doc
 
 
 def main() -> int:

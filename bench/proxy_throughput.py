@@ -42,6 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._common import cpu_model, write_section  # noqa: E402
+
 MiB = 1 << 20
 USER, PASSWORD = "bench", "bench-pw-7c1f"
 START, END = "<!-- bench:proxy -->", "<!-- /bench:proxy -->"
@@ -538,7 +540,7 @@ def render(r: dict[str, Any]) -> str:
         "## Registry proxy (bench/proxy_throughput.py)",
         "",
         f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}: "
-        f"{os.cpu_count()} CPUs ({_cpu()}), Linux {platform.release()}, Python "
+        f"{os.cpu_count()} CPUs ({cpu_model()}), Linux {platform.release()}, Python "
         f"{platform.python_version()}, docker-registry 2.8.2 (filesystem storage), nginx "
         f"{_nginx()}, curl as the client. Blob {size_mib:.0f} MiB, best of {r['rounds']} "
         "round(s); registry, proxy, nginx and client all share the same CPUs over loopback. "
@@ -646,31 +648,9 @@ def _notes(
     return out
 
 
-def _cpu() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def _nginx() -> str:
     out = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
     return out.strip().rpartition("/")[2]
-
-
-def write_doc(section: str) -> Path:
-    doc = ROOT / "docs" / "performance.md"
-    doc.parent.mkdir(exist_ok=True)
-    text = doc.read_text() if doc.exists() else "# Performance\n\nFigures measured by `bench/`.\n"
-    if START in text and END in text:
-        head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text)
-    return doc
 
 
 def main() -> int:
@@ -690,7 +670,7 @@ def main() -> int:
     section = render(result)
     print(section)
     if not args.no_write:
-        print(f"written to {write_doc(section)}")
+        print(f"written to {write_section(section, START, END)}")
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._common import write_section  # noqa: E402
 from tests.infra.builds import build_sections, write_context  # noqa: E402
 from tests.infra.daemon import DaemonProcess  # noqa: E402
 from tests.infra.images import make_busybox_image  # noqa: E402
@@ -33,7 +34,6 @@ from tests.reliability.soak import run_soak  # noqa: E402
 from tests.standins import install  # noqa: E402
 
 START, END = "<!-- bench:reliability -->", "<!-- /bench:reliability -->"
-DOC = REPO / "docs" / "performance.md"
 
 
 def soak(clients: int, requests: int) -> dict[str, float]:
@@ -117,17 +117,6 @@ def render(clients: int, requests: int, s: dict[str, float], load_line: str) -> 
     )
 
 
-def write(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
@@ -140,7 +129,7 @@ def main() -> int:
     section = render(clients, requests, s, load("small" if opts.quick else "full"))
     print(section)
     if not opts.no_write:
-        write(section)
+        write_section(section, START, END)
     return 0 if s["errors"] == 0 else 1
 
 

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "performance.md"
+sys.path.insert(0, str(REPO))
+
+from bench import _common  # noqa: E402
+from bench._common import DOC, cpu_model  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -50,14 +53,6 @@ BENCHES = [
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem = ""
     try:
         kib = int(Path("/proc/meminfo").read_text().split()[1])
@@ -65,7 +60,7 @@ def machine() -> str:
     except (OSError, ValueError, IndexError):
         pass
     return (
-        f"{cpu}, {os.cpu_count()} CPUs{mem}, Linux {platform.release()}, "
+        f"{cpu_model()}, {os.cpu_count()} CPUs{mem}, Linux {platform.release()}, "
         f"Python {platform.python_version()}"
     )
 
@@ -73,14 +68,10 @@ def machine() -> str:
 def replace_section(text: str, name: str, body: str, *, top: bool = False) -> str:
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     section = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        return head + section + tail
-    if top:
+    if top and not (start in text and end in text):
         title, sep, rest = text.partition("\n")
         return f"{title}\n\n{section}\n{sep}{rest}" if title.startswith("# ") else section + text
-    return text.rstrip("\n") + "\n\n" + section + "\n"
+    return _common.replace_section(text, start, end, section)
 
 
 def main() -> int:

@@ -30,8 +30,8 @@ from agent import config as config_mod  # noqa: E402
 from agent.app import App  # noqa: E402
 from agent.ports import SandboxPort  # noqa: E402
 from agent.sandbox import open_sandbox  # noqa: E402
+from bench._common import DOC, replace_section  # noqa: E402
 
-DOC = REPO / "docs" / "performance.md"
 START, END = "<!-- bench:sandbox -->", "<!-- /bench:sandbox -->"
 
 
@@ -108,17 +108,11 @@ def _cpus() -> int:
 
 def write_docs(section: str) -> None:
     block = f"{START}\n{section}\n{END}"
-    if DOC.exists():
-        text = DOC.read_text()
-        if START in text and END in text:
-            head, rest = text.split(START, 1)
-            _, tail = rest.split(END, 1)
-            DOC.write_text(head + block + tail)
-            return
-        DOC.write_text(text.rstrip("\n") + "\n\n## Sandbox: per-child overhead\n\n" + block + "\n")
-        return
+    text = DOC.read_text() if DOC.exists() else "# Performance\n"
+    if START not in text or END not in text:  # first time: under a heading of its own
+        block = "## Sandbox: per-child overhead\n\n" + block
     DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text("# Performance\n\n## Sandbox: per-child overhead\n\n" + block + "\n")
+    DOC.write_text(replace_section(text, START, END, block))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import ipaddress
 import secrets
 import threading
 import time
@@ -34,11 +35,15 @@ from cryptography.x509.oid import NameOID
 from tests.infra.registry import Registry, free_port, start_registry
 
 
-def _key_and_cert() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+def key_and_cert(
+    common_name: str = "build-agent test token signer", *, ip: str | None = None
+) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    """An RSA key and a self-signed certificate valid for a day (``ip``: its subjectAltName,
+    for a TLS server)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "build-agent test token signer")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -46,9 +51,13 @@ def _key_and_cert() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
     )
-    return key, cert
+    if ip is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
+            critical=False,
+        )
+    return key, builder.sign(key, hashes.SHA256())
 
 
 @dataclass
@@ -95,7 +104,7 @@ class TokenServer:
     def rotate_key(self) -> None:
         """A new signing key; the registry trusts it only after a restart (the bundle is read at
         start), and then no longer trusts tokens signed by the old one."""
-        self._key, cert = _key_and_cert()
+        self._key, cert = key_and_cert()
         self._x5c = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
         self.bundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 

@@ -273,6 +273,22 @@ async def test_buildkitd_that_exits_at_once_backs_off_then_fatal(
     assert type(illegal.value).__name__ == "IllegalTransition"
 
 
+async def test_buildkitd_output_is_scrubbed_before_it_is_kept_or_logged(
+    bins: BuildkitBinaries, toolchain_factory: Any, caplog: Any
+) -> None:
+    tc = toolchain_factory(bins)
+    # buildkitd names its --root when it cannot create it; DirectPort scrubs "cap-SECRET".
+    tc.root = tc.root.with_name("cap-SECRET")
+    tc.root.parent.mkdir(parents=True)
+    tc.root.write_text("not a directory")
+    with caplog.at_level(logging.DEBUG, logger="agent.build"), pytest.raises(StartupError) as err:
+        await tc.start()
+    assert any("***" in ln for ln in tc.supervisor.output)
+    assert not [ln for ln in tc.supervisor.output if "cap-SECRET" in ln]
+    assert "***" in caplog.text and "cap-SECRET" not in caplog.text
+    assert "cap-SECRET" not in err.value.message
+
+
 def test_backoff_is_capped_exponential_with_jitter() -> None:
     p = Policy(backoff_base=1.0, backoff_cap=8.0, jitter=0.25)
     assert [p.delay(n, rand=lambda: 0.0) for n in (1, 2, 3, 4, 5, 9)] == [1, 2, 4, 8, 8, 8]

@@ -172,8 +172,10 @@ class Supervisor:
         registry: CollectorRegistry,
         policy: Policy | None = None,
         after_exit: Callable[[], Awaitable[None]] | None = None,
+        scrub: Callable[[str], str] = lambda s: s,
     ) -> None:
         self.name = name
+        self._scrub = scrub  # applied to every line the child prints before it is kept or logged
         self.policy = policy or Policy()
         self._launch = launch
         self._probe = probe
@@ -384,7 +386,7 @@ class Supervisor:
                 raw = await stream.read(64 * 1024)
             if not raw:
                 return
-            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            text = self._scrub(raw.decode("utf-8", "replace").rstrip("\r\n"))
             self.output.append(text)
             if "level=error" in text or "level=fatal" in text or "level=panic" in text:
                 log.warning("%s: %s", self.name, text)

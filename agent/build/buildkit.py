@@ -206,6 +206,7 @@ class BuildkitToolchain:
             registry=app.registry,
             policy=policy,
             after_exit=self._after_exit,
+            scrub=self._scrub,  # buildkitd's own log names the proxy routes it pushes to
         )
 
     @property
@@ -258,7 +259,7 @@ class BuildkitToolchain:
 
     def _not_running(self, state: State) -> str:
         out = [ln for ln in self.supervisor.output if ln.strip()][-5:]
-        last = self._scrub(" | ".join(out)) if out else "no output"
+        last = " | ".join(out) if out else "no output"  # scrubbed as the supervisor read it
         return (
             f"buildkitd is {state.value}: it {self.supervisor.last_exit or 'did not start'} "
             f"({self.supervisor.quick_failures} failed starts in a row; last output: {last}); "

@@ -16,7 +16,6 @@ import functools
 import re
 import secrets
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.config import ProxyConfig
@@ -156,12 +155,8 @@ class Router:
 
     # --- lookups ------------------------------------------------------------------------------
 
-    def mirrors(self, child_address: str = "") -> list[Mirror]:
-        del child_address
+    def mirrors(self) -> list[Mirror]:
         return [Mirror(host=h, prefix=f"{MIRROR_SEGMENT}/{n}") for n, h in self._mirrors.items()]
-
-    def mirror_hosts(self) -> Iterable[str]:
-        return self._mirrors.values()
 
     def target_of(self, name: str, ns: str | None = None) -> Target | None:
         """The upstream repository the proxy-side repository ``name`` maps to, if any.

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ctl.client import Client, DaemonUnreachable, RequestFailed
-from tests.infra.builds import build_sections, wait_for
+from tests.infra.builds import build_sections, log_of, status, wait_for
 from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry
 from tests.standins import Standins, install
@@ -202,17 +202,7 @@ def check_state_dir(state_dir: Path, *, all_final: bool = True) -> list[dict[str
 
 
 def wait_log(d: DaemonProcess, build_id: str, needle: str, timeout: float = 30.0) -> None:
-    def seen() -> bool:
-        with d.client() as c:
-            return needle in str(c.call("logs", {"id": build_id})["data"])
-
-    wait_for(seen, timeout, f"{needle!r} in the log of {build_id}")
-
-
-def status(d: DaemonProcess, build_id: str) -> dict[str, Any]:
-    with d.client() as c:
-        result: dict[str, Any] = c.call("status", {"id": build_id})
-    return result
+    wait_for(lambda: needle in log_of(d, build_id), timeout, f"{needle!r} in the log of {build_id}")
 
 
 def wait_final(d: DaemonProcess, build_id: str, timeout: float = 60.0) -> dict[str, Any]:

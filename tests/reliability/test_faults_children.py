@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from agent.build.child import descendants
-from tests.infra.builds import build_sections, wait_for, write_context
+from tests.infra.builds import build_sections, status, wait_for, write_context
 from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry
 from tests.reliability._support import (
@@ -35,7 +35,6 @@ from tests.reliability._support import (
     pids_alive,
     run_build,
     standin_daemon,
-    status,
     wait_log,
 )
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.build.child import descendants
-from tests.infra.builds import wait_for, write_context
+from tests.infra.builds import log_of, wait_for, write_context
 from tests.infra.registry import Registry
 from tests.infra.sandbox_env import left_behind, snapshot, unique_netns
 from tests.reliability._support import (
@@ -88,7 +88,7 @@ def test_sigterm_during_builds(short_tmp: Path, registry: Registry, base_image: 
                     lambda: len(c.call("list", {"state": "queued"})["builds"]) == 2, 30, "2 queued"
                 )
             long_id: str = wait_for(
-                lambda: next((i for i in ids if marker in _log(d, i)), ""), 30, "the long RUN"
+                lambda: next((i for i in ids if marker in log_of(d, i)), ""), 30, "the long RUN"
             )
             tree = descendants(d.pid)
             assert d.proc is not None
@@ -117,11 +117,3 @@ def test_sigterm_during_builds(short_tmp: Path, registry: Registry, base_image: 
         gate.open()  # a failed assertion above must not leave a caller held at the gate
         d.stop()
         d.cleanup()
-
-
-def _log(d: object, build_id: str) -> str:
-    from tests.infra.daemon import DaemonProcess
-
-    assert isinstance(d, DaemonProcess)
-    with d.client() as c:
-        return str(c.call("logs", {"id": build_id})["data"])

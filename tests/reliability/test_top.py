@@ -6,7 +6,7 @@ import json
 import uuid
 from pathlib import Path
 
-from tests.infra.builds import write_context
+from tests.infra.builds import detach, write_context
 from tests.infra.registry import Registry
 from tests.reliability._support import standin_daemon, wait_log
 
@@ -21,10 +21,7 @@ def test_top_shows_running_and_queued(short_tmp: Path, registry: Registry, base_
                 short_tmp / name,
                 {"Dockerfile": f"FROM {base_image}\nRUN echo {marker} && sleep 60\n"},
             )
-            r = d.ctl("build", "--detach", "--context", str(ctx), "--target",
-                      f"{registry.host}/top:{name}")  # fmt: skip
-            assert r.returncode == 0, r.stderr
-            ids.append(r.stdout.strip())
+            ids.append(detach(d, ctx, f"{registry.host}/top:{name}"))
             if name == "first":
                 wait_log(d, ids[0], marker)
         r = d.ctl("top", "--once")

@@ -77,6 +77,11 @@ def test_scrub_applies_to_messages_and_tails() -> None:
     err = build_error(lines, rc, tail_lines=20, scrub=lambda s: s.replace("cap-SECRET", "***"))
     assert "cap-SECRET" not in err.message + repr(err.details)
     assert "localhost:5001/b/***/fixture:unauth" in err.message
+    # The refusal's own words may name the route too (a token scope): scrubbed as well.
+    lines[-1] += " (scope repository:b/cap-SECRET/fixture:push)"
+    err = build_error(lines, rc, tail_lines=20, scrub=lambda s: s.replace("cap-SECRET", "***"))
+    assert "cap-SECRET" not in err.message + repr(err.details)
+    assert "repository:b/***/fixture:push" in err.message
 
 
 def test_recorded_crane_outputs() -> None:

@@ -143,7 +143,7 @@ def build_error(
         )
     push = _PUSH.search(error)
     if push:
-        ref, why = scrub(push.group("ref")), push.group("why")
+        ref, why = scrub(push.group("ref")), scrub(push.group("why"))
         registry = _host_of(ref)
         status = _STATUS.search(why)
         details["reason"] = "push_refused"
@@ -155,7 +155,7 @@ def build_error(
                 details=details,
             )
         return UpstreamUnavailable(
-            f"pushing {ref} to {registry} failed: {scrub(why)}; check that the registry is up",
+            f"pushing {ref} to {registry} failed: {why}; check that the registry is up",
             registry=registry,
             details=details,
         )

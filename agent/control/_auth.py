@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 
 from agent.app import App
 from agent.control.ops import Access, Op, Peer
@@ -17,11 +18,12 @@ from agent.control.ops import Access, Op, Peer
 UCRED = struct.Struct("3i")
 
 
-def peer_credentials(sock: socket.socket, need_groups: bool) -> Peer:
-    """SO_PEERCRED of a connected Unix socket, plus supplementary groups when asked."""
+def peer_credentials(sock: socket.socket, need_groups: Callable[[int], bool]) -> Peer:
+    """SO_PEERCRED of a connected Unix socket, plus supplementary groups when
+    ``need_groups(uid)`` says they could make the difference."""
     pid, uid, gid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     groups: frozenset[int] = frozenset()
-    if need_groups and pid > 0:
+    if pid > 0 and need_groups(uid):
         groups = _supplementary_groups(pid)
     return Peer(pid=pid, uid=uid, gid=gid, groups=groups)
 

@@ -35,7 +35,7 @@ from functools import partial
 from typing import Any
 
 from agent.app import App
-from agent.control._auth import UCRED, Authorizer, peer_credentials
+from agent.control._auth import Authorizer, peer_credentials
 from agent.control.ops import Args, Op, Peer, Registry, RequestContext, ops
 from agent.errors import AgentError
 from agent.metrics import DaemonMetrics
@@ -472,8 +472,7 @@ class ControlServer:
                 return
             sock.setblocking(False)
             try:
-                uid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-                peer = peer_credentials(sock, self.auth.needs_groups(uid))
+                peer = peer_credentials(sock, self.auth.needs_groups)
             except OSError:
                 sock.close()
                 continue

@@ -38,9 +38,6 @@ class AgentError(Exception):
         self.message = message
         self.details: dict[str, Any] = details or {}
 
-    def to_wire(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "details": self.details}
-
 
 class ConfigError(AgentError):
     """A configuration value is invalid; the message names the key, the value and what is valid."""

@@ -52,7 +52,6 @@ PR_CAPBSET_DROP = 24
 # mac_override 32, mac_admin 33, syslog 34, wake_alarm 35, block_suspend 36.
 DROP_CAPS = (16, 17, 20, 22, 25, 30, 32, 33, 34, 35, 36)
 AT_FDCWD = -100
-AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC

@@ -126,7 +126,6 @@ class Wrapper:
     """Builds the argv prefix of :mod:`agent.sandbox._exec` for one sandbox."""
 
     def __init__(self, netns_path: str, plan: HidePlan, parent: int | None = None) -> None:
-        self.plan = plan
         self._prefix = [sys.executable, "-I", "-S", EXEC]
         if parent is not None:
             self._prefix += ["--parent", str(parent)]

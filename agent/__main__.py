@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     from agent.notify import take_environment
 
     sd = take_environment()
-    opts = _parser().parse_args(argv)
+    parser = _parser()
+    opts = parser.parse_args(argv)
     if opts.command is None:
-        _parser().print_usage(sys.stderr)
+        parser.print_usage(sys.stderr)
         return EXIT_USAGE
 
     if opts.command == "dev":

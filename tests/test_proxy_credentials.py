@@ -128,6 +128,20 @@ async def test_missing_and_failing_helpers_are_clear(short_tmp: Path, helper_pat
     assert "exit 3" in exc.value.message and "keychain locked" in exc.value.message
 
 
+async def test_failing_helper_output_never_reaches_the_error(
+    short_tmp: Path, helper_path: Path
+) -> None:
+    secret = "hunter2-helper-secret"
+    reply = json.dumps({"ServerURL": "c.example", "Username": "u", "Secret": secret})
+    write_helper(helper_path, "leaky", f"echo '{reply}'; echo '{reply}' >&2; exit 1\n")
+    cfg = write_docker_config(short_tmp / "config.json", {"credHelpers": {"c.example": "leaky"}})
+    store = CredentialStore(str(cfg), [], helper_timeout=5)
+    with pytest.raises(UpstreamUnauthorized) as exc:
+        await store.get("c.example")
+    assert "exit 1" in exc.value.message and "withheld" in exc.value.message
+    assert secret not in exc.value.message and secret not in str(exc.value.details)
+
+
 async def test_hanging_helper_times_out_and_is_killed(short_tmp: Path, helper_path: Path) -> None:
     pidfile = short_tmp / "helper.pid"
     write_helper(helper_path, "hang", f"echo $$ > {pidfile}\nexec sleep 60\n")

@@ -273,10 +273,9 @@ class CredentialStore:
             if _NOT_FOUND in said.lower():
                 log.debug("credential helper %s has no credential for %s", prog, host)
                 return None
-            # A helper's complaint is about itself, not a secret; keep it short anyway.
             raise UpstreamUnauthorized(
                 f"credential helper {prog} for registry {host} failed (exit {proc.returncode}): "
-                f"{said[:200]}",
+                f"{_complaint(err)}",
                 registry=host,
             )
         try:
@@ -297,3 +296,13 @@ class CredentialStore:
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _complaint(stderr: bytes) -> str:
+    """What a failed helper said, for the error message. Only stderr's first line: stdout is where
+    a helper writes credentials, and a line that looks like a credential reply is withheld."""
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    first = lines[0][:200] if lines else ""
+    if '"secret"' in first.lower() or '"username"' in first.lower():
+        return "(its output is withheld: it looks like a credential reply)"
+    return first or "(no message on stderr)"

@@ -166,16 +166,12 @@ class Flow:
         out.base_digest = base_digest
         base_repo = plan.base_ref.repo
         if plan.target_ref is not None:
-            target = (
-                plan.target_ref
-                if plan.target_ref.tag or plan.target_ref.digest
-                else Ref(plan.target_ref.repo, "latest")
-            )
+            # ops refused a target pinned by digest before the build was queued.
+            assert plan.target_ref.digest is None
+            target = plan.target_ref if plan.target_ref.tag else Ref(plan.target_ref.repo, "latest")
         else:
             assert plan.target_repo is not None
             target = Ref(plan.target_repo, workspace_tag(base_repo, base_digest))
-        if target.digest:
-            raise BadRequest(f"target {target} must be a tag, not a digest: a push needs a tag")
         out.target_ref = str(target)
         existing = None
         if not plan.force:

@@ -80,16 +80,12 @@ def pids_inside(name: str) -> list[int]:
     return found
 
 
-def _kill_inside(name: str) -> list[int]:
-    return kill_pids([p for p in pids_inside(name) if p != os.getpid()])
-
-
 def remove(name: str) -> None:
     """Kill any process left inside ``name`` and remove the namespace (no error if absent)."""
     if not exists(name):
         return
-    killed = pids_inside(name)
-    left = _kill_inside(name)
+    killed = [p for p in pids_inside(name) if p != os.getpid()]
+    left = kill_pids(killed)
     if killed:
         log.warning(
             "killed %d process(es) still in network namespace %s",

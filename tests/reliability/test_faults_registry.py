@@ -26,6 +26,7 @@ import pytest
 
 from agent.build.child import descendants
 from tests.infra.builds import metrics, write_context
+from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry, start_registry
 from tests.reliability._relay import Relay
 from tests.reliability._support import check_state_dir, cmdline, run_build, standin_daemon
@@ -52,6 +53,21 @@ def relay(registry: Registry) -> Iterator[Relay]:
 
 def _registries(*hosts: str) -> list[dict[str, object]]:
     return [{"host": h, "http": True} for h in hosts]
+
+
+@pytest.fixture
+def relay_daemon(short_tmp: Path, registry: Registry, relay: Relay) -> Iterator[DaemonProcess]:
+    """A stand-in daemon whose proxy knows the session registry and the relay in front of it."""
+    d, _ = standin_daemon(
+        short_tmp, registry, {"proxy": {"registries": _registries(registry.host, relay.host)}}
+    )
+    try:
+        yield d
+    finally:
+        try:
+            d.stop()
+        finally:
+            d.cleanup()
 
 
 def test_registry_stopped_mid_push_then_restarted(
@@ -99,69 +115,60 @@ def test_registry_stopped_mid_push_then_restarted(
 
 
 def test_registry_answering_429_then_200(
-    short_tmp: Path, registry: Registry, base_image: str, relay: Relay
+    short_tmp: Path, base_image: str, relay: Relay, relay_daemon: DaemonProcess
 ) -> None:
-    d, _ = standin_daemon(
-        short_tmp, registry, {"proxy": {"registries": _registries(registry.host, relay.host)}}
+    d = relay_daemon
+    before = metrics(d)
+    relay.answer_429 = 2
+    out = run_build(
+        d.socket_path, _ctx(short_tmp, base_image), {"target_ref": f"{relay.host}/r429:1"}
     )
-    try:
-        before = metrics(d)
-        relay.answer_429 = 2
-        out = run_build(
-            d.socket_path, _ctx(short_tmp, base_image), {"target_ref": f"{relay.host}/r429:1"}
-        )
-        assert out.state == "succeeded", (out, d.log()[-2000:])
-        assert relay.answered_429 == 2
-        retries = sum(v for k, v in metrics(d).items() if k.startswith("build_agent_proxy_retries"))
-        retries -= sum(v for k, v in before.items() if k.startswith("build_agent_proxy_retries"))
-        assert retries >= 2
-        check_state_dir(Path(d.sections["daemon"]["state_dir"]))
-    finally:
-        d.stop()
-        d.cleanup()
+    assert out.state == "succeeded", (out, d.log()[-2000:])
+    assert relay.answered_429 == 2
+    retries = sum(v for k, v in metrics(d).items() if k.startswith("build_agent_proxy_retries"))
+    retries -= sum(v for k, v in before.items() if k.startswith("build_agent_proxy_retries"))
+    assert retries >= 2
+    check_state_dir(Path(d.sections["daemon"]["state_dir"]))
 
 
 def test_slow_registry_succeeds_and_timeout_still_applies(
-    short_tmp: Path, registry: Registry, base_image: str, relay: Relay
+    short_tmp: Path, base_image: str, relay: Relay, relay_daemon: DaemonProcess
 ) -> None:
-    d, _ = standin_daemon(
-        short_tmp, registry, {"proxy": {"registries": _registries(registry.host, relay.host)}}
+    d = relay_daemon
+    relay.delay = 0.02
+    t0 = time.monotonic()
+    slow = run_build(
+        d.socket_path, _ctx(short_tmp, base_image), {"target_ref": f"{relay.host}/slow:1"}
     )
-    try:
-        relay.delay = 0.02
-        t0 = time.monotonic()
-        slow = run_build(
-            d.socket_path, _ctx(short_tmp, base_image), {"target_ref": f"{relay.host}/slow:1"}
-        )
-        assert slow.state == "succeeded", (slow, d.log()[-2000:])
-        assert relay.requests > 0
-        slow_s = time.monotonic() - t0
-        relay.delay = 1.0
-        late = run_build(
-            d.socket_path,
-            _ctx(short_tmp, base_image),
-            {"target_ref": f"{relay.host}/slow:2", "timeout": 2},
-        )
-        assert late.code == "timed_out", late
-        assert "timeout" in late.message
-        relay.delay = 0
-        again = run_build(
-            d.socket_path, _ctx(short_tmp, base_image), {"target_ref": f"{relay.host}/slow:3"}
-        )
-        assert again.state == "succeeded", again
-        print(f"\nslow registry (20 ms a chunk): build {slow_s:.2f}s; with 1 s a chunk: timed out")
-        check_state_dir(Path(d.sections["daemon"]["state_dir"]))
-        assert not descendants(d.pid) or all(
-            "buildkitd" in " ".join(cmdline(p)) for p in descendants(d.pid)
-        )
-    finally:
-        d.stop()
-        d.cleanup()
+    assert slow.state == "succeeded", (slow, d.log()[-2000:])
+    assert relay.requests > 0
+    slow_s = time.monotonic() - t0
+    relay.delay = 1.0
+    late = run_build(
+        d.socket_path,
+        _ctx(short_tmp, base_image),
+        {"target_ref": f"{relay.host}/slow:2", "timeout": 2},
+    )
+    assert late.code == "timed_out", late
+    assert "timeout" in late.message
+    relay.delay = 0
+    again = run_build(
+        d.socket_path, _ctx(short_tmp, base_image), {"target_ref": f"{relay.host}/slow:3"}
+    )
+    assert again.state == "succeeded", again
+    print(f"\nslow registry (20 ms a chunk): build {slow_s:.2f}s; with 1 s a chunk: timed out")
+    check_state_dir(Path(d.sections["daemon"]["state_dir"]))
+    assert not descendants(d.pid) or all(
+        "buildkitd" in " ".join(cmdline(p)) for p in descendants(d.pid)
+    )
 
 
-def test_credential_helper_that_hangs(short_tmp: Path, registry: Registry, base_image: str) -> None:
+def test_credential_helper_that_hangs(
+    short_tmp: Path, registry: Registry, base_image: str, request: pytest.FixtureRequest
+) -> None:
     # The helper is asked only when a registry challenges: an htpasswd registry does.
     guarded = start_registry(short_tmp / "auth-reg", "htpasswd", username="u", password="p")
+    request.addfinalizer(guarded.stop)  # also when the daemon below fails to start
     bindir = short_tmp / "helpers"
     bindir.mkdir()
     helper = bindir / "docker-credential-hang"
@@ -196,7 +203,6 @@ def test_credential_helper_that_hangs(short_tmp: Path, registry: Registry, base_
     finally:
         d.stop()
         d.cleanup()
-        guarded.stop()
 
 
 def _fill(path: Path) -> None:

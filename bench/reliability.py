@@ -82,14 +82,14 @@ def load(scale: str) -> str:
     return "<br>".join(f"{toolchain}: {line}" for toolchain, line in found)
 
 
-def render(clients: int, requests: int, s: dict[str, float], load_line: str) -> str:
+def render(clients: int, requests: int, s: dict[str, float], load_line: str, size: str) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     la = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     met = "met" if s["errors"] == 0 else "NOT met"
     return "\n".join(
         [
             START,
-            "## Reliability at full size (`bench/reliability.py`)",
+            f"## Reliability at {size} size (`bench/reliability.py`)",
             "",
             f"Measured {now}, {os.cpu_count()} CPUs, load average before {la}. One daemon, sandbox "
             "off, BuildKit stand-ins; the clients run on the same machine.",
@@ -106,12 +106,12 @@ def render(clients: int, requests: int, s: dict[str, float], load_line: str) -> 
             f"{s['rss_after_kib'] / 1024:.1f} MiB | back to baseline |",
             f"| soak: daemon fds before / after | {s['fds_before']:.0f} / {s['fds_after']:.0f} "
             "| equal |",
-            f"| load (`tests/reliability/test_load.py`, full size) | {load_line} | every build "
+            f"| load (`tests/reliability/test_load.py`, {size} size) | {load_line} | every build "
             "final, none lost, fds back to baseline, RSS within 12 MiB |",
             "",
             "Latency is per request from write to final frame, with every client keeping one "
             "request in flight (so 100 clients queue behind each other on one event loop), and "
-            "the clients sharing the 2 CPUs with the daemon.",
+            f"the clients sharing the {os.cpu_count()} CPUs with the daemon.",
             END,
         ]
     )
@@ -126,7 +126,8 @@ def main() -> int:
     opts = ap.parse_args()
     clients, requests = (20, 200) if opts.quick else (100, 1000)
     s = soak(clients, requests)
-    section = render(clients, requests, s, load("small" if opts.quick else "full"))
+    size = "small" if opts.quick else "full"
+    section = render(clients, requests, s, load(size), size)
     print(section)
     if not opts.no_write:
         write_section(section, START, END)

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.build.child import child_env, describe_exit, kill_tree, run
+from agent.build.child import child_env, describe_exit, kill_tree, proc_read, run
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import (
     AgentError,
@@ -209,16 +209,8 @@ class BuildahToolchain:
         process trees (RUN steps), and drop their work directories."""
         marker = str(self._root).encode()
         me = os.getpid()
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == me:
-                continue
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if marker in cmdline:
-                pid = int(entry.name)
+        for pid, cmdline in proc_read("cmdline"):
+            if pid != me and marker in cmdline:
                 log.warning("killing pid %d left behind by an earlier daemon", pid)
                 kill_tree(pid)
         for leftover in (self._root / "tmp").iterdir():

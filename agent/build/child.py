@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from agent.build.toolchain import LogSink
@@ -62,20 +62,26 @@ def describe_exit(returncode: int | None) -> str:
     return f"was killed by signal {signum} ({name})"
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (by walking /proc's parent links), deepest last."""
-    children: dict[int, list[int]] = {}
+def proc_read(name: str) -> Iterator[tuple[int, bytes]]:
+    """``(pid, contents of /proc/<pid>/<name>)`` for every process still there to be read."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
+            with open(f"/proc/{entry.name}/{name}", "rb") as f:
+                data = f.read()
         except OSError:
             continue
+        yield int(entry.name), data
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (by walking /proc's parent links), deepest last."""
+    children: dict[int, list[int]] = {}
+    for p, stat in proc_read("stat"):
         # The command name may hold spaces and parens: the fields after the last ')' are fixed.
         fields = stat[stat.rfind(b")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        children.setdefault(int(fields[1]), []).append(p)
     out: list[int] = []
     todo = [pid]
     while todo:

@@ -387,8 +387,9 @@ def _type_name(hint: Any) -> str:
     )
 
 
-def _coerce(where: str, value: Any, hint: Any) -> Any:
-    bad = ConfigError(f"{where} = {value!r} must be {_type_name(hint)}")
+def _coerce(where: str, value: Any, hint: Any, *, secret: bool = False) -> Any:
+    shown = "***" if secret else repr(value)  # a mistyped password must not reach the message
+    bad = ConfigError(f"{where} = {shown} must be {_type_name(hint)}")
     if hint is bool:
         if not isinstance(value, bool):
             raise bad
@@ -413,7 +414,8 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
             out = []
             for i, v in enumerate(value):
                 if not isinstance(v, dict):
-                    raise ConfigError(f"{where}[{i}] = {v!r} must be a table")
+                    # Not the value: an entry of [[proxy.credentials]] may hold a password.
+                    raise ConfigError(f"{where}[{i}] must be a table, not {type(v).__name__}")
                 out.append(_build(typing.cast(type, item), v, f"{where}[{i}]"))
             return out
         return [_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
@@ -431,12 +433,13 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
     values = {}
     for key, value in table.items():
         label = f"{where}.{key}"
-        coerced = _coerce(label, value, hints[key])
+        secret = bool(fields[key].metadata.get("secret"))
+        coerced = _coerce(label, value, hints[key], secret=secret)
         check = fields[key].metadata.get("check")
         if check is not None:
             why = check(coerced)
             if why:
-                shown = "***" if fields[key].metadata.get("secret") else repr(value)
+                shown = "***" if secret else repr(value)
                 raise ConfigError(f"{label} = {shown} {why}")
         values[key] = coerced
     # Required keys of array-of-table entries (routes, registries): "" defaults fail their check.

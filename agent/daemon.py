@@ -69,8 +69,9 @@ def prepare_dirs(config: Config) -> None:
 def _activated_socket(sd: SystemdEnv) -> socket.socket | None:
     if sd.listen_fds < 1:
         return None
-    for extra in range(SD_LISTEN_FDS_START + 1, SD_LISTEN_FDS_START + sd.listen_fds):
+    if sd.listen_fds > 1:
         _log.warning("socket activation passed %d fds; only fd 3 is used", sd.listen_fds)
+    for extra in range(SD_LISTEN_FDS_START + 1, SD_LISTEN_FDS_START + sd.listen_fds):
         with contextlib.suppress(OSError):
             os.close(extra)
     try:

@@ -40,6 +40,7 @@ from agent.control.ops import Args, Op, Peer, Registry, RequestContext, ops
 from agent.errors import AgentError
 from agent.metrics import DaemonMetrics
 from ctl import protocol
+from ctl.client import CLIENT_MAX_FRAME
 
 _log = logging.getLogger("agent.control")
 
@@ -433,8 +434,8 @@ class ControlServer:
         self.metrics = metrics
         self.registry = registry
         self.max_frame = app.config.daemon.max_frame
-        # Replies may be bigger than requests (logs, lists); clients accept up to 16 MiB.
-        self.max_frame_out = max(self.max_frame, 16 << 20)
+        # Replies may be bigger than requests (logs, lists), up to what clients accept.
+        self.max_frame_out = max(self.max_frame, CLIENT_MAX_FRAME)
         self.auth = Authorizer(app)
         self.loop = asyncio.get_running_loop()
         self._listener: socket.socket | None = listener

@@ -180,3 +180,17 @@ def test_check_config_output_is_a_config_that_loads_back(short_tmp: Path) -> Non
     again = short_tmp / "again.toml"
     again.write_text(r.stdout)
     assert config.load(again, environ={}) == config.load(p, environ={})
+
+
+@pytest.mark.parametrize(
+    ("toml", "secret"),
+    [
+        ("[[proxy.credentials]]\nhost = 'r.example'\npassword = 987654321", "987654321"),
+        ("[proxy]\ncredentials = ['user:pw-4711']", "pw-4711"),
+    ],
+)
+def test_invalid_secrets_are_not_echoed(short_tmp: Path, toml: str, secret: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_toml(short_tmp, toml)
+    assert "proxy.credentials" in exc.value.message
+    assert secret not in exc.value.message, exc.value.message

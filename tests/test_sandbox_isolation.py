@@ -247,7 +247,9 @@ async def test_leftovers_of_a_crashed_daemon_are_replaced_once(short_tmp: Path) 
     host_if = _egress.host_if_name(name)
     marker = f"32{secrets.randbelow(10**6)}"
     sh("ip", "netns", "add", name)
-    old_ino = os.stat(_netns.path(name)).st_ino
+    # Held open so the old namespace's inode cannot be reused by the new one (it was, once).
+    old_fd = os.open(_netns.path(name), os.O_RDONLY)
+    old_ino = os.fstat(old_fd).st_ino
     orphan = start_orphan(name, f"{marker}.5")
     sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", f"{host_if}p")
     sh("nft", "add", "table", "inet", _egress.table_name(name))
@@ -264,6 +266,7 @@ async def test_leftovers_of_a_crashed_daemon_are_replaced_once(short_tmp: Path) 
             assert tables.count(_egress.table_name(name)) == 1
             assert app.components["sandbox"].state == "on"
     finally:
+        os.close(old_fd)
         if orphan.poll() is None:
             orphan.kill()
             orphan.wait()

@@ -181,7 +181,9 @@ class DaemonProcess:
     def start(self, timeout: float = 15.0, *, wait_ready: bool = True) -> DaemonProcess:
         """Start; with ``wait_ready``, wait for READY=1. free_port() can race with other
         processes on the machine: when a port this helper chose turns out taken, it chooses
-        again (twice at most) rather than fail the test."""
+        again (twice at most) rather than fail the test. A daemon that never gets ready is
+        killed and its socket dir removed before the error propagates (callers that start
+        before their try/finally would leak it)."""
         for attempt in range(3):
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             self._launch()
@@ -190,9 +192,12 @@ class DaemonProcess:
             try:
                 self.wait_notify("READY=1", timeout)
                 return self
-            except RuntimeError:
-                if attempt == 2 or not self._reassign_taken_ports(self.log()[offset:]):
-                    raise
+            except BaseException as exc:
+                retry = isinstance(exc, RuntimeError) and attempt < 2
+                if retry and self._reassign_taken_ports(self.log()[offset:]):
+                    continue
+                self.cleanup()
+                raise
         return self
 
     def _reassign_taken_ports(self, log: str) -> bool:

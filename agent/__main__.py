@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--config", metavar="FILE", help="TOML config (default /etc/build-agent/config.toml)"
     )
+    # Set by `build-agent dev` for the daemon it starts; `info` reports it.
+    run.add_argument("--dev", action="store_true", help=argparse.SUPPRESS)
     check = sub.add_parser(
         "check-config", help="validate the config and print it as the daemon would use it"
     )
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from agent import _logsetup, daemon
 
     _logsetup.setup(config.daemon.log_level, config.daemon.log_format)
-    return daemon.run(config, sd)
+    return daemon.run(config, sd, dev_mode=opts.dev)
 
 
 if __name__ == "__main__":

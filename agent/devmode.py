@@ -188,7 +188,7 @@ def dev_daemon(tmp: Path, registry: str) -> Iterator[str]:
     env["PYTHONPATH"] = str(REPO)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(conf)],
+            [sys.executable, "-m", "agent", "run", "--dev", "--config", str(conf)],
             stdout=out,
             stderr=out,
             env=env,
@@ -261,6 +261,7 @@ def main(*, demo: bool, keep: bool = False) -> int:
                 if _agentctl(sock, *args) != 0:
                     return 1
                 _agentctl(sock, "ls")
+                _agentctl(sock, "info")
         print("* stopped the daemon and the registry")
         return 0
     finally:

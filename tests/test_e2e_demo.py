@@ -42,6 +42,7 @@ def test_dev_demo_builds_examples_twice_and_stops_everything() -> None:
     assert "(base: built, workspace: built)" in out
     assert "(base: cache hit, workspace: cache hit)" in out
     assert "built by build-agent: hello from examples/" in out  # the RUN step's output
+    assert "mode        development" in out  # agentctl info: the daemon knows it is in dev mode
     assert set(descendants(os.getpid())) <= ours
     leftovers = [p for p in set(os.listdir("/tmp")) - before if p.startswith("build-agent-dev-")]
     assert not leftovers

@@ -48,6 +48,8 @@ def _format_info(r: dict[str, Any]) -> str:
         f"build-agent {r.get('version')} (protocol v{r.get('protocol')}, pid {r.get('pid')})",
         f"uptime      {_duration(float(r.get('uptime', 0)))}",
     ]
+    if r.get("dev_mode"):
+        lines.append("mode        development (temporary state, local registry)")
     cfg = r.get("config") or {}
     lines.append(f"config      {cfg.get('source', '?')}")
     lines.append(

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from ctl.client import ClientError
 from tests.infra.daemon import DAEMON, REPO, TEST_OPS, DaemonProcess
 
@@ -50,7 +52,9 @@ def test_watchdog_pings_at_half_the_interval(daemon_factory: Factory) -> None:
 
 def test_watchdog_for_another_pid_is_ignored(daemon_factory: Factory) -> None:
     d = daemon_factory(env={"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"})
-    d.ctl("ping")  # a round trip after READY: a watchdog ping would have been sent by now
+    # Three whole intervals: a daemon that honoured the variable would have pinged by then.
+    with pytest.raises(TimeoutError):
+        d.wait_notify("WATCHDOG=1", timeout=0.6)
     d.stop()
     assert "WATCHDOG=1" not in d.notifications
 

@@ -162,6 +162,11 @@ def _explain(exc: RequestFailed) -> str:
         text += " (ask an operator, or run the command as a permitted user)"
     elif exc.code == "unsupported_version":
         text += " (agentctl and the daemon are from different releases)"
+    elif "daemon.max_frame" in exc.message:
+        text += (
+            " (the request is larger than the daemon takes; build secrets travel inside it: "
+            "pass fewer or smaller ones, or have the operator raise daemon.max_frame)"
+        )
     return text
 
 

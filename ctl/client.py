@@ -214,7 +214,15 @@ class Client:
     ) -> Call:
         """Send a request (with ``fds`` passed by SCM_RIGHTS) and return its pending Call."""
         req_id = next(self._ids)
-        frame = protocol.encode(protocol.request(req_id, op, args))
+        # The daemon's own cap is daemon.max_frame (1 MiB by default, its operator may raise it):
+        # it is the one to refuse, with a message naming the key. Only what no daemon could take
+        # is refused here.
+        try:
+            frame = protocol.encode(protocol.request(req_id, op, args), CLIENT_MAX_FRAME)
+        except protocol.FrameError as exc:
+            raise RequestFailed(
+                protocol.BAD_REQUEST, f"the request is too large to send: {exc}"
+            ) from None
         call = Call(self, req_id, op)
         self._calls[req_id] = call
         try:
@@ -229,8 +237,21 @@ class Client:
         except TimeoutError as exc:
             raise unreachable(self.path, exc) from exc
         except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                self._refusal()  # raises the daemon's reason when it sent one before closing
             raise self._dropped(exc) from exc
         return call
+
+    def _refusal(self) -> None:
+        """After a failed send: the daemon may have refused the frame (over daemon.max_frame)
+        with an ``id: null`` error and closed; raise that error if it is waiting to be read."""
+        try:
+            self._sock.settimeout(1.0)
+            self._pump()
+        except RequestFailed:
+            raise
+        except (ClientError, OSError):
+            return
 
     def call(self, op: str, args: dict[str, Any] | None = None, *, fds: Sequence[int] = ()) -> Any:
         """Send a request and wait for its result, dropping any stream events."""

@@ -5,15 +5,16 @@ tail) and wakes the readers. Each reader keeps its own byte offset and reads wha
 from the in-memory tail when it is still there, else from the file. A slow reader therefore never
 blocks the build or the other readers; it falls behind and catches up from the file.
 
-Every line passes through ``scrub`` (the proxy's: credentials and capability prefixes) before it is
-stored anywhere.
+Every line passes through ``scrub`` (the proxy's: credentials and capability prefixes; for a build
+with secrets, :class:`SecretScrub` adds the secret values) before it is stored anywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+import re
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 _TAIL_BYTES = 256 * 1024
@@ -96,6 +97,38 @@ class BuildLog:
                 await asyncio.sleep(_COALESCE)
 
 
+class SecretScrub:
+    """A build's scrub: ``base`` (the proxy's: credentials, route capabilities), then every
+    secret value of the build, and every line of a multi-line value, replaced by ``***``.
+
+    Pieces shorter than :data:`MIN_SECRET_TEXT` characters are left alone: masking "a" or "on"
+    would mangle every line and hide nothing (GitHub Actions masks the same way). Values are
+    matched as the log holds them: child output decoded as UTF-8 with replacement.
+    :meth:`forget` drops the values when the build ends."""
+
+    MIN_SECRET_TEXT = 4
+
+    def __init__(self, base: Callable[[str], str], values: Iterable[bytes]) -> None:
+        self._base = base
+        pieces: set[str] = set()
+        for value in values:
+            text = value.decode("utf-8", "replace")
+            for piece in (text, text.strip(), *text.splitlines()):
+                piece = piece.strip("\r\n")
+                if len(piece) >= self.MIN_SECRET_TEXT:
+                    pieces.add(piece)
+        # Longest first, so a whole value is masked before any of its lines.
+        ordered = sorted(pieces, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def __call__(self, text: str) -> str:
+        text = self._base(text)
+        return self._pattern.sub("***", text) if self._pattern is not None else text
+
+    def forget(self) -> None:
+        self._pattern = None
+
+
 def read_file(path: Path, offset: int, limit: int = _READ_MAX) -> bytes:
     """Up to ``limit`` bytes of a (finished) log file from ``offset``; b"" past the end."""
     try:
@@ -127,4 +160,4 @@ async def follow_file(path: Path, offset: int) -> AsyncIterator[tuple[int, bytes
         await asyncio.sleep(0)
 
 
-__all__ = ["BuildLog", "follow_file", "read_file"]
+__all__ = ["BuildLog", "SecretScrub", "follow_file", "read_file"]

@@ -298,12 +298,17 @@ def hash_context(
     build_args: dict[str, str] | None = None,
     stage: str | None = None,
     platform: str | None = None,
+    secret_ids: list[str] | None = None,
     caller: Caller = ROOT,
     cache: HashCache | None = None,
     keep_entries: bool = False,
 ) -> ContextDigest:
     """The base image's content key for the context open at ``root_fd`` (blocking: run it in a
-    thread). Raises BadRequest for a bad Dockerfile path, Forbidden for an unreadable entry."""
+    thread). Raises BadRequest for a bad Dockerfile path, Forbidden for an unreadable entry.
+
+    ``secret_ids`` go into the key, their values never do: the key is a public tag, and the hash
+    of a short secret is as good as the secret. So a changed secret value does not rebuild
+    (``force`` does), as with BuildKit, whose cache ignores secret values too."""
     st = os.fstat(root_fd)
     if not stat.S_ISDIR(st.st_mode):
         raise BadRequest("the context fd is not a directory; pass an open directory")
@@ -330,6 +335,8 @@ def hash_context(
     for k, v in sorted((build_args or {}).items()):
         h.update(b"arg %d %s=%s\n" % (len(k), k.encode(), v.encode()))
     h.update(b"stage %s\nplatform %s\n" % ((stage or "").encode(), (platform or "").encode()))
+    if secret_ids:  # absent without secrets: keys of builds without secrets stay as they were
+        h.update(b"secrets %s\n" % ",".join(sorted(secret_ids)).encode())
     h.update(b"entries %d\n" % len(walker.lines))
     for line in walker.lines:
         h.update(line)

@@ -29,7 +29,7 @@ from typing import Any
 
 from agent.build import records as rec
 from agent.build._metrics import BuildMetrics
-from agent.build.buildlog import BuildLog
+from agent.build.buildlog import BuildLog, SecretScrub
 from agent.build.context import HashCache
 from agent.build.flow import Flow, Plan
 from agent.build.records import RecordStore
@@ -69,6 +69,7 @@ class Build:
     timeout: float
     record: dict[str, Any]
     log: BuildLog
+    scrub: Callable[[str], str]  # the proxy's, plus this build's secret values
     waiters: int = 0
     pinned: bool = False  # someone asked for it with detach: it runs without callers
     phase: str = "queued"
@@ -212,7 +213,8 @@ class BuildManager:
             )
         build_log: BuildLog | None = None
         try:
-            build_log = BuildLog(self.store.log_path(record["id"]), self.scrub)
+            scrub = SecretScrub(self.scrub, plan.secrets.values()) if plan.secrets else self.scrub
+            build_log = BuildLog(self.store.log_path(record["id"]), scrub)
             record = self.store.create(record)
         except OSError as exc:  # ENOSPC, EROFS, EIO: the caller gets why, not an internal error
             if build_log is not None:
@@ -231,6 +233,7 @@ class BuildManager:
             timeout=timeout,
             record=record,
             log=build_log,
+            scrub=scrub,
             pinned=detach,
         )
         self._live[build.id] = build
@@ -355,17 +358,17 @@ class BuildManager:
         self.metrics.phase.labels("total").observe(time.monotonic() - t0)
         # Scrub the record's strings too: errors quote tool output.
         if fields.get("error"):
-            fields["error"]["message"] = self.scrub(fields["error"]["message"])
+            fields["error"]["message"] = build.scrub(fields["error"]["message"])
         self._finish(build, state, **fields)
 
     def _error_dict(self, build: Build, exc: AgentError) -> dict[str, Any]:
         details = {
-            k: self.scrub(v) if isinstance(v, str) else v
+            k: build.scrub(v) if isinstance(v, str) else v
             for k, v in exc.details.items()
             if k != "log_tail"
         }
         details["log_tail"] = build.log.tail(self.log_tail_lines)  # scrubbed when logged
-        return {"code": exc.code, "message": self.scrub(exc.message), "details": details}
+        return {"code": exc.code, "message": build.scrub(exc.message), "details": details}
 
     def _expire(self, build: Build) -> None:
         self.stop(build, rec.TIMED_OUT, f"timeout of {build.timeout:g}s reached")
@@ -392,6 +395,10 @@ class BuildManager:
         build.log.close()
         _close(build.plan.context_fd)
         build.plan.context_fd = None
+        # Secret values live no longer than the build: not for the record's lifetime.
+        build.plan.secrets = {}
+        if isinstance(build.scrub, SecretScrub):
+            build.scrub.forget()
         self._running.discard(build.id)
         self._live.pop(build.id, None)
         if self._by_key.get(build.key) is build:

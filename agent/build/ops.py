@@ -19,6 +19,7 @@ from agent.build.context import Caller, check_dockerfile_path, hash_context
 from agent.build.flow import Plan, Ref
 from agent.build.manager import Build, BuildManager, error_of, result_of
 from agent.build.records import new_id
+from agent.build.secretfds import ID_PATTERN, MAX_SECRET_BYTES, MAX_SECRETS
 from agent.control.ops import Access, Args, RequestContext, ops
 from agent.errors import BadRequest, Busy, Cancelled, InternalError
 
@@ -99,8 +100,7 @@ async def _submit(
         raise BadRequest("target_ref must be tagged, not pinned by digest: a push needs a tag")
     target_repo = _repo(target_repo_text, "target_repo") if target_repo_text else None
     base_text = args.string("base_ref")
-    if args.str_list("secrets"):
-        raise BadRequest("build secrets are not supported yet; pass them another way")
+    secrets = _secrets(args)
     build_args = args.str_map("build_args")
     stage = args.string("target")
     platform = args.string("platform")
@@ -124,6 +124,7 @@ async def _submit(
             "target_ref": target_ref_text,
             "target_repo": target_repo_text,
             "build_arg_names": sorted(build_args),  # values may be secret: names only
+            "secret_ids": sorted(secrets),  # never the values
             "target": stage,
             "platform": platform,
             "force": force,
@@ -156,6 +157,7 @@ async def _submit(
             build_args=build_args,
             stage=stage,
             platform=platform,
+            secret_ids=sorted(secrets),
             caller=caller,
             cache=manager.hash_cache,
         )
@@ -179,6 +181,7 @@ async def _submit(
             platform=platform,
             force=force,
             dockerfile_text=digest.dockerfile_text,
+            secrets=secrets,
         )
     else:
         if not base_text:
@@ -189,6 +192,12 @@ async def _submit(
         if dockerfile:
             raise BadRequest(
                 "dockerfile needs a context directory", details={"field": "dockerfile"}
+            )
+        if secrets:
+            raise BadRequest(
+                "secrets are for Dockerfile builds (RUN --mount=type=secret); a ref-only build "
+                "(base_ref) runs no Dockerfile: drop them",
+                details={"field": "secrets"},
             )
         plan = Plan(
             target_ref=target_ref,
@@ -208,6 +217,54 @@ async def _submit(
         key=key, plan=plan, timeout=timeout, record=record, detach=detach
     )
     return build, joined, detach
+
+
+def _secrets(args: Args) -> dict[str, bytes]:
+    """``args.secrets`` checked: a map id -> value (str or bin) within the limits of
+    agent.build.secretfds. Messages name ids and sizes, never a value."""
+    raw = args.raw.get("secrets")
+    if raw is None or raw == []:  # [] was the reserved form of older clients
+        return {}
+    field = {"field": "secrets"}
+    if not isinstance(raw, dict):
+        raise BadRequest(
+            f"args.secrets must be a map of secret id to value, got {type(raw).__name__}; "
+            'send e.g. {"npm_token": "<value>"}',
+            details=field,
+        )
+    if len(raw) > MAX_SECRETS:
+        raise BadRequest(
+            f"args.secrets has {len(raw)} secrets; at most {MAX_SECRETS} are allowed per build: "
+            "merge some into one file",
+            details=field,
+        )
+    out: dict[str, bytes] = {}
+    for sid, value in raw.items():
+        if not isinstance(sid, str) or not ID_PATTERN.fullmatch(sid):
+            # Not echoed: a value sent as an id by mistake must not come back in a message.
+            what = f"of {len(sid)} characters" if isinstance(sid, str) else type(sid).__name__
+            raise BadRequest(
+                f"a secret id ({what}) is not valid: an id is 1 to 64 of A-Z a-z 0-9 _ . - "
+                "(not starting with . or -), as in RUN --mount=type=secret,id=<id>",
+                details=field,
+            )
+        if isinstance(value, str):
+            data = value.encode("utf-8")
+        elif isinstance(value, bytes):
+            data = value
+        else:
+            raise BadRequest(
+                f"secret {sid!r}: the value must be a string or bytes, got {type(value).__name__}",
+                details=field,
+            )
+        if len(data) > MAX_SECRET_BYTES:
+            raise BadRequest(
+                f"secret {sid!r} is {len(data)} bytes; the limit is {MAX_SECRET_BYTES} "
+                "(500 KiB, BuildKit's own limit): pass a smaller value",
+                details=field,
+            )
+        out[sid] = data
+    return out
 
 
 async def _follow_build(ctx: RequestContext, build: Build, joined: bool) -> Any:

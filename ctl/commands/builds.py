@@ -43,6 +43,11 @@ _BUILD_FLAGS = (
     "platform",
     "stage",
 )
+# The daemon's limits (agent/build/secretfds.py), checked here so a mistake fails before any
+# connection, with the flag in the message.
+_SECRET_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+MAX_SECRETS = 32
+MAX_SECRET_BYTES = 500 * 1024
 
 
 def register(sub: Subcommands) -> None:
@@ -63,6 +68,13 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--label", metavar="K=V", action="append", help="kept on the build record")
     p.add_argument("--platform", metavar="OS/ARCH", help="target platform")
     p.add_argument("--stage", metavar="NAME", help="Dockerfile stage to build")
+    p.add_argument(
+        "--secret",
+        metavar="id=ID[,src=PATH|,env=VAR][,type=file|env]",
+        action="append",
+        help="a build secret for RUN --mount=type=secret,id=ID: read from file PATH, from "
+        "environment variable VAR, or (bare id=ID) from the environment variable ID; repeatable",
+    )
     p.add_argument("--force", action="store_true", default=None, help="rebuild even if cached")
     p.add_argument("--detach", action="store_true", help="print the build id and return")
     p.set_defaults(run=_build)
@@ -98,6 +110,81 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
+def _secret_spec(spec: str) -> tuple[str, str, str]:
+    """``id=ID[,src=PATH|,env=VAR][,type=file|env]`` as (id, kind, where); the forms of
+    ``docker build --secret`` / ``buildctl --secret`` (``source`` is ``src``)."""
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in ("id", "src", "source", "env", "type") or not value:
+            # Only the key is quoted: whatever follows "=" might be a value typed by mistake.
+            raise UsageError(
+                f"--secret: {(key + '=') if sep else 'a field without ='} is not one of id=, "
+                "src=, env=, type= with a value; write --secret id=NAME,src=FILE or "
+                "--secret id=NAME,env=VAR"
+            )
+        key = "src" if key == "source" else key
+        if key in fields:
+            raise UsageError(f"--secret {spec!r}: {key}= given twice")
+        fields[key] = value
+    sid = fields.get("id", "")
+    if not sid:
+        raise UsageError(f"--secret {spec!r}: id= is required, e.g. --secret id=NAME,src=FILE")
+    if len(sid) > 64 or not set(sid) <= _SECRET_ID_CHARS or sid[0] in ".-":
+        raise UsageError(
+            f"--secret id={sid!r}: an id is 1 to 64 of A-Z a-z 0-9 _ . - (not starting with . or -)"
+        )
+    typ = fields.get("type")
+    if typ not in (None, "file", "env"):
+        raise UsageError(f"--secret id={sid}: type={typ} is not file or env")
+    if "src" in fields and "env" in fields:
+        raise UsageError(f"--secret id={sid}: give src= or env=, not both")
+    if "env" in fields:
+        if typ == "file":
+            raise UsageError(f"--secret id={sid}: type=file reads src=, not env=")
+        return sid, "env", fields["env"]
+    if "src" in fields:
+        return sid, typ or "file", fields["src"]
+    if typ == "file":
+        raise UsageError(f"--secret id={sid}: type=file needs src=FILE")
+    return sid, "env", sid
+
+
+def read_secrets(specs: list[str] | None, env: dict[str, str]) -> dict[str, bytes]:
+    """The values of the ``--secret`` flags, read here (the daemon never opens the caller's
+    paths). Errors name the flag and the file or variable, never a value."""
+    out: dict[str, bytes] = {}
+    for spec in specs or []:
+        sid, kind, where = _secret_spec(spec)
+        if sid in out:
+            raise UsageError(f"--secret id={sid} is given twice")
+        if kind == "env":
+            if where not in env:
+                raise UsageError(
+                    f"--secret id={sid}: environment variable {where} is not set "
+                    f"(export it, or give src=FILE)"
+                )
+            value = os.fsencode(env[where])
+        else:
+            try:
+                with open(where, "rb") as f:
+                    value = f.read(MAX_SECRET_BYTES + 1)
+            except OSError as exc:
+                raise UsageError(
+                    f"--secret id={sid}: cannot read {where}: {exc.strerror or exc}"
+                ) from None
+        if len(value) > MAX_SECRET_BYTES:
+            raise UsageError(
+                f"--secret id={sid}: the value is over the limit of {MAX_SECRET_BYTES} bytes "
+                "(500 KiB, BuildKit's per-secret limit)"
+            )
+        out[sid] = value
+    if len(out) > MAX_SECRETS:
+        raise UsageError(f"{len(out)} --secret flags; at most {MAX_SECRETS} per build")
+    return out
+
+
 def _from_bob(env: dict[str, str]) -> argparse.Namespace | None:
     """bob's environment as build flags, or None when it is not set."""
     target = env.get("BOB_TARGET_REF")
@@ -128,6 +215,8 @@ def request_args(
     opts: argparse.Namespace, env: dict[str, str]
 ) -> tuple[dict[str, Any], str | None]:
     """The build request's args and the context directory to open (None for ref-only)."""
+    # --secret is not a "build flag" here: with bob's environment it adds secrets to bob's build.
+    secret_specs = getattr(opts, "secret", None)
     given = any(
         getattr(opts, k, None) not in (None, [], False) for k in _BUILD_FLAGS if k != "timeout"
     )
@@ -159,6 +248,11 @@ def request_args(
     build_args = _pairs(opts.build_arg, "--build-arg")
     if build_args:
         args["build_args"] = build_args
+    secrets = read_secrets(secret_specs, env)
+    if secrets:
+        if opts.base:
+            raise UsageError("--secret needs a Dockerfile build: --base runs no RUN steps")
+        args["secrets"] = secrets
     labels = _pairs(opts.label, "--label")
     if labels:
         args["labels"] = labels

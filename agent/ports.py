@@ -6,6 +6,8 @@ through :class:`SandboxPort`; the daemon wires the real implementations together
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,16 +23,33 @@ class RouteTarget:
 
 
 @dataclass(frozen=True)
+class ProxyLogin:
+    """The Basic credential a child presents to the proxy for a build route (docker config
+    ``auths`` entry for ``address``). ``password`` is the route's unguessable capability: it must
+    never reach an argv, a log, a record or an error (``RegistryPort.scrub`` removes it)."""
+
+    address: str  # the proxy as the child addresses it, e.g. "localhost:8080"
+    username: str
+    password: str
+
+    def docker_config(self) -> str:
+        """A docker ``config.json`` (also a containers-auth.json) holding only this login."""
+        token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        return json.dumps({"auths": {self.address: {"auth": token}}}) + "\n"
+
+
+@dataclass(frozen=True)
 class BuildRoute:
     """A per-build route: children address ``base`` and ``target`` as repositories on the proxy.
 
-    ``prefix`` holds the unguessable capability; it must never reach a log, record or error
-    (``RegistryPort.scrub`` removes it).
+    The names are stable (``<proxy>/b/<registry>/<repository>``), so a tool's knowledge of where
+    blobs already are stays true from one build to the next; what makes the route this build's is
+    ``login``, the capability the child sends as its Basic credential.
     """
 
-    prefix: str  # e.g. "b/<cap>" : the path segment(s) after /v2/
-    base: str | None  # e.g. "localhost:8080/b/<cap>/base", None without a base route
-    target: str  # e.g. "localhost:8080/b/<cap>/target"
+    base: str | None  # e.g. "localhost:8080/b/registry.example.com/team/base", None without one
+    target: str  # e.g. "localhost:8080/b/registry.example.com/team/ws"
+    login: ProxyLogin | None  # None: the route needs no credential (no proxy in between)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ buildkitd.toml, the existence check and the cache, not the image's content."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import tomllib
@@ -117,8 +118,18 @@ def test_build_and_copy_through_the_daemon_with_buildkit(
     (copy,) = [c["argv"] for c in standins.calls("crane")]
     assert copy[0] == "copy" and copy[-1] == "--insecure"
     assert all(ref.startswith(f"{child}/") for ref in copy[1:3])
-    # the capability prefix of the build's proxy route never reaches the record
-    assert output.split("name=")[1].split(",")[0] not in json.dumps(first)
+    # The route's capability travels as the login of a docker config made for the one child,
+    # never on an argv, and never reaches the record or the daemon's log; the file is gone after.
+    for call in [*standins.calls("buildctl"), *standins.calls("crane")]:
+        if "build" not in call["argv"] and call["argv"][0] != "copy":
+            continue
+        (entry,) = call["docker_config"]["auths"].items()
+        assert entry[0] == child
+        user, _, cap = base64.b64decode(entry[1]["auth"]).decode().partition(":")
+        assert user == "build-agent" and len(cap) == 32
+        for text in (" ".join(call["argv"]), json.dumps(first), d.log()):
+            assert cap not in text and entry[1]["auth"] not in text
+        assert not Path(call["docker_config_path"]).exists()
 
 
 def test_failed_run_step_reports_line_and_exit_code(

@@ -4,6 +4,7 @@ chunked uploads, ranges, mounts, routes, refusals and an upstream that goes away
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -34,6 +35,13 @@ from tests.infra.registry import Registry, free_port, start_registry
 __all__ = ["make_proxy"]  # fixture
 
 TLS = ("--src-tls-verify=false", "--dest-tls-verify=false")
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
 ACCEPT = {
     "Accept": "application/vnd.oci.image.manifest.v1+json, "
     "application/vnd.docker.distribution.manifest.v2+json"
@@ -53,8 +61,20 @@ async def test_base_endpoint_answers_itself(make_proxy: ProxyFactory, registry: 
     h = await make_proxy(http_hosts=[registry.host])
     async with aiohttp.ClientSession() as s:
         async with s.get(h.url + "/v2/") as r:
-            assert r.status == 200
+            # The ping challenges: a client holding a build's credential then sends it.
+            assert r.status == 401
+            assert r.headers["WWW-Authenticate"].startswith("Basic realm=")
             assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        route = h.proxy.add_build_route(base=None, target=RouteTarget(f"{registry.host}/x", "t"))
+        assert route.login is not None
+        auth = basic(route.login.username, route.login.password)
+        async with s.get(h.url + "/v2/", headers=auth) as r:
+            assert r.status == 200
+        async with s.get(h.url + "/v2/", headers=basic("build-agent", "f" * 32)) as r:
+            assert r.status == 401
+        h.proxy.remove_build_route(route)
+        async with s.get(h.url + "/v2/", headers=auth) as r:
+            assert r.status == 401
         async with s.post(h.url + "/v2/") as r:
             assert r.status == 405
         async with s.get(h.url + "/nothing") as r:
@@ -194,45 +214,57 @@ async def test_build_route_pins_writes_and_vanishes(
         base=RouteTarget(repo=f"{registry.host}/busybox", tag="latest"),
         target=RouteTarget(repo=f"{registry.host}/built/ws", tag="t1", push=True),
     )
-    assert route.prefix.startswith("b/") and len(route.prefix) == 34
-    assert route.base == f"{h.proxy.child_address}/{route.prefix}/base"
+    host = mirror_name(registry.host)
+    assert route.base == f"{h.proxy.child_address}/b/{host}/busybox"
+    assert route.target == f"{h.proxy.child_address}/b/{host}/built/ws"
+    login = route.login
+    assert login is not None and login.address == h.proxy.child_address
+    cap = login.password
     env = skopeo_env(short_tmp)
-    res = await run(
-        "skopeo", "copy", *TLS, f"docker://{route.base}:latest", f"docker://{route.target}:t1",
-        env=env,
-    )  # fmt: skip
+    authfile = short_tmp / "auth.json"
+    authfile.write_text(login.docker_config())
+    copy = ("skopeo", "copy", *TLS, f"docker://{route.base}:latest", f"docker://{route.target}:t1")
+    # Without the credential the route is not there for skopeo (the path alone is no secret).
+    res = await run(*copy, env=env)
+    assert res.rc != 0 and "unauthorized" in res.err.lower(), res.err
+    res = await run(copy[0], copy[1], "--authfile", str(authfile), *copy[2:], env=env)
     assert res.rc == 0, res.err
-    base_url = f"{h.url}/v2/{route.prefix}"
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{base_url}/target/manifests/t1", headers=ACCEPT) as r:
+    base_url = f"{h.url}/v2/b/{host}"
+    auth = basic(login.username, cap)
+    async with aiohttp.ClientSession(headers=auth) as s:
+        async with s.get(f"{base_url}/built/ws/manifests/t1", headers=ACCEPT) as r:
             assert r.status == 200
             manifest, ctype = await r.read(), r.headers["Content-Type"]
-        for url in (f"{base_url}/target/manifests/other", f"{base_url}/base/manifests/latest"):
+        for url in (f"{base_url}/built/ws/manifests/other", f"{base_url}/busybox/manifests/latest"):
             async with s.put(url, data=manifest, headers={"Content-Type": ctype}) as r:
                 assert r.status == 403
                 assert (await r.json())["errors"][0]["code"] == "DENIED"
-        async with s.post(f"{base_url}/base/blobs/uploads/") as r:
+        async with s.post(f"{base_url}/busybox/blobs/uploads/") as r:
             assert r.status == 403
-        # crane's cross-repo mount: from= names the base alias, the proxy names the repository.
+        # crane's cross-repo mount: from= names the base route, the proxy names the repository.
         layer = json.loads(manifest)["layers"][0]["digest"]
         async with s.post(
-            f"{base_url}/target/blobs/uploads/",
-            params={"mount": layer, "from": f"{route.prefix}/base"},
+            f"{base_url}/built/ws/blobs/uploads/",
+            params={"mount": layer, "from": f"b/{host}/busybox"},
         ) as r:
             assert r.status == 201, await r.text()
-            assert r.headers["Location"] == f"/v2/{route.prefix}/target/blobs/{layer}"
+            assert r.headers["Location"] == f"/v2/b/{host}/built/ws/blobs/{layer}"
         async with s.get(f"{base_url}/elsewhere/manifests/t1") as r:
             assert r.status == 404
+    async with aiohttp.ClientSession() as s:
+        for creds in ({}, basic("build-agent", "0" * 32)):
+            async with s.get(f"{base_url}/built/ws/manifests/t1", headers=creds) as r:
+                assert r.status == 401
+                assert r.headers["WWW-Authenticate"].startswith("Basic ")
         h.proxy.remove_build_route(route)
-        async with s.get(f"{base_url}/target/manifests/t1") as r:
-            assert r.status == 404
-            assert (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+        async with s.get(f"{base_url}/built/ws/manifests/t1", headers=auth) as r:
+            assert r.status == 401  # the capability died with the route
     assert not upstream_requests(registry, r"/v2/built/ws/manifests/other")
     assert upstream_requests(registry, r'"POST /v2/built/ws/blobs/uploads/\?.*from=busybox.*" 201')
-    cap = route.prefix.split("/")[1]
-    text = f"pushing to {route.target}:t1 (cap {cap})"
-    assert cap not in h.proxy.scrub(text)
-    assert "/v2/b/***/target/manifests/t1" in caplog.text
+    text = f"pushing to {route.target}:t1 (cap {cap}, {auth['Authorization']})"
+    scrubbed = h.proxy.scrub(text)
+    assert cap not in scrubbed and auth["Authorization"].split()[1] not in scrubbed, scrubbed
+    assert f"/v2/b/{host}/built/ws/manifests/t1" in caplog.text
     assert cap not in caplog.text
 
 
@@ -555,5 +587,5 @@ async def test_large_blob_download_is_exact_and_keeps_the_connection(
             assert r.status == 206
             assert await r.read() == data[1000 : (2 << 20) + 1000]
         async with s.get(f"{h.url}/v2/") as r:
-            assert r.status == 200
+            assert r.status == 401  # the ping's challenge, on the same connection
     assert h.metric("build_agent_proxy_bytes_total", direction="down") == 2 * len(data) + (2 << 20)

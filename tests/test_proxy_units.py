@@ -107,19 +107,50 @@ def test_routes_and_write_rules() -> None:
         RouteTarget("reg.example.com/base"),
         RouteTarget("reg.example.com/team/ws", tag="t1", push=True),
     )
-    p = route.prefix
-    tgt = r.resolve(f"{p}/target/manifests/t1", None)
+    # Stable names; the capability is the Basic password and appears in no path.
+    assert route.base == "localhost:8080/b/reg.example.com/base"
+    assert route.target == "localhost:8080/b/reg.example.com/team/ws"
+    assert route.login is not None and route.login.address == "localhost:8080"
+    cap = route.login.password
+    assert len(cap) == 32 and cap not in (route.base + route.target)
+    assert r.is_build(cap) and not r.is_build(None) and not r.is_build("0" * 32)
+    tgt = r.resolve("b/reg.example.com/team/ws/manifests/t1", None, cap)
     assert tgt is not None and denial(tgt, "PUT") is None and denial(tgt, "DELETE") is None
-    other = r.resolve(f"{p}/target/manifests/t2", None)
+    assert tgt.target.repository == "team/ws" and tgt.target.registry == "reg.example.com"
+    other = r.resolve("b/reg.example.com/team/ws/manifests/t2", None, cap)
     assert other is not None and denial(other, "PUT") is not None
     assert denial(other, "DELETE") is not None
-    by_digest = r.resolve(f"{p}/target/manifests/{D}", None)
+    by_digest = r.resolve(f"b/reg.example.com/team/ws/manifests/{D}", None, cap)
     assert by_digest is not None and denial(by_digest, "PUT") is None
-    base = r.resolve(f"{p}/base/blobs/uploads/", None)
+    base = r.resolve("b/reg.example.com/base/blobs/uploads/", None, cap)
     assert base is not None and denial(base, "POST") is not None
-    assert r.resolve(f"{p}/target/sub/manifests/t1", None) is None
+    # Without the capability, with another one, or for a repository that is not this build's.
+    assert r.resolve("b/reg.example.com/team/ws/manifests/t1", None) is None
+    assert r.resolve("b/reg.example.com/team/ws/manifests/t1", None, "0" * 32) is None
+    assert r.resolve("b/reg.example.com/team/other/manifests/t1", None, cap) is None
+    assert r.resolve("b/reg.example.com/team/ws/sub/manifests/t1", None, cap) is None
+    # A second build on the same repository has the same names but its own capability.
+    second = r.add_build("localhost:8080", None, RouteTarget("reg.example.com/team/ws", "t9", True))
+    assert second.target == route.target and second.login is not None
+    mine = r.resolve("b/reg.example.com/team/ws/manifests/t9", None, second.login.password)
+    assert mine is not None and denial(mine, "PUT") is None
+    assert r.resolve("b/reg.example.com/base/manifests/x", None, second.login.password) is None
     r.remove_build(route)
-    assert r.resolve(f"{p}/target/manifests/t1", None) is None
+    assert not r.is_build(cap)
+    assert r.resolve("b/reg.example.com/team/ws/manifests/t1", None, cap) is None
+    assert r.resolve("b/reg.example.com/team/ws/manifests/t9", None, second.login.password)
+    # Base and target in one repository: the name keeps the writable side's rules.
+    same = r.add_build(
+        "localhost:8080",
+        RouteTarget("reg.example.com/team/ws"),
+        RouteTarget("reg.example.com/team/ws", tag="t2", push=True),
+    )
+    assert same.base == same.target and same.login is not None
+    both = r.resolve("b/reg.example.com/team/ws/manifests/t2", None, same.login.password)
+    assert both is not None and denial(both, "PUT") is None
+    # A registry with a port: ':' cannot be in a path component.
+    ported = r.add_build("p:1", None, RouteTarget("127.0.0.1:5000/x/y", "t", True))
+    assert ported.target == "p:1/b/127.0.0.1-5000/x/y"
 
 
 def test_challenges() -> None:

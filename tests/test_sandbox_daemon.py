@@ -4,6 +4,7 @@ namespaces are the ones these daemons create (unique names per test)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from agent.proxy._routes import mirror_name
 from agent.sandbox import _egress, _netns
 from tests.infra.builds import (
     build_sections,
@@ -57,19 +59,27 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
         proxy = f"localhost:{d.sections['proxy']['port']}"
         host_proxy = d.sections["proxy"]["host_address"]
         cmdlines = "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"
+        repo = f"sandboxed-{uuid.uuid4().hex[:8]}"
+        guess = base64.b64encode(f"build-agent:{uuid.uuid4().hex}".encode()).decode()
         probes = {
             # busybox-static 1.35 wget segfaults with -T: connections fail fast here anyway.
             "metrics": f"wget -q -O /dev/null http://127.0.0.1:{d.metrics_port}/metrics",
             "registry": f"wget -q -O /dev/null http://{registry.host}/v2/",
             "host-proxy": f"wget -q -O /dev/null http://{host_proxy}/v2/",
-            # The proxy answers (GET /v2/ is its own) ...
-            "proxy": f"wget -q -O /dev/null http://{proxy}/v2/",
-            # ... but a route that is not this build's is not there: guessed capability, and the
-            # upstream repository addressed directly.
-            "other-route": (
+            # The proxy answers (GET /v2/ is its own: a Basic challenge) ...
+            "proxy": f"wget -S -O /dev/null http://{proxy}/v2/ 2>&1 | grep -q 'HTTP/1.1 401'",
+            # ... but the build's own push route is closed to the step: its name is no secret,
+            # the credential is, and a guessed one fails; the upstream repository addressed
+            # directly is not there at all.
+            "own-route": (
                 f"wget -S -O /dev/null --post-data= "
-                f"http://{proxy}/v2/b/{uuid.uuid4().hex}/target/blobs/uploads/ 2>&1 "
-                "| grep -q '404 Not Found'"
+                f"http://{proxy}/v2/b/{mirror_name(registry.host)}/{repo}/blobs/uploads/ 2>&1 "
+                "| grep -q '401 Unauthorized'"
+            ),
+            "guessed-login": (
+                f"wget -S -O /dev/null --post-data= --header 'Authorization: Basic {guess}' "
+                f"http://{proxy}/v2/b/{mirror_name(registry.host)}/{repo}/blobs/uploads/ 2>&1 "
+                "| grep -q '401 Unauthorized'"
             ),
             "upstream-repo": (
                 f"wget -S -O /dev/null --post-data= "
@@ -91,7 +101,7 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
                 "hello.txt": "from the context",  # the context travels by fd into the sandbox
             },
         )
-        target = f"{registry.host}/sandboxed-{uuid.uuid4().hex[:8]}:1"
+        target = f"{registry.host}/{repo}:1"
         r = d.ctl("build", "--context", str(ctx), "--target", target)
         assert r.returncode == 0, r.stderr + d.log()[-3000:]
         results = dict(
@@ -105,7 +115,8 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
     assert results["metrics"] != "0", results
     assert results["registry"] != "0", results
     assert results["host-proxy"] != "0", results
-    assert results["other-route"] == "0", results  # it got a 404
+    assert results["own-route"] == "0", results  # it got a 401
+    assert results["guessed-login"] == "0", results
     assert results["upstream-repo"] == "0", results
     assert results["daemon-visible"] != "0", results
     assert results["self-visible"] == "0", results

@@ -50,7 +50,7 @@ class DirectRegistry:
         return []
 
     def add_build_route(self, *, base: RouteTarget | None, target: RouteTarget) -> BuildRoute:
-        return BuildRoute(prefix="", base=base.repo if base else None, target=target.repo)
+        return BuildRoute(base=base.repo if base else None, target=target.repo, login=None)
 
     def remove_build_route(self, route: BuildRoute) -> None:
         return None

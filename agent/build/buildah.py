@@ -25,7 +25,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.build.child import child_env, describe_exit, kill_tree, proc_read, run
+from agent.build.child import child_env, describe_exit, kill_tree, proc_read, run, write_login
+from agent.build.secretfds import secret_flags
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import (
     AgentError,
@@ -34,7 +35,7 @@ from agent.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
-from agent.ports import Mirror, SandboxPort
+from agent.ports import Mirror, ProxyLogin, SandboxPort
 
 log = logging.getLogger("agent.build")
 
@@ -156,6 +157,11 @@ def _short(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _authfile(path: Path | None) -> list[str]:
+    # Without a login the flag is left out: the empty DOCKER_CONFIG of child_env applies.
+    return ["--authfile", str(path)] if path is not None else []
+
+
 class BuildahToolchain:
     """buildah + skopeo. ``state`` is "ready" once the binaries were found."""
 
@@ -256,6 +262,7 @@ class BuildahToolchain:
             ]
             for k, v in sorted(spec.build_args.items()):
                 argv += ["--build-arg", f"{k}={v}"]
+            argv += secret_flags(spec.secrets, file_type=True)
             if spec.target:
                 argv += ["--target", spec.target]
             if spec.platform:
@@ -270,7 +277,7 @@ class BuildahToolchain:
                 sandbox=self._sandbox,
                 env=self._env(),
                 sink=tail,
-                pass_fds=(spec.context_fd,),
+                pass_fds=(spec.context_fd, *(fd for _, fd in spec.secrets)),
                 cwd=str(work),
             )
             if code != 0:
@@ -282,6 +289,7 @@ class BuildahToolchain:
                 "--tls-verify=false",
                 "--retry",
                 "0",
+                *_authfile(write_login(work, spec.login)),
                 "--digestfile",
                 str(digest_file),
                 image,
@@ -318,7 +326,9 @@ class BuildahToolchain:
             await asyncio.shield(proc.wait())
         shutil.rmtree(work, ignore_errors=True)
 
-    async def copy(self, src: str, dst: str, log_sink: LogSink) -> str | None:
+    async def copy(
+        self, src: str, dst: str, log_sink: LogSink, login: ProxyLogin | None = None
+    ) -> str | None:
         self.runs["copy"] += 1
         work = Path(tempfile.mkdtemp(prefix="copy-", dir=self._root / "tmp"))
         try:
@@ -330,6 +340,7 @@ class BuildahToolchain:
                 "--dest-tls-verify=false",
                 "--retry-times",
                 "0",
+                *_authfile(write_login(work, login)),
                 "--digestfile",
                 str(digest_file),
                 f"docker://{src}",

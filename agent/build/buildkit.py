@@ -51,9 +51,10 @@ from agent.app import App
 from agent.build import child as children
 from agent.build._buildkit_progress import Transcript, build_error, copied_digest, copy_error
 from agent.build._supervisor import Policy, State, Supervisor
+from agent.build.secretfds import secret_flags
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import AgentError, BuildFailed, InternalError, StartupError
-from agent.ports import Mirror, RegistryPort, SandboxPort
+from agent.ports import Mirror, ProxyLogin, RegistryPort, SandboxPort
 
 log = logging.getLogger("agent.build")
 
@@ -213,8 +214,11 @@ class BuildkitToolchain:
     def state(self) -> str:
         return self.supervisor.state.value
 
-    def _env(self) -> dict[str, str]:
-        return children.child_env(self.home)
+    def _env(self, docker_config: Path | None = None) -> dict[str, str]:
+        env = children.child_env(self.home)
+        if docker_config is not None:  # buildctl hands it to buildkitd, crane reads it
+            env["DOCKER_CONFIG"] = str(docker_config.parent)
+        return env
 
     def _scrub(self, text: str) -> str:
         return self.proxy.scrub(text) if self.proxy is not None else text
@@ -351,6 +355,7 @@ class BuildkitToolchain:
             argv += ["--opt", f"platform={spec.platform}"]
         for key, value in sorted(spec.build_args.items()):
             argv += ["--opt", f"build-arg:{key}={value}"]
+        argv += secret_flags(spec.secrets)
         if spec.no_cache:
             argv.append("--no-cache")
         if self.cache_ref:
@@ -379,9 +384,9 @@ class BuildkitToolchain:
                 "buildctl",
                 self.build_argv(spec, metadata),
                 sandbox=self.sandbox,
-                env=self._env(),
+                env=self._env(children.write_login(Path(tmp), spec.login)),
                 sink=transcript,
-                pass_fds=(spec.context_fd,),
+                pass_fds=(spec.context_fd, *(fd for _, fd in spec.secrets)),
             )
             if code != 0:
                 raise build_error(
@@ -401,14 +406,17 @@ class BuildkitToolchain:
         digest = data.get("containerimage.digest") if isinstance(data, dict) else None
         return BuildOutput(digest=digest if isinstance(digest, str) else None)
 
-    async def copy(self, src: str, dst: str, log_sink: LogSink) -> str | None:
+    async def copy(
+        self, src: str, dst: str, log_sink: LogSink, login: ProxyLogin | None = None
+    ) -> str | None:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         transcript = Transcript(log_sink)
         # The proxy speaks plain HTTP to children: --insecure lets crane use it.
         argv = [self.bins.crane, "copy", src, dst, "--insecure"]
-        code = await children.run(
-            "crane", argv, sandbox=self.sandbox, env=self._env(), sink=transcript
-        )
+        with tempfile.TemporaryDirectory(prefix="copy-", dir=self.run_dir) as tmp:
+            env = self._env(children.write_login(Path(tmp), login))
+            code = await children.run("crane", argv, sandbox=self.sandbox, env=env, sink=transcript)
         lines = list(transcript.lines)
         if code != 0:
             raise copy_error(

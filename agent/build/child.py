@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from agent.build.toolchain import LogSink
-from agent.ports import SandboxPort
+from agent.ports import ProxyLogin, SandboxPort
 
 log = logging.getLogger("agent.build")
 
@@ -46,6 +46,19 @@ def child_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, s
     if extra:
         env.update(extra)
     return env
+
+
+def write_login(directory: Path, login: ProxyLogin | None) -> Path | None:
+    """``login`` as ``directory/config.json`` (mode 0600): the docker config that buildctl and
+    crane read from ``DOCKER_CONFIG``, and the auth file buildah and skopeo take with
+    ``--authfile``. The capability stays off every argv. None when there is no login."""
+    if login is None:
+        return None
+    path = directory / "config.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(login.docker_config())
+    return path
 
 
 def describe_exit(returncode: int | None) -> str:

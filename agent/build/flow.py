@@ -25,12 +25,13 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from agent import PROCESS_VERSION
 from agent.build._metrics import BuildMetrics
-from agent.build.toolchain import BuildSpec, LogSink, Toolchain
+from agent.build.secretfds import secret_fds
+from agent.build.toolchain import BuildOutput, BuildSpec, LogSink, Toolchain
 from agent.errors import AgentError, BadRequest, BuildFailed, NotFound, UpstreamError
 from agent.ports import RegistryPort, RouteTarget
 from agent.proxy import reference
@@ -102,6 +103,9 @@ class Plan:
     platform: str | None = None
     force: bool = False
     dockerfile_text: str = ""
+    # id -> value; repr=False keeps values out of any repr. The manager empties it when the
+    # build ends; a request that joins a running build does not change it.
+    secrets: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -244,11 +248,12 @@ class Flow:
                 no_cache=plan.force,
                 mirrors=tuple(self._proxy.mirrors()),
                 proxy_address=self._proxy.child_address,
+                login=route.login,
             )
             self._say(f"building the base image {ref} with {self._tc.name}")
             self._metrics.tool_runs.labels("build").inc()
             try:
-                output = await self._timed("base_build", self._tc.build(spec, self._sink))
+                output = await self._timed("base_build", self._build(spec, plan.secrets))
             except AgentError as exc:
                 _explain(exc, plan, ref.registry, self._proxy.child_address)
                 raise
@@ -267,6 +272,11 @@ class Flow:
         self._say(f"base image {ref} pushed ({digest})")
         return digest
 
+    async def _build(self, spec: BuildSpec, secrets: dict[str, bytes]) -> BuildOutput:
+        # The secrets exist as sealed memfds only for the length of the toolchain's build call.
+        with secret_fds(secrets) as fds:
+            return await self._tc.build(replace(spec, secrets=fds), self._sink)
+
     async def _copy(self, base_repo: str, base_digest: str, target: Ref) -> str | None:
         route = self._proxy.add_build_route(
             base=RouteTarget(base_repo),
@@ -278,7 +288,10 @@ class Flow:
             self._metrics.tool_runs.labels("copy").inc()
             try:
                 return await self._tc.copy(
-                    f"{route.base}@{base_digest}", f"{route.target}:{target.tag}", self._sink
+                    f"{route.base}@{base_digest}",
+                    f"{route.target}:{target.tag}",
+                    self._sink,
+                    route.login,
                 )
             except AgentError as exc:
                 _explain(exc, None, target.registry, self._proxy.child_address)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent.ports import Mirror
+from agent.ports import Mirror, ProxyLogin
 
 
 class LogSink(Protocol):
@@ -39,6 +39,10 @@ class BuildSpec:
     no_cache: bool = False
     mirrors: tuple[Mirror, ...] = ()  # FROM-line registries served by the proxy
     proxy_address: str = ""  # "localhost:<port>" as the child sees the proxy
+    login: ProxyLogin | None = None  # the push route's credential; never on an argv
+    # (id, fd) of each build secret: a sealed memfd owned by the caller (agent.build.secretfds),
+    # passed like context_fd and named /dev/fd/<fd>; the value is never on an argv or in an env.
+    secrets: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,9 @@ class Toolchain(Protocol):
         Cancellation (asyncio.CancelledError) kills the child tree before propagating."""
         ...
 
-    async def copy(self, src: str, dst: str, log: LogSink) -> str | None:
-        """Copy image ``src`` to ``dst`` (both on the proxy), mounting blobs across repos when the
-        registry allows. Returns the digest when known."""
+    async def copy(
+        self, src: str, dst: str, log: LogSink, login: ProxyLogin | None = None
+    ) -> str | None:
+        """Copy image ``src`` to ``dst`` (both on the proxy, both reached with ``login``),
+        mounting blobs across repos when the registry allows. Returns the digest when known."""
         ...

@@ -8,6 +8,7 @@ are not forwarded; ``Location`` and ``Link`` are mapped back onto the proxy.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ from yarl import URL
 from agent.errors import UpstreamError, UpstreamUnauthorized
 from agent.proxy import _splice
 from agent.proxy._metrics import ProxyMetrics
-from agent.proxy._routes import CAP_RE, Resolved, Router, Target, denial
+from agent.proxy._routes import BUILD_SEGMENT, Resolved, Router, Target, denial
 from agent.proxy._transport import Transport
 from agent.proxy._uploads import Uploads
 from agent.proxy._upstream import Outgoing, Upstream
@@ -47,6 +48,10 @@ _REQUEST_DROP = _HOP_BY_HOP | {"host", "authorization", "cookie", "expect"}
 # Never returned: a challenge would send clients to the registry's token server.
 _RESPONSE_DROP = _HOP_BY_HOP | {"www-authenticate", "set-cookie", "location", "server", "date"}
 _API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+# Clients learn from the /v2/ ping that they may send a Basic credential: a build route's
+# capability travels that way (docs/proxy.md). Mirror and static routes ignore it.
+_CHALLENGE = 'Basic realm="build-agent registry proxy"'
+
 _LINK_URL = re.compile(r"<([^>]*)>")
 _SMALL = 4 << 20  # the largest manifest distribution accepts
 
@@ -54,9 +59,23 @@ _SMALL = 4 << 20  # the largest manifest distribution accepts
 def oci_error(status: int, code: str, message: str) -> web.Response:
     """An error in the distribution spec's shape (``{"errors": [{code, message, detail}]}``)."""
     body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]})
-    return web.Response(
-        status=status, text=body, content_type="application/json", headers=dict([_API_VERSION])
-    )
+    headers = dict([_API_VERSION])
+    if status == 401:
+        headers["WWW-Authenticate"] = _CHALLENGE
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+def login_of(request: web.BaseRequest) -> str | None:
+    """The password of a Basic ``Authorization`` (a build route's capability), else None."""
+    value = request.headers.get("Authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "basic" or not token:
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[2] or None
 
 
 def _actions(method: str) -> tuple[str, ...]:
@@ -105,7 +124,7 @@ class Forwarder:
             log.debug(
                 "%s %s -> %d (%.1f ms)",
                 request.method,
-                CAP_RE.sub("b/***", request.path),
+                request.path,
                 status,
                 (time.perf_counter() - started) * 1000,
             )
@@ -114,12 +133,17 @@ class Forwarder:
     async def _handle(self, request: web.BaseRequest) -> tuple[str, web.StreamResponse]:
         raw_path, _, raw_query = request.raw_path.partition("?")
         method = request.method
+        cap = login_of(request)
         if raw_path in ("/v2", "/v2/"):
-            if method in ("GET", "HEAD"):
-                return "base", web.Response(
-                    status=200, text="{}", content_type="application/json", headers=[_API_VERSION]
-                )
-            return "base", oci_error(405, "UNSUPPORTED", "only GET and HEAD on /v2/")
+            if method not in ("GET", "HEAD"):
+                return "base", oci_error(405, "UNSUPPORTED", "only GET and HEAD on /v2/")
+            if not self._router.is_build(cap):
+                # The challenge makes clients send their credential if they have one; one
+                # without (a FROM pull through a mirror) carries on and is served regardless.
+                return "base", oci_error(401, "UNAUTHORIZED", "build routes need a credential")
+            return "base", web.Response(
+                status=200, text="{}", content_type="application/json", headers=[_API_VERSION]
+            )
         if not raw_path.startswith("/v2/"):
             return "none", oci_error(404, "NOT_FOUND", "not a registry API path")
         path = raw_path[len("/v2/") :]
@@ -127,18 +151,22 @@ class Forwarder:
             # No distribution API path needs an escape; %2F would smuggle a '/' past the router.
             return "none", oci_error(400, "NAME_INVALID", "escaped characters in the path")
         ns = request.query.get("ns") if "ns=" in raw_query else None
-        res = self._router.resolve(path, ns)
+        res = self._router.resolve(path, ns, cap)
         if res is None:
+            if path.startswith(BUILD_SEGMENT + "/") and not self._router.is_build(cap):
+                return "none", oci_error(
+                    401, "UNAUTHORIZED", "build routes need the credential of a running build"
+                )
             return "none", oci_error(
                 404, "NAME_UNKNOWN", "repository name not known to registry proxy"
             )
         why = denial(res, method)
         if why is not None:
             return res.target.kind, oci_error(403, "DENIED", why)
-        return res.target.kind, await self._forward(request, res, raw_query)
+        return res.target.kind, await self._forward(request, res, raw_query, cap)
 
     async def _forward(
-        self, request: web.BaseRequest, res: Resolved, raw_query: str
+        self, request: web.BaseRequest, res: Resolved, raw_query: str, cap: str | None
     ) -> web.StreamResponse:
         t = res.target
         method = request.method
@@ -153,7 +181,7 @@ class Forwarder:
             tail = f"/{res.ref}" if res.ref or res.endpoint == "blobs/uploads" else ""
             url = f"{self._transport.base_url(t.registry)}/v2/{t.repository}/{res.endpoint}{tail}"
         if query:
-            query = self._rewrite_query(query, res, scopes)
+            query = self._rewrite_query(query, res, scopes, cap)
         if query:
             url = f"{url}?{query}"
 
@@ -207,7 +235,7 @@ class Forwarder:
                 len(body) if isinstance(body, bytes) else body.count if body is not None else 0
             )
 
-    def _rewrite_query(self, query: str, res: Resolved, scopes: set[str]) -> str:
+    def _rewrite_query(self, query: str, res: Resolved, scopes: set[str], cap: str | None) -> str:
         """Drop containerd's ``ns``; point a cross-repo mount's ``from`` at the upstream
         repository (and ask for pull on it), or drop the mount when it cannot be honoured."""
         pairs = query.split("&")
@@ -225,7 +253,7 @@ class Forwarder:
                 continue
             if key == "from":
                 name = unquote_plus(pair.partition("=")[2])
-                src = self._router.target_of(name, ns)
+                src = self._router.target_of(name, ns, cap)
                 if src is None or src.registry != res.target.registry:
                     src = None
                     continue

@@ -3,7 +3,8 @@
 Three kinds of route share the ``/v2/`` namespace (docs/proxy.md draws them):
 
 - ``static``  ``/v2/<name>/<sub>/...``          -> ``<upstream>/<sub>``, pull or push (config)
-- ``build``   ``/v2/b/<cap>/{base,target}/...``  -> one repository each, writes pinned to a tag
+- ``build``   ``/v2/b/<registry>/<repo>/...``    -> that repository, only for a running build's
+  capability sent as the Basic credential; writes pinned to a tag
 - ``mirror``  ``/v2/mirror/<mname>/<repo>/...`` or ``/v2/<repo>/...?ns=<host>`` -> read-only pulls
 
 Anything else resolves to None (404). Paths are matched on the raw, undecoded path: a
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from agent.config import ProxyConfig
 from agent.errors import ConfigError
-from agent.ports import BuildRoute, Mirror, RouteTarget
+from agent.ports import BuildRoute, Mirror, ProxyLogin, RouteTarget
 from agent.proxy.reference import (
     DOCKER_HUB,
     canonical_host,
@@ -37,7 +38,7 @@ _READ = frozenset({"GET", "HEAD"})
 _OCI_PATH = re.compile(
     r"(?P<name>.+?)/(?P<ep>manifests|blobs/uploads|blobs|tags|referrers)(?:/(?P<ref>[^/]*))?"
 )
-CAP_RE = re.compile(r"\bb/[0-9a-f]{32}\b")
+LOGIN_USER = "build-agent"
 
 
 @dataclass(frozen=True)
@@ -88,15 +89,31 @@ def mirror_name(host: str) -> str:
     return canonical_host(host).replace(":", "-")
 
 
-@dataclass(frozen=True)
-class _BuildEntry:
-    base: Target | None
-    target: Target
+def build_name(repo: str) -> str:
+    """The proxy-side name of upstream ``repo`` on a build route: ``b/<registry>/<path>``. It is
+    the same for every build, so what a tool learnt about blob locations last time stays true."""
+    host, path = split_repository(repo)
+    return f"{BUILD_SEGMENT}/{mirror_name(host)}/{path}"
 
 
-def _target_for(kind: str, rt: RouteTarget) -> Target:
-    host, path = split_repository(rt.repo)
-    return Target(kind, host, path, writable=rt.push, pinned_tag=rt.tag)
+def _build_targets(base: RouteTarget | None, target: RouteTarget) -> dict[str, Target]:
+    """name -> Target for one build route. When base and target are one repository the name
+    gets the writable one's rules (the flow never makes both writable)."""
+    out: dict[str, Target] = {}
+    for rt in (base, target):
+        if rt is None:
+            continue
+        host, path = split_repository(rt.repo)
+        t = Target("build", host, path, writable=rt.push, pinned_tag=rt.tag)
+        name = build_name(rt.repo)
+        have = out.get(name)
+        if have is not None:
+            if have.writable and t.writable and have.pinned_tag != t.pinned_tag:
+                raise ValueError(f"{rt.repo}: one build route cannot pin two tags")
+            if have.writable:
+                continue
+        out[name] = t
+    return out
 
 
 class Router:
@@ -122,7 +139,7 @@ class Router:
                 )
             self._mirrors[name] = host
         self._by_host = {h: n for n, h in self._mirrors.items()}
-        self._builds: dict[str, _BuildEntry] = {}
+        self._builds: dict[str, dict[str, Target]] = {}  # capability -> name -> target
         self._lock = threading.Lock()
 
     # --- build routes -------------------------------------------------------------------------
@@ -131,23 +148,23 @@ class Router:
         self, child_address: str, base: RouteTarget | None, target: RouteTarget
     ) -> BuildRoute:
         cap = secrets.token_hex(16)
-        entry = _BuildEntry(
-            base=_target_for("build", base) if base is not None else None,
-            target=_target_for("build", target),
-        )
+        names = _build_targets(base, target)
         with self._lock:
-            self._builds[cap] = entry
-        prefix = f"{BUILD_SEGMENT}/{cap}"
+            self._builds[cap] = names
         return BuildRoute(
-            prefix=prefix,
-            base=f"{child_address}/{prefix}/base" if base is not None else None,
-            target=f"{child_address}/{prefix}/target",
+            base=f"{child_address}/{build_name(base.repo)}" if base is not None else None,
+            target=f"{child_address}/{build_name(target.repo)}",
+            login=ProxyLogin(child_address, LOGIN_USER, cap),
         )
 
     def remove_build(self, route: BuildRoute) -> None:
-        cap = route.prefix.rpartition("/")[2]
-        with self._lock:
-            self._builds.pop(cap, None)
+        if route.login is not None:
+            with self._lock:
+                self._builds.pop(route.login.password, None)
+
+    def is_build(self, cap: str | None) -> bool:
+        """Whether ``cap`` is the capability of a build route in use now."""
+        return cap is not None and cap in self._builds
 
     @property
     def build_count(self) -> int:
@@ -158,8 +175,9 @@ class Router:
     def mirrors(self) -> list[Mirror]:
         return [Mirror(host=h, prefix=f"{MIRROR_SEGMENT}/{n}") for n, h in self._mirrors.items()]
 
-    def target_of(self, name: str, ns: str | None = None) -> Target | None:
-        """The upstream repository the proxy-side repository ``name`` maps to, if any.
+    def target_of(self, name: str, ns: str | None = None, cap: str | None = None) -> Target | None:
+        """The upstream repository the proxy-side repository ``name`` maps to, if any. A build
+        name (``b/...``) maps only for the capability ``cap`` of a build route that holds it.
 
         A ``mirror/<mname>/`` path wins over ``ns``: BuildKit given a mirror with a path sends
         both (``/v2/mirror/docker.io/library/x/...?ns=docker.io``)."""
@@ -180,15 +198,8 @@ class Router:
                 repo = f"library/{repo}"
             return Target("mirror", host, repo, writable=False)
         if first == BUILD_SEGMENT:
-            cap, _, alias = rest.partition("/")
-            entry = self._builds.get(cap)
-            if entry is None:
-                return None
-            if alias == "target":
-                return entry.target
-            if alias == "base":
-                return entry.base
-            return None
+            names = self._builds.get(cap) if cap is not None else None
+            return names.get(name) if names is not None else None
         if first == MIRROR_SEGMENT:
             return None
         static = self._static.get(first)
@@ -197,13 +208,13 @@ class Router:
         repo = f"{static.repository}/{rest}" if rest else static.repository
         return Target("static", static.registry, repo, writable=static.writable)
 
-    def resolve(self, path: str, ns: str | None) -> Resolved | None:
+    def resolve(self, path: str, ns: str | None, cap: str | None = None) -> Resolved | None:
         """``path`` is below ``/v2/`` (no leading slash)."""
         parts = split_oci_path(path)
         if parts is None:
             return None
         name, ep, ref = parts
-        target = self.target_of(name, ns)
+        target = self.target_of(name, ns, cap)
         if target is None:
             return None
         return Resolved(name=name, endpoint=ep, ref=ref, target=target)

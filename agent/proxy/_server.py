@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
 import logging
@@ -19,7 +20,7 @@ from agent.proxy._auth import Authenticator, scope
 from agent.proxy._credentials import CredentialStore
 from agent.proxy._forward import Forwarder
 from agent.proxy._metrics import ProxyMetrics
-from agent.proxy._routes import CAP_RE, Router
+from agent.proxy._routes import Router
 from agent.proxy._transport import READ_BUFSIZE, Transport
 from agent.proxy._uploads import Uploads
 from agent.proxy._upstream import Outgoing, Upstream
@@ -67,7 +68,7 @@ class Proxy:
         self._runner: web.ServerRunner | None = None
         self._child_address = ""
         self._host_bound = ""
-        self._caps: collections.deque[str] = collections.deque(maxlen=1024)
+        self._caps: collections.deque[str] = collections.deque(maxlen=2048)
         self._state = "stopped"
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -131,7 +132,11 @@ class Proxy:
 
     def add_build_route(self, *, base: RouteTarget | None, target: RouteTarget) -> BuildRoute:
         route = self.router.add_build(self._child_address, base, target)
-        self._caps.append(route.prefix.rpartition("/")[2])
+        login = route.login
+        assert login is not None
+        # The capability, and its Basic form in case a tool prints its Authorization header.
+        self._caps.append(login.password)
+        self._caps.append(base64.b64encode(f"{login.username}:{login.password}".encode()).decode())
         log.debug("build route added (%d active)", self.router.build_count)
         return route
 
@@ -157,7 +162,7 @@ class Proxy:
         for s in sorted(secrets, key=len, reverse=True):
             if len(s) >= 4 and s in text:
                 text = text.replace(s, "***")
-        return CAP_RE.sub("b/***", text)
+        return text
 
     async def manifest_digest(self, ref: str) -> str | None:
         r = reference.parse(ref)

@@ -34,7 +34,18 @@ def record(prog: str) -> None:
     path = os.environ.get("STANDIN_RECORD")
     if not path:
         return
-    entry = {"prog": prog, "argv": sys.argv[1:], "pid": os.getpid(), "t": time.time()}
+    entry: dict[str, object] = {
+        "prog": prog,
+        "argv": sys.argv[1:],
+        "pid": os.getpid(),
+        "t": time.time(),
+    }
+    # What the real tool would take its registry logins from (tests check where they come from).
+    config = os.path.join(os.environ.get("DOCKER_CONFIG", "/nonexistent"), "config.json")
+    if os.path.isfile(config):
+        entry["docker_config_path"] = config
+        with open(config, encoding="utf-8") as f:
+            entry["docker_config"] = json.load(f)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
 

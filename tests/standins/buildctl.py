@@ -16,7 +16,9 @@ Dockerfile is really read from the ``--local dockerfile=`` directory (``/dev/fd/
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -87,6 +89,29 @@ def workers(addr: str, args: list[str]) -> int:
     return 1
 
 
+def _read_secrets(values: list[str]) -> dict[str, str] | str:
+    """MODELED on buildctl's ``--secret`` (cmd/buildctl/build/secret.go: id, src/source, env,
+    type) and its file store (read whole, at most MaxSecretSize = 500 KiB). The values are read
+    as buildkitd would get them; only their sha256 is recorded (prog ``buildctl.secrets``), so
+    tests can prove a value arrived without the value touching disk."""
+    hashes: dict[str, str] = {}
+    for value in values:
+        fields = dict(f.split("=", 1) for f in value.split(",") if "=" in f)
+        sid, src = fields.get("id", ""), fields.get("src") or fields.get("source")
+        try:
+            data = Path(src).read_bytes() if src else os.environ[fields.get("env") or sid].encode()
+        except (OSError, KeyError) as exc:
+            return f"failed to read secret {sid}: {exc}"
+        if len(data) > 500 * 1024:
+            return f"invalid secret size {len(data)}"
+        hashes[sid] = hashlib.sha256(data).hexdigest()
+    path = os.environ.get("STANDIN_RECORD")
+    if path and hashes:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"prog": "buildctl.secrets", "sha256": hashes}) + "\n")
+    return hashes
+
+
 def build(addr: str, args: list[str]) -> int:
     help_text = fixture("buildctl-build-help.txt")
     try:
@@ -122,12 +147,19 @@ def build(addr: str, args: list[str]) -> int:
         dockerfile: str | None = (Path(locals_["dockerfile"]) / filename).read_text()
     except OSError:
         dockerfile = None
+    secrets = _read_secrets(opts.get("--secret", []))
+    if isinstance(secrets, str):
+        print(f"error: {secrets}", file=sys.stderr)
+        return 1
     conn = _connect(addr)
     if isinstance(conn, str):
         print(conn.replace("error: ", "error: listing workers for Build: ", 1), file=sys.stderr)
         return 1
+    # buildctl's session offers buildkitd the credentials of $DOCKER_CONFIG/config.json.
+    config = Path(os.environ.get("DOCKER_CONFIG", "/nonexistent")) / "config.json"
     req = {
         "cmd": "build",
+        "auths": json.loads(config.read_text()).get("auths", {}) if config.is_file() else {},
         "dockerfile": dockerfile,
         "filename": filename,
         "output": output,

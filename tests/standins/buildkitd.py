@@ -253,9 +253,13 @@ class Daemon:
         # 4. export and push: really copy the base image to the output name.
         dest_host = name.split("/", 1)[0]
         digest_file = self.root / f"digest-{os.getpid()}-{threading.get_ident()}"
+        authfile = self.root / f"auth-{os.getpid()}-{threading.get_ident()}.json"
+        authfile.write_text(json.dumps({"auths": req.get("auths") or {}}))
         copy = self.skopeo(
             "copy",
             "--quiet",
+            "--dest-authfile",
+            str(authfile),
             f"--src-tls-verify={str(not plain).lower()}",
             f"--dest-tls-verify={str(not self._plain(dest_host)).lower()}",
             "--digestfile",
@@ -265,6 +269,7 @@ class Daemon:
         )
         export = [ln for ln in ok_lines if ln.startswith("#8 ")]
         if copy.returncode != 0:
+            authfile.unlink()
             err = copy.stderr.decode(errors="replace")
             if "401" in err or "unauthorized" in err.lower() or "denied" in err.lower():
                 why = f"failed to push {name}: unexpected status: 401 Unauthorized"
@@ -291,9 +296,12 @@ class Daemon:
         manifest = self.skopeo(
             "inspect",
             "--raw",
+            "--authfile",
+            str(authfile),
             f"--tls-verify={str(not self._plain(dest_host)).lower()}",
             f"docker://{name}",
         ).stdout
+        authfile.unlink()
         config_digest = json.loads(manifest).get("config", {}).get("digest", "")
         for ln in export:
             ln = ln.replace("#8 ", f"#{vertex} ", 1).replace(_FIXTURE_NAME, name)

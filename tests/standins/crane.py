@@ -7,13 +7,16 @@ with cobra's ``Error: unknown flag``), the help texts, and the shapes of ``crane
 ``crane-digest-notfound.txt`` with this call's refs and digests substituted.
 
 REAL: the copy and the digest are done with ``skopeo`` against the real registry (plain HTTP for
-``--insecure`` and loopback hosts, as crane does), with no credentials (the child's DOCKER_CONFIG is
-empty). The ``mounted blob`` lines are not printed: skopeo does not say which blobs it mounted.
+``--insecure`` and loopback hosts, as crane does), with the credentials of
+``$DOCKER_CONFIG/config.json`` as crane's keychain reads them (the daemon puts only the build
+route's login there). The ``mounted blob`` lines are not printed: skopeo does not say which
+blobs it mounted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -68,7 +71,10 @@ def _plain(host: str, insecure: bool) -> bool:
 
 
 def _skopeo(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["skopeo", *args], capture_output=True, timeout=120)
+    # crane's keychain reads $DOCKER_CONFIG/config.json; skopeo takes the same file.
+    config = Path(os.environ.get("DOCKER_CONFIG", "/nonexistent")) / "config.json"
+    auth = ["--authfile", str(config)] if config.is_file() else []
+    return subprocess.run(["skopeo", args[0], *auth, *args[1:]], capture_output=True, timeout=120)
 
 
 def _fetch_error(ref: str, err: str, method: str = "GET") -> str:

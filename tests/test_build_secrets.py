@@ -300,3 +300,19 @@ async def test_buildah_bud_gets_fds_and_the_run_step_reads_the_value(
     assert value.decode() not in record.read_text()
     sec = read_from_image(push_ref, "/sec.txt").decode()
     assert sec.split()[0] == hashlib.sha256(value).hexdigest()
+
+
+@pytest.mark.skipif(shutil.which("buildah") is None, reason="needs buildah")
+async def test_secret_copies_a_killed_buildah_left_are_removed_at_start(short_tmp: Path) -> None:
+    # What buildah 1.28 leaves when killed mid-RUN: the copy it made to mount the secret.
+    ctr = short_tmp / "buildah" / "storage" / "vfs-containers" / uuid.uuid4().hex / "userdata"
+    (ctr / "secrets").mkdir(parents=True)
+    (ctr / "secrets" / "tok").write_text("left-behind-value")
+    (ctr / "config.json").write_text("{}")  # buildah's own files there are kept
+    tc = BuildahToolchain(state_dir=short_tmp, sandbox=NoSandbox())
+    await tc.start()
+    try:
+        assert not (ctr / "secrets").exists()
+        assert (ctr / "config.json").exists()
+    finally:
+        await tc.close()

@@ -185,6 +185,7 @@ class BuildahToolchain:
         self._skopeo = skopeo or os.environ.get("AGENT_SKOPEO") or "skopeo"
         self._state = "stopped"
         self.runs: dict[str, int] = {"build": 0, "copy": 0}
+        self._buds = 0  # builds in progress (bud or push)
         self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
@@ -221,6 +222,16 @@ class BuildahToolchain:
                 kill_tree(pid)
         for leftover in (self._root / "tmp").iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
+        self._sweep_secret_copies()
+
+    def _sweep_secret_copies(self) -> None:
+        """buildah copies each build secret it mounts to
+        ``<storage>/vfs-containers/<id>/userdata/secrets/<secret id>`` and removes it with the
+        working container; a bud killed mid-step leaves it behind. Remove such copies (only when
+        no bud runs: a running one may be about to mount its copy)."""
+        for copy in (self._root / "storage").glob("*-containers/*/userdata/secrets"):
+            log.warning("removing build secrets a stopped buildah left in %s", copy)
+            shutil.rmtree(copy, ignore_errors=True)
 
     def _base(self, conf: Path | None = None) -> list[str]:
         argv = [
@@ -241,6 +252,7 @@ class BuildahToolchain:
 
     async def build(self, spec: BuildSpec, log_sink: LogSink) -> BuildOutput:
         self.runs["build"] += 1
+        self._buds += 1
         work = Path(tempfile.mkdtemp(prefix="bud-", dir=self._root / "tmp"))
         image = f"localhost/build-agent/bud-{secrets.token_hex(8)}"  # lower case: a valid name
         try:
@@ -304,6 +316,9 @@ class BuildahToolchain:
             digest = digest_file.read_text().strip() if digest_file.exists() else None
             return BuildOutput(digest=digest or None)
         finally:
+            self._buds -= 1
+            if spec.secrets and self._buds == 0:
+                self._sweep_secret_copies()
             # Removing the local image is not part of the build: the result is upstream already.
             task = asyncio.get_running_loop().create_task(self._cleanup(image, work))
             self._cleanups.add(task)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.build.context import Caller, HashCache, hash_context
+from agent.build.context import Caller, HashCache, hash_context, stage_context
 from agent.build.dockerignore import Matcher, parse
 from agent.errors import BadRequest, Forbidden
 from tests.infra.builds import write_context
@@ -170,3 +170,105 @@ def test_warm_cache_skips_reading_unchanged_files(tmp_path: Path) -> None:
     (ctx / "d3" / "f3.txt").write_text("changed")
     assert key(ctx, cache=cache) != cold
     assert key(ctx) == key(ctx, cache=cache)  # cached and uncached agree
+
+
+def _tree(root: Path) -> dict[str, tuple[str, int, int, str]]:
+    """path -> (kind, mode, mtime_ns, content or link target) of everything under ``root``."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = ("l", 0, st.st_mtime_ns, os.readlink(p))
+        elif p.is_dir():
+            out[rel] = ("d", st.st_mode & 0o7777, st.st_mtime_ns, "")
+        else:
+            out[rel] = ("f", st.st_mode & 0o7777, st.st_mtime_ns, p.read_text())
+    return out
+
+
+def test_staged_copy_is_the_kept_tree_with_modes_times_and_the_same_key(tmp_path: Path) -> None:
+    src = write_context(
+        tmp_path / "src",
+        {
+            "build/Dockerfile": "FROM scratch\nCOPY . /\n",
+            "a.txt": "a",
+            "bin/run.sh": "#!/bin/sh\n",
+            "logs/x.log": "noise",
+            "logs/keep.log": "kept by an exception",
+            "secret.tmp": "left out",
+            ".dockerignore": "logs\n!logs/keep.log\n*.tmp\nbuild\n.dockerignore\n",
+        },
+    )
+    (src / "bin/run.sh").chmod(0o755)
+    (src / "link").symlink_to("a.txt")
+    (src / "empty").mkdir(mode=0o750)
+    os.utime(src / "a.txt", ns=(1_000_000_000, 1_234_567_891_000))
+    want_key = key(src, "build/Dockerfile")
+    dest = tmp_path / "staged"
+    dest.mkdir()
+    with opened(src) as s, opened(dest) as d:
+        got = stage_context(s, "build/Dockerfile", d)
+    assert got.key == want_key  # the copy is what the key describes
+    tree = _tree(dest)
+    # Kept entries, as they were; .dockerignore's exclusions are not there at all.
+    expected = {k: v for k, v in _tree(src).items() if k not in ("logs/x.log", "secret.tmp")}
+    # The Dockerfile and .dockerignore are there although excluded (the builder reads them);
+    # they, and the directories made to hold them, are new files, so only content counts.
+    for made in ("build", "build/Dockerfile", ".dockerignore"):
+        assert tree.pop(made)[3] == expected.pop(made)[3]
+    assert tree == expected
+    assert tree["a.txt"][2] == 1_234_567_891_000 and tree["bin/run.sh"][1] == 0o755
+    assert tree["link"][0] == "l" and tree["empty"][1] == 0o750
+
+
+def test_staging_a_context_that_changed_gives_another_key(ctx: Path, tmp_path: Path) -> None:
+    before = key(ctx)
+    (ctx / "a.txt").write_text("changed after the request")
+    dest = tmp_path / "staged"
+    dest.mkdir()
+    with opened(ctx) as s, opened(dest) as d:
+        got = stage_context(s, "Dockerfile", d)
+    assert got.key != before and got.key == key(ctx)
+    assert (dest / "a.txt").read_text() == "changed after the request"
+
+
+def test_staging_checks_the_callers_read_permission(ctx: Path, tmp_path: Path) -> None:
+    (ctx / "a.txt").chmod(0o600)
+    dest = tmp_path / "staged"
+    dest.mkdir()
+    with opened(ctx) as s, opened(dest) as d, pytest.raises(Forbidden):
+        stage_context(s, "Dockerfile", d, caller=Caller(65534, 65534))
+
+
+def test_the_flow_refuses_a_context_that_changed_since_the_request(
+    ctx: Path, tmp_path: Path
+) -> None:
+    from agent.build.flow import Flow, Plan, Ref
+    from agent.errors import BuildFailed
+
+    lines: list[str] = []
+
+    class Sink:
+        def line(self, text: str) -> None:
+            lines.append(text)
+
+    staging = tmp_path / "contexts"
+    with opened(ctx) as fd:
+        requested = hash_context(fd, "Dockerfile").key
+        plan = Plan(
+            target_ref=None,
+            target_repo="reg.example/team/ws",
+            base_ref=Ref("reg.example/team/base", requested),
+            dockerfile="Dockerfile",
+            context_fd=fd,
+        )
+        flow = Flow(None, None, None, sink=Sink(), phase=lambda _: None, staging=str(staging))  # type: ignore[arg-type]
+        staged_fd, staged = flow._stage(plan)  # unchanged: staged, and said so
+        os.close(staged_fd)
+        assert Path(staged).parent == staging and (Path(staged) / "a.txt").read_text() == "a"
+        assert any("context copied for the builder" in ln for ln in lines)
+        (ctx / "a.txt").write_text("changed after the request")
+        with pytest.raises(BuildFailed, match="the context changed after the build was requested"):
+            flow._stage(plan)
+    assert os.listdir(staging) == [Path(staged).name]  # the refused copy is gone

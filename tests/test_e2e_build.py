@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from tests.infra.builds import (
     tool_runs,
     write_context,
 )
-from tests.infra.daemon import DaemonProcess
+from tests.infra.daemon import AGENTCTL, REPO, DaemonProcess
 from tests.infra.registry import Registry, start_registry
 
 pytestmark = pytest.mark.skipif(shutil.which("buildah") is None, reason="needs buildah")
@@ -428,3 +429,39 @@ def test_progress_line_on_a_terminal(
     assert b"\r\x1b[2K" in seen  # the progress line is redrawn in place
     assert b"running (base_build)" in seen and b"STEP 3/3: RUN" in seen
     assert "@sha256:" in proc.stdout and "\x1b" not in proc.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root")
+def test_context_fd_from_another_mount_namespace_is_what_gets_built(
+    daemon: DaemonProcess, registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    """A workspace container's agentctl: its context path means something else (or nothing) in
+    the daemon's mount namespace. The build must read the directory the fd names, not the path."""
+    path = short_tmp / "ctx"
+    marker = uuid.uuid4().hex
+    write_context(  # the node's view of the path: must not be built
+        path, {"Dockerfile": dockerfile(base_image, "RUN echo node-view > /who.txt")}
+    )
+    caller_dockerfile = dockerfile(
+        base_image, "COPY hello.txt /hello.txt", "RUN echo caller-$(cat /hello.txt) > /who.txt"
+    )
+    target = f"{registry.host}/ws-mntns:{marker[:12]}"
+    argv = [*AGENTCTL, "--socket", daemon.socket_path, "build", "--context", str(path)]
+    # In a mount namespace of its own, a tmpfs over the path holds the caller's context.
+    script = (
+        f"mount -t tmpfs tmpfs {path} && cd {path} && "
+        f"printf '%s' \"$DOCKERFILE\" > Dockerfile && printf '%s' {marker} > hello.txt && "
+        f"exec {' '.join(argv)} --target {target}"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+    env.update({"PYTHONPATH": str(REPO), "DOCKERFILE": caller_dockerfile})
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr + daemon.log()[-3000:]
+    assert read_from_image(target, "/who.txt") == f"caller-{marker}\n".encode()
+    assert not (path / "hello.txt").exists()  # the node's view was never touched

@@ -17,6 +17,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from agent.app import App
@@ -100,6 +101,8 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
             "credentials (only plain-HTTP proxy.registries work); development only"
         )
     store = RecordStore(cfg.daemon.state_dir)
+    # Context copies of builds a stopped daemon was running (flow.Flow._stage makes them).
+    shutil.rmtree(Path(cfg.daemon.state_dir) / "contexts", ignore_errors=True)
     interrupted = store.load()
     if interrupted:
         log.warning("marked %d builds interrupted: %s", len(interrupted), ", ".join(interrupted))

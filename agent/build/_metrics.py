@@ -22,7 +22,7 @@ class BuildMetrics:
         )
         self.phase = Histogram(
             "build_agent_build_phase_duration_seconds",
-            "Time spent per build phase (context, queue, base_check, base_build, "
+            "Time spent per build phase (context, queue, base_check, context_copy, base_build, "
             "workspace_check, copy, verify, total)",
             ["phase"],
             buckets=_PHASE_BUCKETS,

@@ -221,14 +221,54 @@ def _hash_file(dir_fd: int, name: str, st: os.stat_result, cache: HashCache | No
     return digest
 
 
+def _copy_file(src_dir: int, dest_dir: int, name: str, st: os.stat_result) -> str:
+    """Copy one file into the staging tree; the hash is of the bytes copied."""
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    try:
+        dst = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dest_dir,
+        )
+        try:
+            h = hashlib.sha256()
+            while True:
+                chunk = os.read(src, _CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(dst, view) :]
+            os.fchmod(dst, stat.S_IMODE(st.st_mode))
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    _set_times(dest_dir, name, st)
+    return h.hexdigest()
+
+
+def _set_times(dir_fd: int, name: str, st: os.stat_result) -> None:
+    # COPY keeps modification times: a staged file must carry the caller's.
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
 class _Walker:
     def __init__(
-        self, matcher: Matcher, caller: Caller, cache: HashCache | None, keep: bool
+        self,
+        matcher: Matcher,
+        caller: Caller,
+        cache: HashCache | None,
+        keep: bool,
+        staging: bool = False,
     ) -> None:
         self.matcher = matcher
         self.caller = caller
-        self.cache = cache
+        self.cache = None if staging else cache  # a staged file is hashed as it is copied
         self.keep = keep
+        self.staging = staging
         self.lines: list[bytes] = []
         self.result = ContextDigest(key="", dockerfile="")
 
@@ -239,7 +279,9 @@ class _Walker:
             details={"path": rel},
         )
 
-    def walk(self, dir_fd: int, prefix: str) -> None:
+    def walk(self, dir_fd: int, prefix: str, dest: int | None = None) -> None:
+        """Hash the tree at ``dir_fd``; with ``dest`` (staging) also copy every kept entry
+        there, hashing the bytes as they are copied."""
         with os.scandir(dir_fd) as it:
             entries = sorted(it, key=lambda e: os.fsencode(e.name))
         for entry in entries:
@@ -269,20 +311,48 @@ class _Walker:
                 try:
                     if excluded and not self.caller.may(st, 5):
                         continue
-                    self.walk(sub, rel + "/")
+                    if dest is None:
+                        self.walk(sub, rel + "/")
+                    else:
+                        self._walk_staged(sub, rel, entry.name, st, dest, excluded)
                 finally:
                     os.close(sub)
             elif stat.S_ISREG(st.st_mode):
-                digest = _hash_file(dir_fd, entry.name, st, self.cache)
+                if dest is None:
+                    digest = _hash_file(dir_fd, entry.name, st, self.cache)
+                else:
+                    digest = _copy_file(dir_fd, dest, entry.name, st)
                 self.result.files += 1
                 self.result.bytes += st.st_size
                 self._add(b"f", rel, st, digest.encode())
             elif stat.S_ISLNK(st.st_mode):
-                self._add(b"l", rel, st, os.fsencode(os.readlink(entry.name, dir_fd=dir_fd)))
+                target = os.readlink(entry.name, dir_fd=dir_fd)
+                if dest is not None:
+                    os.symlink(target, entry.name, dir_fd=dest)
+                    _set_times(dest, entry.name, st)
+                self._add(b"l", rel, st, os.fsencode(target))
             else:
                 # Sockets, fifos and devices are not sent by Docker either; their presence still
                 # counts so that a changed tree changes the key.
                 self._add(b"o", rel, st, b"")
+
+    def _walk_staged(
+        self, sub: int, rel: str, name: str, st: os.stat_result, dest: int, excluded: bool
+    ) -> None:
+        os.mkdir(name, 0o700, dir_fd=dest)
+        sub_dest = os.open(
+            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dest
+        )
+        try:
+            self.walk(sub, rel + "/", sub_dest)
+            # An excluded directory is there only for the exceptions it holds.
+            if excluded and not os.listdir(sub_dest):
+                os.rmdir(name, dir_fd=dest)
+                return
+            os.fchmod(sub_dest, stat.S_IMODE(st.st_mode))
+        finally:
+            os.close(sub_dest)
+        _set_times(dest, name, st)
 
     def _add(self, kind: bytes, rel: str, st: os.stat_result, data: bytes) -> None:
         line = b"%s %s %o %s\n" % (kind, os.fsencode(rel), st.st_mode, data)
@@ -309,6 +379,67 @@ def hash_context(
     ``secret_ids`` go into the key, their values never do: the key is a public tag, and the hash
     of a short secret is as good as the secret. So a changed secret value does not rebuild
     (``force`` does), as with BuildKit, whose cache ignores secret values too."""
+    return _digest(
+        root_fd,
+        dockerfile,
+        None,
+        build_args=build_args,
+        stage=stage,
+        platform=platform,
+        secret_ids=secret_ids,
+        caller=caller,
+        cache=cache,
+        keep_entries=keep_entries,
+    )
+
+
+def stage_context(
+    root_fd: int,
+    dockerfile: str,
+    dest_fd: int,
+    *,
+    build_args: dict[str, str] | None = None,
+    stage: str | None = None,
+    platform: str | None = None,
+    secret_ids: list[str] | None = None,
+    caller: Caller = ROOT,
+) -> ContextDigest:
+    """Copy what the build may see of the context at ``root_fd`` (every entry ``.dockerignore``
+    keeps, plus the Dockerfile and ``.dockerignore`` themselves) into the empty directory
+    ``dest_fd``, with modes and modification times; return the key of exactly the bytes copied.
+
+    Why a copy: a builder given ``/dev/fd/N`` resolves it to the directory's *path* (buildah and
+    BuildKit's file sync both evaluate symlinks), and that path names another directory, or none,
+    when the caller is in another mount namespace (a workspace container). The copy is also what
+    the key describes: a file changed after the request cannot slip into an image tagged with the
+    old key (the caller compares the keys)."""
+    return _digest(
+        root_fd,
+        dockerfile,
+        dest_fd,
+        build_args=build_args,
+        stage=stage,
+        platform=platform,
+        secret_ids=secret_ids,
+        caller=caller,
+        cache=None,
+        keep_entries=False,
+    )
+
+
+def _digest(
+    root_fd: int,
+    dockerfile: str,
+    dest_fd: int | None,
+    *,
+    build_args: dict[str, str] | None,
+    stage: str | None,
+    platform: str | None,
+    secret_ids: list[str] | None,
+    caller: Caller,
+    cache: HashCache | None,
+    keep_entries: bool,
+) -> ContextDigest:
     st = os.fstat(root_fd)
     if not stat.S_ISDIR(st.st_mode):
         raise BadRequest("the context fd is not a directory; pass an open directory")
@@ -316,18 +447,25 @@ def hash_context(
         raise Forbidden(f"the context directory is not readable by uid {caller.uid}")
     df_path = resolve_dockerfile(root_fd, dockerfile)
     df_bytes = _read_small(root_fd, df_path, caller, _MAX_DOCKERFILE)
-    ignore_text = ""
+    ignore_bytes: bytes | None = None
     with contextlib.suppress(FileNotFoundError):
-        ignore_text = _read_small(root_fd, ".dockerignore", caller, _MAX_DOCKERFILE).decode(
-            "utf-8", "replace"
-        )
-    walker = _Walker(Matcher.from_text(ignore_text), caller, cache, keep_entries)
+        ignore_bytes = _read_small(root_fd, ".dockerignore", caller, _MAX_DOCKERFILE)
+    ignore_text = (ignore_bytes or b"").decode("utf-8", "replace")
+    walker = _Walker(
+        Matcher.from_text(ignore_text), caller, cache, keep_entries, staging=dest_fd is not None
+    )
     # scandir(fd) consumes the fd's position: walk a duplicate.
     dup = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
     try:
-        walker.walk(dup, "")
+        walker.walk(dup, "", dest_fd)
     finally:
         os.close(dup)
+    if dest_fd is not None:
+        # The builder reads both even when .dockerignore leaves them out (as Docker sends them).
+        _put(dest_fd, df_path, df_bytes)
+        if ignore_bytes is not None:
+            _put(dest_fd, ".dockerignore", ignore_bytes)
+        os.fchmod(dest_fd, stat.S_IMODE(st.st_mode) | 0o500)
     h = hashlib.sha256()
     h.update(b"build-agent context key\nprocess %s\n" % PROCESS_VERSION.encode())
     h.update(b"dockerfile %d\n" % len(df_bytes))
@@ -346,6 +484,35 @@ def hash_context(
     return walker.result
 
 
+def _put(dest_fd: int, rel: str, data: bytes) -> None:
+    """Write ``data`` at ``rel`` in the staging tree unless the walk copied it already (the
+    walk's copy and ``data`` were read from the same file)."""
+    parts = rel.split("/")
+    parent = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dest_fd)
+    try:
+        for name in parts[:-1]:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=parent)
+            sub = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
+            )
+            os.close(parent)
+            parent = sub
+        try:
+            fd = os.open(
+                parts[-1],
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+                dir_fd=parent,
+            )
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    finally:
+        os.close(parent)
+
+
 __all__ = [
     "ROOT",
     "Caller",
@@ -354,4 +521,5 @@ __all__ = [
     "check_dockerfile_path",
     "hash_context",
     "resolve_dockerfile",
+    "stage_context",
 ]

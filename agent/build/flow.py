@@ -21,8 +21,12 @@ route addresses children use.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -30,6 +34,7 @@ from typing import Any, TypeVar
 
 from agent import PROCESS_VERSION
 from agent.build._metrics import BuildMetrics
+from agent.build.context import ROOT, Caller, stage_context
 from agent.build.secretfds import secret_fds
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink, Toolchain
 from agent.errors import AgentError, BadRequest, BuildFailed, NotFound, UpstreamError
@@ -106,6 +111,7 @@ class Plan:
     # id -> value; repr=False keeps values out of any repr. The manager empties it when the
     # build ends; a request that joins a running build does not change it.
     secrets: dict[str, bytes] = field(default_factory=dict, repr=False)
+    caller: Caller = ROOT  # whose read permission the context walk checks
 
 
 @dataclass
@@ -139,12 +145,14 @@ class Flow:
         *,
         sink: LogSink,
         phase: Callable[[str], None],
+        staging: str | None = None,
     ) -> None:
         self._proxy = proxy
         self._tc = toolchain
         self._metrics = metrics
         self._sink = sink
         self._phase = phase
+        self._staging = staging  # where contexts are copied for the builder; None: not copied
         self.outcome = Outcome()
 
     def _say(self, text: str) -> None:
@@ -236,10 +244,15 @@ class Flow:
             base=RouteTarget(ref.repo, tag=ref.tag, push=True),
             target=RouteTarget(plan.target_ref.repo if plan.target_ref else plan.target_repo or ""),
         )
+        staged: tuple[int, str] | None = None
         try:
             assert route.base is not None
+            context_fd = plan.context_fd
+            if self._staging is not None:
+                staged = await self._timed("context_copy", asyncio.to_thread(self._stage, plan))
+                context_fd = staged[0]
             spec = BuildSpec(
-                context_fd=plan.context_fd,
+                context_fd=context_fd,
                 dockerfile=plan.dockerfile,
                 push_ref=f"{route.base}:{ref.tag}",
                 build_args=dict(plan.build_args),
@@ -259,6 +272,9 @@ class Flow:
                 raise
         finally:
             self._proxy.remove_build_route(route)
+            if staged is not None:
+                os.close(staged[0])
+                await asyncio.to_thread(shutil.rmtree, staged[1], True)
         # The push's own digest is the registry's answer; ask only when the tool did not say.
         digest = output.digest or await self._timed(
             "base_check", self._proxy.manifest_digest(str(ref))
@@ -276,6 +292,39 @@ class Flow:
         # The secrets exist as sealed memfds only for the length of the toolchain's build call.
         with secret_fds(secrets) as fds:
             return await self._tc.build(replace(spec, secrets=fds), self._sink)
+
+    def _stage(self, plan: Plan) -> tuple[int, str]:
+        """Copy the context for the builder (context.stage_context says why); the copy's key
+        must be the one the base is tagged with. Returns (open fd, path) of the copy."""
+        assert self._staging is not None and plan.context_fd is not None
+        assert plan.dockerfile is not None
+        os.makedirs(self._staging, mode=0o700, exist_ok=True)
+        path = tempfile.mkdtemp(prefix="ctx-", dir=self._staging)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            got = stage_context(
+                plan.context_fd,
+                plan.dockerfile,
+                fd,
+                build_args=plan.build_args,
+                stage=plan.stage,
+                platform=plan.platform,
+                secret_ids=sorted(plan.secrets),
+                caller=plan.caller,
+            )
+            if got.key != plan.base_ref.tag:
+                raise BuildFailed(
+                    "the context changed after the build was requested (its content key is "
+                    f"now {got.key}, the request's was {plan.base_ref.tag}); an image built "
+                    "now would not match its tag: run the build again",
+                    details={"base_ref": str(plan.base_ref)},
+                )
+        except BaseException:
+            os.close(fd)
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        self._say(f"context copied for the builder: {got.files} files, {got.bytes} bytes")
+        return fd, path
 
     async def _copy(self, base_repo: str, base_digest: str, target: Ref) -> str | None:
         route = self._proxy.add_build_route(

@@ -331,7 +331,14 @@ class BuildManager:
             build.phase = name
             build.notify()
 
-        flow = Flow(self.proxy, self.toolchain, self.metrics, sink=build.log, phase=phase)
+        flow = Flow(
+            self.proxy,
+            self.toolchain,
+            self.metrics,
+            sink=build.log,
+            phase=phase,
+            staging=str(self.store.dir.parent / "contexts"),
+        )
         fields: dict[str, Any] = {}
         state = rec.FAILED
         try:

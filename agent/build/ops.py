@@ -182,6 +182,7 @@ async def _submit(
             force=force,
             dockerfile_text=digest.dockerfile_text,
             secrets=secrets,
+            caller=caller,
         )
     else:
         if not base_text:

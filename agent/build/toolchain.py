@@ -25,9 +25,10 @@ class LogSink(Protocol):
 class BuildSpec:
     """One Dockerfile build.
 
-    ``context_fd`` is an open directory fd owned by the caller (the build manager); a toolchain
-    passes it to its child with ``pass_fds`` and names it ``/dev/fd/<n>`` there, so the daemon never
-    opens a caller-supplied path.
+    ``context_fd`` is an open directory fd owned by the caller (the flow): the daemon's copy of
+    the caller's context (flow.Flow._stage), never the caller's own directory, because tools
+    resolve ``/dev/fd/<n>`` to a path and a caller's path means nothing in the daemon's mount
+    namespace. A toolchain passes it to its child with ``pass_fds`` and names it ``/dev/fd/<n>``.
     """
 
     context_fd: int

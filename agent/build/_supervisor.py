@@ -376,7 +376,7 @@ class Supervisor:
                 exited.cancel()
 
     async def _pump(self, child: Child) -> None:
-        stream = child.proc.stdout
+        stream = child.stdout
         if stream is None:
             return
         while True:

@@ -21,11 +21,20 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.build.child import child_env, describe_exit, kill_tree, proc_read, run, write_login
+from agent.build.child import (
+    child_env,
+    describe_exit,
+    kill_tree,
+    popen,
+    proc_read,
+    run,
+    write_login,
+)
 from agent.build.secretfds import secret_flags
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import (
@@ -327,18 +336,9 @@ class BuildahToolchain:
     async def _cleanup(self, image: str, work: Path) -> None:
         # The pushed image is upstream now; keeping it would only grow the storage.
         with contextlib.suppress(Exception):
-            proc = await asyncio.create_subprocess_exec(
-                *self._base(),
-                "rmi",
-                "-f",
-                image,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                env=self._env(),
-                start_new_session=True,
-            )
-            await asyncio.shield(proc.wait())
+            argv = [*self._base(), "rmi", "-f", image]
+            child = await popen("buildah rmi", argv, env=self._env(), stdout=subprocess.DEVNULL)
+            await asyncio.shield(child.wait())
         shutil.rmtree(work, ignore_errors=True)
 
     async def copy(

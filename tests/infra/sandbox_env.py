@@ -77,8 +77,8 @@ async def run_child(
         pid_namespace=pid_namespace,
     )
     try:
-        assert child.proc.stdout is not None
-        out = await asyncio.wait_for(child.proc.stdout.read(), limit)
+        assert child.stdout is not None
+        out = await asyncio.wait_for(child.stdout.read(), limit)
         code = await asyncio.wait_for(child.wait(), limit)
     finally:
         if child.returncode is None:

@@ -120,13 +120,25 @@ class Child:
     piped, is :attr:`stdout`."""
 
     def __init__(
-        self, name: str, proc: subprocess.Popen[bytes], stdout: asyncio.StreamReader | None
+        self,
+        name: str,
+        proc: subprocess.Popen[bytes],
+        stdout: asyncio.StreamReader | None = None,
+        pipe: asyncio.BaseTransport | None = None,
     ) -> None:
         self.name = name
         self.proc = proc
         self.pid = proc.pid
         self.stdout = stdout
+        self._pipe = pipe
         self._exited: asyncio.Future[int] | None = None
+
+    def close_pipe(self) -> None:
+        """Close the output pipe (it closes itself at EOF; this is for a child stopped early).
+        The transport, not the Popen's file object, must close the fd: both closing it is a
+        double close that hits whatever reused the number."""
+        if self._pipe is not None and not self._pipe.is_closing():
+            self._pipe.close()
 
     @property
     def returncode(self) -> int | None:
@@ -158,7 +170,17 @@ class Child:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wait(), grace)
         kill_tree(self.pid, signal.SIGKILL)
-        return await self.wait()
+        code = await self.wait()
+        self.close_pipe()
+        return code
+
+
+class _PipeProtocol(asyncio.StreamReaderProtocol):
+    def eof_received(self) -> bool:
+        super().eof_received()
+        # Nothing follows EOF on a pipe: let the transport close now (uvloop keeps a read pipe
+        # open after EOF when the protocol asks to, which StreamReaderProtocol does).
+        return False
 
 
 async def popen(
@@ -194,13 +216,13 @@ async def popen(
         raise StartupError(
             f"{name}: program {argv[0]!r} not found; install it or fix PATH"
         ) from exc
-    reader = None
-    if proc.stdout is not None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=_MAX_LINE, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        await loop.connect_read_pipe(lambda: protocol, proc.stdout)
-    return Child(name, proc, reader)
+    if proc.stdout is None:
+        return Child(name, proc)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_MAX_LINE, loop=loop)
+    protocol = _PipeProtocol(reader, loop=loop)
+    pipe, _ = await loop.connect_read_pipe(lambda: protocol, proc.stdout)
+    return Child(name, proc, reader, pipe)
 
 
 async def spawn(

@@ -1,0 +1,65 @@
+"""agent.build.child.popen under the daemon's loop (uvloop): the output pipe is closed exactly
+once, by its transport, at EOF or when the child is stopped; a pidfd wakes the reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+
+import uvloop
+
+from agent.build.child import popen
+
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _baseline() -> int:
+    """Open fds once the loop has made its own (uvloop adds one with its first pipe)."""
+    warm = await popen("true", ["true"], env=ENV)
+    assert warm.stdout is not None
+    await warm.stdout.read()
+    await warm.wait()
+    await asyncio.sleep(0.01)
+    gc.collect()
+    return _open_fds()
+
+
+def test_output_pipe_is_closed_at_eof_and_nothing_leaks() -> None:
+    async def main() -> None:
+        before = await _baseline()
+        for _ in range(20):
+            child = await popen("echo", ["echo", "hi"], env=ENV)
+            assert child.stdout is not None and child.proc.stdout is not None
+            assert await child.stdout.read() == b"hi\n"
+            assert await child.wait() == 0
+            await asyncio.sleep(0.01)  # the transport closes on the next loop turns
+            # Closed through the file object: its finalizer cannot close the number again
+            # (under uvloop the pipe stayed open after EOF, to be closed twice at collection).
+            assert child.proc.stdout.closed
+        gc.collect()
+        assert _open_fds() <= before
+
+    uvloop.run(main())
+
+
+def test_stopped_child_is_reaped_and_its_pipe_closed() -> None:
+    async def main() -> None:
+        before = await _baseline()
+        child = await popen("sleep", ["sh", "-c", "echo started; exec sleep 30"], env=ENV)
+        assert child.stdout is not None and child.proc.stdout is not None
+        assert await child.stdout.readline() == b"started\n"
+        code = await asyncio.wait_for(child.stop(grace=0.2), 10)
+        assert code == -signal.SIGTERM and child.returncode == code
+        assert child.proc.stdout.closed
+        # wait() again answers at once from the reaped status.
+        assert await asyncio.wait_for(child.wait(), 1) == code
+        gc.collect()
+        assert _open_fds() <= before
+
+    uvloop.run(main())

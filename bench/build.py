@@ -46,12 +46,16 @@ MARK_BEGIN = "<!-- bench:build -->"
 MARK_END = "<!-- /bench:build -->"
 
 
-def context(root: Path, base: str) -> Path:
+def context(root: Path, base: str, layer_mib: int = 0) -> Path:
+    """busybox + COPY + RUN; with ``layer_mib`` the RUN also writes that many MiB of random
+    bytes (a layer that neither compresses nor exists anywhere yet)."""
+    run = "RUN echo built-$(cat /hello.txt) > /out.txt"
+    if layer_mib:
+        run += f" && dd if=/dev/urandom of=/blob bs=1048576 count={layer_mib} 2>/dev/null"
     return write_context(
         root / uuid.uuid4().hex[:12],
         {
-            "Dockerfile": f"FROM {base}\nCOPY hello.txt /hello.txt\n"
-            "RUN echo built-$(cat /hello.txt) > /out.txt\n",
+            "Dockerfile": f"FROM {base}\nCOPY hello.txt /hello.txt\n{run}\n",
             "hello.txt": uuid.uuid4().hex,
         },
     )
@@ -125,7 +129,9 @@ def child_seconds(d: DaemonProcess, since: float) -> float:
     return total
 
 
-def agent_vs_hand(tmp: Path, d: DaemonProcess, reg: Registry, base: str, n: int) -> dict[str, Any]:
+def agent_vs_hand(
+    tmp: Path, d: DaemonProcess, reg: Registry, base: str, n: int, layer_mib: int = 0
+) -> dict[str, Any]:
     agent_t: list[float] = []
     own_t: list[float] = []
     child_t: list[float] = []
@@ -133,20 +139,21 @@ def agent_vs_hand(tmp: Path, d: DaemonProcess, reg: Registry, base: str, n: int)
     by_hand(tmp, context(tmp, base), reg)  # warm both: FROM image pulled into each storage
     agentctl(d, "build", "--context", str(context(tmp, base)), "--target", f"{reg.host}/w:0")
     for i in range(n):
-        ctx = context(tmp, base)
+        ctx = context(tmp, base, layer_mib)
         since = time.time()
         agent_t.append(
             agentctl(
                 d, "build", "--force", "--context", str(ctx),
-                "--target", f"{reg.host}/bench-agent:{i}",
+                "--target", f"{reg.host}/bench-agent-{layer_mib}:{i}",
             )
         )  # fmt: skip
         children = child_seconds(d, since)
         own_t.append(agent_t[-1] - children)
         child_t.append(children)
-        hand_t.append(by_hand(tmp, context(tmp, base), reg))
+        hand_t.append(by_hand(tmp, context(tmp, base, layer_mib), reg))
     a, h = statistics.median(agent_t), statistics.median(hand_t)
     return {
+        "layer_mib": layer_mib,
         "n": n,
         "agent_s": a,
         "hand_s": h,
@@ -232,8 +239,30 @@ def hashing(tmp: Path, files: int, rounds: int) -> dict[str, float]:
     }
 
 
+def _vs_rows(vs: dict[str, Any], met: Any) -> list[str]:
+    what = (
+        f"with a {vs['layer_mib']} MiB random layer written by the RUN"
+        if vs["layer_mib"]
+        else "busybox + COPY + RUN (a few KiB of new layers)"
+    )
+    return [
+        f"| **forced build, {what}**: through the agent (`agentctl build --force`), median of "
+        f"{vs['n']} | {vs['agent_s']:.2f} s | |",
+        f"| the same `buildah bud` + `buildah push` + `skopeo copy` by hand, median of {vs['n']} "
+        f"| {vs['hand_s']:.2f} s | |",
+        f"| ratio agent / by hand | {vs['ratio']:.3f} | <= 1.05 ({met(vs['ratio'] <= 1.05)}) |",
+        f"| of the agent's time, outside its children (agentctl start, hashing, records, "
+        f"HEADs, routes), median | {vs['own_s'] * 1000:.0f} ms | |",
+        f"| of the agent's time, its children (bud, push, copy; registry traffic through the "
+        f"proxy), median | {vs['children_s']:.2f} s | |",
+    ]
+
+
 def render(
-    cached: dict[str, float], vs: dict[str, Any], conc: dict[str, Any], hsh: dict[str, float]
+    cached: dict[str, float],
+    vss: list[dict[str, Any]],
+    conc: dict[str, Any],
+    hsh: dict[str, float],
 ) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -252,15 +281,7 @@ def render(
         f"| `agentctl build` of an already-built target, whole process, p50 of {cached['n']} "
         f"| {cached['p50_ms']:.0f} ms (p90 {cached['p90_ms']:.0f} ms) "
         f"| <= 100 ms ({met(cached['p50_ms'] <= 100)}) |",
-        f"| forced build through the agent (`agentctl build --force`), median of {vs['n']} "
-        f"| {vs['agent_s']:.2f} s | |",
-        f"| the same `buildah bud` + `buildah push` + `skopeo copy` by hand, median of {vs['n']} "
-        f"| {vs['hand_s']:.2f} s | |",
-        f"| ratio agent / by hand | {vs['ratio']:.3f} | <= 1.05 ({met(vs['ratio'] <= 1.05)}) |",
-        f"| of the agent's time, outside its children (agentctl start, hashing, records, "
-        f"HEADs, routes), median | {vs['own_s'] * 1000:.0f} ms | |",
-        f"| of the agent's time, its children (bud, push, copy; registry traffic through the "
-        f"proxy), median | {vs['children_s']:.2f} s | |",
+        *[row for vs in vss for row in _vs_rows(vs, met)],
         f"| one build (fresh content), median of {conc['rounds']} | {conc['one_s']:.2f} s | |",
         f"| {conc['n']} identical concurrent builds (fresh content), wall time, median of "
         f"{conc['rounds']} | {conc['many_s']:.2f} s | |",
@@ -273,12 +294,17 @@ def render(
         f"| context hashing, {hsh['files']:,} files, warm (cache by dev, inode, size, mtime, "
         f"ctime) | {hsh['warm_ms']:.0f} ms | |",
         "",
-        "The forced build pays what the agent adds around the same tools: agentctl's start,",
-        "hashing the context, records, the manifest HEADs and routes (the row above), and, inside",
-        "the children's time, every push and pull going through the registry proxy instead of",
-        "straight to the registry. The cold hashing figure has the files in the page cache; only",
-        "the content hashes are cold. The machine is shared with other test runs (see the load",
-        "average): ratios of a few percent are within its noise.",
+        "A forced build pays what the agent adds around the same tools: agentctl's start (a",
+        "Python interpreter, about 40 ms of the 'outside its children' row), hashing the context,",
+        "records, the routes, and inside the children's time every push and pull going through",
+        "the registry proxy (and its login challenge) instead of straight to the registry. That",
+        "cost is fixed, so on the few-KiB build, which takes under a second by hand, it is more",
+        "than 5 %; on a build that writes a real layer it is within the goal. The by-hand run",
+        "pushes to the same repositories every time, so its tools always know where the FROM",
+        "layer already is; the agent's stable route names (docs/proxy.md) give it the same",
+        "knowledge. The cold hashing figure has the files in the page cache; only the content",
+        "hashes are cold. The machine is shared with other test runs (see the load average):",
+        "ratios of a few percent are within its noise.",
         MARK_END,
     ]
     return "\n".join(lines)
@@ -305,11 +331,15 @@ def main() -> int:
             print(f"hashing 10k files: cold {hsh['cold_ms']:.0f} ms, warm {hsh['warm_ms']:.0f} ms")
             cached = cached_build(d, context(tmp, base), reg, n_cached)
             print(f"cached agentctl build: p50 {cached['p50_ms']:.0f} ms", flush=True)
-            vs = agent_vs_hand(tmp, d, reg, base, n_vs)
-            print(
-                f"agent {vs['agent_s']:.2f} s vs hand {vs['hand_s']:.2f} s: {vs['ratio']:.3f}",
-                flush=True,
-            )
+            vss = []
+            for layer_mib in (0, 64):
+                vs = agent_vs_hand(tmp, d, reg, base, n_vs, layer_mib)
+                print(
+                    f"{layer_mib} MiB layer: agent {vs['agent_s']:.2f} s vs hand "
+                    f"{vs['hand_s']:.2f} s: {vs['ratio']:.3f} (own {vs['own_s'] * 1000:.0f} ms)",
+                    flush=True,
+                )
+                vss.append(vs)
             conc = concurrent(tmp, d, reg, base, n_conc, rounds)
             print(
                 f"{n_conc} concurrent {conc['many_s']:.2f} s vs one {conc['one_s']:.2f} s: "
@@ -320,11 +350,11 @@ def main() -> int:
         finally:
             d.cleanup()
             reg.stop()
-    text = render(cached, vs, conc, hsh)
+    text = render(cached, vss, conc, hsh)
     if opts.no_write:
         print(text)
     else:
-        print(f"wrote {write_section(text)}")
+        print(f"wrote {write_section(text, MARK_BEGIN, MARK_END)}")
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.build.context import Caller, HashCache, hash_context, stage_context
+from agent.build.context import Caller, HashCache, hash_context
 from agent.build.dockerignore import Matcher, parse
 from agent.errors import BadRequest, Forbidden
 from tests.infra.builds import write_context
@@ -208,7 +208,7 @@ def test_staged_copy_is_the_kept_tree_with_modes_times_and_the_same_key(tmp_path
     dest = tmp_path / "staged"
     dest.mkdir()
     with opened(src) as s, opened(dest) as d:
-        got = stage_context(s, "build/Dockerfile", d)
+        got = hash_context(s, "build/Dockerfile", stage_into=d)
     assert got.key == want_key  # the copy is what the key describes
     tree = _tree(dest)
     # Kept entries, as they were; .dockerignore's exclusions are not there at all.
@@ -228,7 +228,7 @@ def test_staging_a_context_that_changed_gives_another_key(ctx: Path, tmp_path: P
     dest = tmp_path / "staged"
     dest.mkdir()
     with opened(ctx) as s, opened(dest) as d:
-        got = stage_context(s, "Dockerfile", d)
+        got = hash_context(s, "Dockerfile", stage_into=d)
     assert got.key != before and got.key == key(ctx)
     assert (dest / "a.txt").read_text() == "changed after the request"
 
@@ -238,7 +238,7 @@ def test_staging_checks_the_callers_read_permission(ctx: Path, tmp_path: Path) -
     dest = tmp_path / "staged"
     dest.mkdir()
     with opened(ctx) as s, opened(dest) as d, pytest.raises(Forbidden):
-        stage_context(s, "Dockerfile", d, caller=Caller(65534, 65534))
+        hash_context(s, "Dockerfile", stage_into=d, caller=Caller(65534, 65534))
 
 
 def test_the_flow_refuses_a_context_that_changed_since_the_request(

@@ -24,7 +24,7 @@ from agent.build.context import hash_context
 from agent.build.secretfds import MAX_SECRET_BYTES, sealed_memfd, secret_fds, secret_flags
 from agent.build.toolchain import BuildSpec
 from agent.ports import NoSandbox
-from ctl.commands.builds import UsageError, read_secrets, request_args
+from ctl.commands.builds import _BUILD_FLAGS, UsageError, read_secrets, request_args
 from tests.infra.builds import read_from_image, write_context
 from tests.infra.registry import Registry
 from tests.standins import Standins, install
@@ -142,25 +142,8 @@ def test_agentctl_reads_file_env_and_bare_id(short_tmp: Path) -> None:
         "a": b"from-file\n", "b": b"from-env", "npm": b"bare", "c": b"from-file\n",
         "d": b"from-env",
     }  # fmt: skip
-    ns = argparse.Namespace(
-        **dict.fromkeys(
-            (
-                "context",
-                "file",
-                "base",
-                "target_repo",
-                "base_repo",
-                "build_arg",
-                "label",
-                "force",
-                "timeout",
-                "platform",
-                "stage",
-            ),
-        ),
-        target="r.example/x:1",
-        secret=[f"id=a,src={f}"],
-    )
+    ns = argparse.Namespace(**dict.fromkeys(_BUILD_FLAGS))  # every build flag unset ...
+    ns.target, ns.secret = "r.example/x:1", [f"id=a,src={f}"]  # ... but these
     args, _ = request_args(ns, env)
     assert args["secrets"] == {"a": b"from-file\n"}
 

@@ -14,8 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 import pytest
 
 from agent.build.secretfds import MAX_SECRET_BYTES, MAX_SECRETS
-from tests.infra.builds import build_sections, read_from_image, status, write_context
+from tests.infra.builds import build_sections, image_dir, read_from_image, status, write_context
 from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry
 from tests.infra.sandbox_env import nat_subnet, unique_netns
@@ -83,14 +81,8 @@ def _files_holding(roots: list[Path], needle: bytes) -> list[str]:
 
 def _image_holds(ref: str, needle: bytes) -> bool:
     """Every blob of ``ref`` (config and layers), decompressed, searched for ``needle``."""
-    with tempfile.TemporaryDirectory(prefix="img-") as d:
-        subprocess.run(
-            ["skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}", f"dir:{d}"],
-            check=True,
-            capture_output=True,
-            env={"PATH": "/usr/bin:/bin", "HOME": d},
-        )
-        blobs = list(Path(d).iterdir())
+    with image_dir(ref) as d:
+        blobs = list(d.iterdir())
         assert len(blobs) >= 3  # manifest, config, layers
         for blob in blobs:
             data = blob.read_bytes()

@@ -198,56 +198,49 @@ def _read_small(root_fd: int, rel: str, caller: Caller, limit: int) -> bytes:
         os.close(fd)
 
 
-def _hash_file(dir_fd: int, name: str, st: os.stat_result, cache: HashCache | None) -> str:
-    if cache is not None:
+def _hash_file(
+    dir_fd: int,
+    name: str,
+    st: os.stat_result,
+    cache: HashCache | None,
+    copy_to: int | None = None,
+) -> str:
+    """sha256 of the file ``name`` (from the cache when it knows it); with ``copy_to``, also
+    copy it into that directory (same name, mode and times): the hash is of the bytes copied."""
+    if cache is not None and copy_to is None:
         hit = cache.get(st)
         if hit is not None:
             return hit
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    dst = -1
     try:
+        if copy_to is not None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            dst = os.open(name, flags, 0o600, dir_fd=copy_to)
         h = hashlib.sha256()
         while True:
             chunk = os.read(fd, _CHUNK)
             if not chunk:
                 break
             h.update(chunk)
-        fst = os.fstat(fd)
-    finally:
-        os.close(fd)
-    digest = h.hexdigest()
-    # Only cache what did not change under us while reading.
-    if cache is not None and HashCache.key(fst) == HashCache.key(st):
-        cache.put(st, digest)
-    return digest
-
-
-def _copy_file(src_dir: int, dest_dir: int, name: str, st: os.stat_result) -> str:
-    """Copy one file into the staging tree; the hash is of the bytes copied."""
-    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
-    try:
-        dst = os.open(
-            name,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=dest_dir,
-        )
-        try:
-            h = hashlib.sha256()
-            while True:
-                chunk = os.read(src, _CHUNK)
-                if not chunk:
-                    break
-                h.update(chunk)
+            if dst >= 0:
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(dst, view) :]
+        fst = os.fstat(fd)
+        if dst >= 0:
             os.fchmod(dst, stat.S_IMODE(st.st_mode))
-        finally:
-            os.close(dst)
     finally:
-        os.close(src)
-    _set_times(dest_dir, name, st)
-    return h.hexdigest()
+        os.close(fd)
+        if dst >= 0:
+            os.close(dst)
+    digest = h.hexdigest()
+    if copy_to is not None:
+        _set_times(copy_to, name, st)
+    # Only cache what did not change under us while reading.
+    elif cache is not None and HashCache.key(fst) == HashCache.key(st):
+        cache.put(st, digest)
+    return digest
 
 
 def _set_times(dir_fd: int, name: str, st: os.stat_result) -> None:
@@ -318,10 +311,7 @@ class _Walker:
                 finally:
                     os.close(sub)
             elif stat.S_ISREG(st.st_mode):
-                if dest is None:
-                    digest = _hash_file(dir_fd, entry.name, st, self.cache)
-                else:
-                    digest = _copy_file(dir_fd, dest, entry.name, st)
+                digest = _hash_file(dir_fd, entry.name, st, self.cache, dest)
                 self.result.files += 1
                 self.result.bytes += st.st_size
                 self._add(b"f", rel, st, digest.encode())
@@ -372,74 +362,26 @@ def hash_context(
     caller: Caller = ROOT,
     cache: HashCache | None = None,
     keep_entries: bool = False,
+    stage_into: int | None = None,
 ) -> ContextDigest:
     """The base image's content key for the context open at ``root_fd`` (blocking: run it in a
     thread). Raises BadRequest for a bad Dockerfile path, Forbidden for an unreadable entry.
 
     ``secret_ids`` go into the key, their values never do: the key is a public tag, and the hash
     of a short secret is as good as the secret. So a changed secret value does not rebuild
-    (``force`` does), as with BuildKit, whose cache ignores secret values too."""
-    return _digest(
-        root_fd,
-        dockerfile,
-        None,
-        build_args=build_args,
-        stage=stage,
-        platform=platform,
-        secret_ids=secret_ids,
-        caller=caller,
-        cache=cache,
-        keep_entries=keep_entries,
-    )
+    (``force`` does), as with BuildKit, whose cache ignores secret values too.
 
-
-def stage_context(
-    root_fd: int,
-    dockerfile: str,
-    dest_fd: int,
-    *,
-    build_args: dict[str, str] | None = None,
-    stage: str | None = None,
-    platform: str | None = None,
-    secret_ids: list[str] | None = None,
-    caller: Caller = ROOT,
-) -> ContextDigest:
-    """Copy what the build may see of the context at ``root_fd`` (every entry ``.dockerignore``
-    keeps, plus the Dockerfile and ``.dockerignore`` themselves) into the empty directory
-    ``dest_fd``, with modes and modification times; return the key of exactly the bytes copied.
-
+    With ``stage_into`` (an empty directory's fd), also copy there what the build may see: every
+    entry ``.dockerignore`` keeps, plus the Dockerfile and ``.dockerignore`` themselves, with
+    modes and modification times; the key is then of exactly the bytes copied (no hash cache).
     Why a copy: a builder given ``/dev/fd/N`` resolves it to the directory's *path* (buildah and
-    BuildKit's file sync both evaluate symlinks), and that path names another directory, or none,
-    when the caller is in another mount namespace (a workspace container). The copy is also what
-    the key describes: a file changed after the request cannot slip into an image tagged with the
-    old key (the caller compares the keys)."""
-    return _digest(
-        root_fd,
-        dockerfile,
-        dest_fd,
-        build_args=build_args,
-        stage=stage,
-        platform=platform,
-        secret_ids=secret_ids,
-        caller=caller,
-        cache=None,
-        keep_entries=False,
-    )
-
-
-def _digest(
-    root_fd: int,
-    dockerfile: str,
-    dest_fd: int | None,
-    *,
-    build_args: dict[str, str] | None,
-    stage: str | None,
-    platform: str | None,
-    secret_ids: list[str] | None,
-    caller: Caller,
-    cache: HashCache | None,
-    keep_entries: bool,
-) -> ContextDigest:
+    BuildKit's file sync both evaluate symlinks), and that path names another directory, or
+    none, when the caller is in another mount namespace (a workspace container). The copy is
+    also what the key describes: a file changed after the request cannot slip into an image
+    tagged with the old key (the caller compares the keys)."""
+    dest_fd = stage_into
+    if dest_fd is not None:
+        cache = None
     st = os.fstat(root_fd)
     if not stat.S_ISDIR(st.st_mode):
         raise BadRequest("the context fd is not a directory; pass an open directory")
@@ -521,5 +463,4 @@ __all__ = [
     "check_dockerfile_path",
     "hash_context",
     "resolve_dockerfile",
-    "stage_context",
 ]

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from agent import PROCESS_VERSION
 from agent.build._metrics import BuildMetrics
-from agent.build.context import ROOT, Caller, stage_context
+from agent.build.context import ROOT, Caller, hash_context
 from agent.build.secretfds import secret_fds
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink, Toolchain
 from agent.errors import AgentError, BadRequest, BuildFailed, NotFound, UpstreamError
@@ -294,18 +294,18 @@ class Flow:
             return await self._tc.build(replace(spec, secrets=fds), self._sink)
 
     def _stage(self, plan: Plan) -> tuple[int, str]:
-        """Copy the context for the builder (context.stage_context says why); the copy's key
-        must be the one the base is tagged with. Returns (open fd, path) of the copy."""
+        """Copy the context for the builder (``hash_context(stage_into=...)`` says why); the
+        copy's key must be the one the base is tagged with. Returns (open fd, path) of it."""
         assert self._staging is not None and plan.context_fd is not None
         assert plan.dockerfile is not None
         os.makedirs(self._staging, mode=0o700, exist_ok=True)
         path = tempfile.mkdtemp(prefix="ctx-", dir=self._staging)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            got = stage_context(
+            got = hash_context(
                 plan.context_fd,
                 plan.dockerfile,
-                fd,
+                stage_into=fd,
                 build_args=plan.build_args,
                 stage=plan.stage,
                 platform=plan.platform,

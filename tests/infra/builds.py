@@ -3,13 +3,14 @@ back out of a pushed image, metrics, and the daemon's process tree."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import tarfile
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,10 @@ def start_build_daemon(
     return DaemonProcess(tmp, build_sections(registries, extra)).start()
 
 
-def read_from_image(ref: str, path: str) -> bytes:
-    """The content of ``path`` in image ``ref`` (plain HTTP registry), read with skopeo."""
+@contextlib.contextmanager
+def image_dir(ref: str) -> Iterator[Path]:
+    """Image ``ref`` (plain HTTP registry) copied by skopeo into a ``dir:`` layout: manifest.json
+    and one file per blob, named by its hex digest. Removed on exit."""
     with tempfile.TemporaryDirectory(prefix="img-") as d:
         subprocess.run(
             ["skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}", f"dir:{d}"],
@@ -60,11 +63,17 @@ def read_from_image(ref: str, path: str) -> bytes:
             capture_output=True,
             env={"PATH": "/usr/bin:/bin", "HOME": d},
         )
-        manifest = json.loads((Path(d) / "manifest.json").read_text())
+        yield Path(d)
+
+
+def read_from_image(ref: str, path: str) -> bytes:
+    """The content of ``path`` in image ``ref`` (plain HTTP registry), read with skopeo."""
+    with image_dir(ref) as d:
+        manifest = json.loads((d / "manifest.json").read_text())
         found: bytes | None = None
         want = path.lstrip("/")
         for layer in manifest["layers"]:
-            blob = Path(d) / layer["digest"].split(":", 1)[1]
+            blob = d / layer["digest"].split(":", 1)[1]
             with tarfile.open(blob) as tar:
                 for member in tar.getmembers():
                     if member.name.lstrip("./") == want and member.isfile():

@@ -264,11 +264,14 @@ def test_the_flow_refuses_a_context_that_changed_since_the_request(
             context_fd=fd,
         )
         flow = Flow(None, None, None, sink=Sink(), phase=lambda _: None, staging=str(staging))  # type: ignore[arg-type]
-        staged_fd, staged = flow._stage(plan)  # unchanged: staged, and said so
+        staged_fd, staged = flow._stage(plan, os.dup(fd))  # unchanged: staged, and said so
         os.close(staged_fd)
         assert Path(staged).parent == staging and (Path(staged) / "a.txt").read_text() == "a"
         assert any("context copied for the builder" in ln for ln in lines)
         (ctx / "a.txt").write_text("changed after the request")
+        src = os.dup(fd)
         with pytest.raises(BuildFailed, match="the context changed after the build was requested"):
-            flow._stage(plan)
+            flow._stage(plan, src)
+        with pytest.raises(OSError):
+            os.fstat(src)  # _stage closed its duplicate
     assert os.listdir(staging) == [Path(staged).name]  # the refused copy is gone

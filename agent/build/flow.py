@@ -240,17 +240,38 @@ class Flow:
                 return found
         out.cache["base"] = False
         assert plan.context_fd is not None and plan.dockerfile is not None
+        context_fd = plan.context_fd
+        staged: tuple[int, str] | None = None
+        if self._staging is not None:
+            # The thread reads its own duplicate: the manager closes the plan's fd when the
+            # build ends, and a cancelled build's thread may still be copying then.
+            src = os.dup(plan.context_fd)
+            copying = asyncio.ensure_future(asyncio.to_thread(self._stage, plan, src))
+            try:
+                staged = await self._timed("context_copy", asyncio.shield(copying))
+            except asyncio.CancelledError:
+                # The thread copies on: its copy is dropped when it is done.
+                copying.add_done_callback(_drop_staged)
+                raise
+            context_fd = staged[0]
+        try:
+            digest = await self._build_base(plan, context_fd)
+        finally:
+            if staged is not None:
+                os.close(staged[0])
+                await asyncio.to_thread(shutil.rmtree, staged[1], True)
+        self._say(f"base image {ref} pushed ({digest})")
+        return digest
+
+    async def _build_base(self, plan: Plan, context_fd: int) -> str:
+        ref = plan.base_ref
+        assert plan.dockerfile is not None
         route = self._proxy.add_build_route(
             base=RouteTarget(ref.repo, tag=ref.tag, push=True),
             target=RouteTarget(plan.target_ref.repo if plan.target_ref else plan.target_repo or ""),
         )
-        staged: tuple[int, str] | None = None
         try:
             assert route.base is not None
-            context_fd = plan.context_fd
-            if self._staging is not None:
-                staged = await self._timed("context_copy", asyncio.to_thread(self._stage, plan))
-                context_fd = staged[0]
             spec = BuildSpec(
                 context_fd=context_fd,
                 dockerfile=plan.dockerfile,
@@ -272,9 +293,6 @@ class Flow:
                 raise
         finally:
             self._proxy.remove_build_route(route)
-            if staged is not None:
-                os.close(staged[0])
-                await asyncio.to_thread(shutil.rmtree, staged[1], True)
         # The push's own digest is the registry's answer; ask only when the tool did not say.
         digest = output.digest or await self._timed(
             "base_check", self._proxy.manifest_digest(str(ref))
@@ -285,7 +303,6 @@ class Flow:
                 "after the push reported success",
                 details={"base_ref": str(ref)},
             )
-        self._say(f"base image {ref} pushed ({digest})")
         return digest
 
     async def _build(self, spec: BuildSpec, secrets: dict[str, bytes]) -> BuildOutput:
@@ -293,17 +310,23 @@ class Flow:
         with secret_fds(secrets) as fds:
             return await self._tc.build(replace(spec, secrets=fds), self._sink)
 
-    def _stage(self, plan: Plan) -> tuple[int, str]:
-        """Copy the context for the builder (``hash_context(stage_into=...)`` says why); the
-        copy's key must be the one the base is tagged with. Returns (open fd, path) of it."""
-        assert self._staging is not None and plan.context_fd is not None
-        assert plan.dockerfile is not None
+    def _stage(self, plan: Plan, src: int) -> tuple[int, str]:
+        """Copy the context at ``src`` (closed here) for the builder
+        (``hash_context(stage_into=...)`` says why); the copy's key must be the one the base is
+        tagged with. Returns (open fd, path) of the copy."""
+        try:
+            return self._stage_from(plan, src)
+        finally:
+            os.close(src)
+
+    def _stage_from(self, plan: Plan, src: int) -> tuple[int, str]:
+        assert self._staging is not None and plan.dockerfile is not None
         os.makedirs(self._staging, mode=0o700, exist_ok=True)
         path = tempfile.mkdtemp(prefix="ctx-", dir=self._staging)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             got = hash_context(
-                plan.context_fd,
+                src,
                 plan.dockerfile,
                 stage_into=fd,
                 build_args=plan.build_args,
@@ -347,6 +370,15 @@ class Flow:
                 raise
         finally:
             self._proxy.remove_build_route(route)
+
+
+def _drop_staged(copying: asyncio.Future[tuple[int, str]]) -> None:
+    """Close and remove a context copy whose build was cancelled while it was being made."""
+    if copying.cancelled() or copying.exception() is not None:
+        return
+    fd, path = copying.result()
+    os.close(fd)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _explain(exc: AgentError, plan: Plan | None, registry: str, proxy_address: str) -> None:

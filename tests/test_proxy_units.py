@@ -259,3 +259,41 @@ def test_link_mapping_for_pagination() -> None:
     absolute = "https://reg.example.com/v2/team/images/sub/tags/list?last=b"
     assert fwd._map_link(res, absolute, sent) == "/v2/ws/sub/tags/list?last=b"
     assert fwd._map_link(res, "https://elsewhere/x", sent) == "https://elsewhere/x"
+
+
+def test_scrubber_finds_capabilities_by_shape_and_other_secrets_by_value() -> None:
+    import base64
+    import secrets as random_secrets
+
+    from agent.proxy._scrub import KEEP_CAPS, Scrubber
+
+    others = ["hunter2-password", "abc"]  # "abc": too short to scrub, as before
+    version = [0]
+    scrub = Scrubber("build-agent", lambda: list(others), lambda: version[0])
+    caps = [random_secrets.token_hex(16) for _ in range(3)]
+    for cap in caps:
+        scrub.add_cap(cap)
+    basic = base64.b64encode(f"build-agent:{caps[1]}".encode()).decode()
+    digest = "9" * 64
+    text = (
+        f"push localhost:1/b/{caps[0]}/x; Authorization: Basic {basic}; "
+        f"run 0{caps[2]}1; {digest}; password hunter2-password; abc"
+    )
+    out = scrub(text)
+    assert not any(cap in out for cap in caps) and basic not in out
+    assert "0***1" in out  # a capability inside a longer hex run is found too
+    assert digest in out  # hex that is no capability stays
+    assert "hunter2-password" not in out and out.endswith("abc")
+    # Another user's Basic token, or an unknown 32-hex string, is left alone.
+    stranger = random_secrets.token_hex(16)
+    other_basic = base64.b64encode(f"build-agent:{stranger}".encode()).decode()
+    assert scrub(f"{stranger} {other_basic}") == f"{stranger} {other_basic}"
+    # The value list is rebuilt only when its version changes.
+    others.append("new-token-value")
+    assert "new-token-value" in scrub("new-token-value")
+    version[0] += 1
+    assert scrub("new-token-value") == "***"
+    # Capabilities are remembered up to KEEP_CAPS, oldest dropped first.
+    for _ in range(KEEP_CAPS):
+        scrub.add_cap(random_secrets.token_hex(16))
+    assert scrub(caps[0]) == caps[0]

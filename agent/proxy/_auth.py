@@ -115,6 +115,7 @@ class Authenticator:
         self._tokens: dict[tuple[str, frozenset[str]], _Token] = {}
         self._locks: dict[tuple[str, frozenset[str]], asyncio.Lock] = {}
         self._recent: collections.deque[str] = collections.deque(maxlen=256)
+        self.tokens_seen = 0  # counts appends to _recent: scrubbers rebuild on a change
         self._generation = creds.generation
 
     def clear(self) -> None:
@@ -194,6 +195,7 @@ class Authenticator:
                 self._prune()
             self._tokens[key] = tok
             self._recent.append(tok.value)
+            self.tokens_seen += 1
             return "Bearer " + tok.value
 
     def _prune(self) -> None:

@@ -205,6 +205,10 @@ class CredentialStore:
         """Every secret ever loaded (for scrubbing; old ones may still sit in a log buffer)."""
         return set(self._seen)
 
+    def secrets_count(self) -> int:
+        """Grows whenever :meth:`secrets` does (it never shrinks): a cheap change check."""
+        return len(self._seen)
+
     # --- lookup -------------------------------------------------------------------------------
 
     async def get(self, host: str) -> Credential | None:

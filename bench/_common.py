@@ -39,8 +39,13 @@ def replace_section(text: str, start: str, end: str, section: str) -> str:
     return text.rstrip("\n") + "\n\n" + section + "\n"
 
 
-def write_section(section: str, start: str, end: str) -> Path:
-    """Replace a bench's section of docs/performance.md (``section`` carries its markers)."""
+def write_section(section: str) -> Path:
+    """Replace a bench's section of docs/performance.md. ``section`` carries its markers: its
+    first line is ``<!-- bench:NAME -->`` and its last ``<!-- /bench:NAME -->``."""
+    lines = section.strip("\n").splitlines()
+    start, end = lines[0].strip(), lines[-1].strip()
+    if not (start.startswith("<!-- bench:") and end == start.replace("<!-- ", "<!-- /", 1)):
+        raise ValueError(f"a bench section must start and end with its markers, not {start!r}")
     text = DOC.read_text() if DOC.exists() else "# Performance\n\nFigures written by bench/.\n"
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(replace_section(text, start, end, section))

@@ -354,7 +354,7 @@ def main() -> int:
     if opts.no_write:
         print(text)
     else:
-        print(f"wrote {write_section(text, MARK_BEGIN, MARK_END)}")
+        print(f"wrote {write_section(text)}")
     return 0
 
 

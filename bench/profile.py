@@ -194,7 +194,7 @@ def main() -> int:
     section = render(opts.seconds, profile(opts.seconds))
     print(section)
     if not opts.no_write:
-        write_section(section, START, END)
+        write_section(section)
     return 0
 
 

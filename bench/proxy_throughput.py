@@ -670,7 +670,7 @@ def main() -> int:
     section = render(result)
     print(section)
     if not args.no_write:
-        print(f"written to {write_section(section, START, END)}")
+        print(f"written to {write_section(section)}")
     return 0
 
 

@@ -130,7 +130,7 @@ def main() -> int:
     section = render(clients, requests, s, load(size), size)
     print(section)
     if not opts.no_write:
-        write_section(section, START, END)
+        write_section(section)
     return 0 if s["errors"] == 0 else 1
 
 

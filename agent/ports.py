@@ -32,10 +32,13 @@ class ProxyLogin:
     username: str
     password: str
 
+    def basic(self) -> str:
+        """The Basic token: base64 of ``username:password``."""
+        return base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
     def docker_config(self) -> str:
         """A docker ``config.json`` (also a containers-auth.json) holding only this login."""
-        token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-        return json.dumps({"auths": {self.address: {"auth": token}}}) + "\n"
+        return json.dumps({"auths": {self.address: {"auth": self.basic()}}}) + "\n"
 
 
 @dataclass(frozen=True)

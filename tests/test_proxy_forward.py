@@ -4,7 +4,6 @@ chunked uploads, ranges, mounts, routes, refusals and an upstream that goes away
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import logging
@@ -17,7 +16,7 @@ import aiohttp
 import pytest
 
 from agent.errors import BadRequest, UpstreamUnavailable
-from agent.ports import RouteTarget
+from agent.ports import ProxyLogin, RouteTarget
 from agent.proxy._routes import mirror_name
 from tests.infra.images import buildah_cmd
 from tests.infra.proxy_harness import (
@@ -38,8 +37,7 @@ TLS = ("--src-tls-verify=false", "--dest-tls-verify=false")
 
 
 def basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
+    return {"Authorization": f"Basic {ProxyLogin('', user, password).basic()}"}
 
 
 ACCEPT = {

@@ -262,9 +262,9 @@ def test_link_mapping_for_pagination() -> None:
 
 
 def test_scrubber_finds_capabilities_by_shape_and_other_secrets_by_value() -> None:
-    import base64
     import secrets as random_secrets
 
+    from agent.ports import ProxyLogin
     from agent.proxy._scrub import KEEP_CAPS, Scrubber
 
     others = ["hunter2-password", "abc"]  # "abc": too short to scrub, as before
@@ -273,7 +273,7 @@ def test_scrubber_finds_capabilities_by_shape_and_other_secrets_by_value() -> No
     caps = [random_secrets.token_hex(16) for _ in range(3)]
     for cap in caps:
         scrub.add_cap(cap)
-    basic = base64.b64encode(f"build-agent:{caps[1]}".encode()).decode()
+    basic = ProxyLogin("", "build-agent", caps[1]).basic()
     digest = "9" * 64
     text = (
         f"push localhost:1/b/{caps[0]}/x; Authorization: Basic {basic}; "
@@ -286,7 +286,7 @@ def test_scrubber_finds_capabilities_by_shape_and_other_secrets_by_value() -> No
     assert "hunter2-password" not in out and out.endswith("abc")
     # Another user's Basic token, or an unknown 32-hex string, is left alone.
     stranger = random_secrets.token_hex(16)
-    other_basic = base64.b64encode(f"build-agent:{stranger}".encode()).decode()
+    other_basic = ProxyLogin("", "build-agent", stranger).basic()
     assert scrub(f"{stranger} {other_basic}") == f"{stranger} {other_basic}"
     # The value list is rebuilt only when its version changes.
     others.append("new-token-value")

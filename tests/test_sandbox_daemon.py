@@ -4,7 +4,6 @@ namespaces are the ones these daemons create (unique names per test)."""
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import signal
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.ports import ProxyLogin
 from agent.proxy._routes import mirror_name
 from agent.sandbox import _egress, _netns
 from tests.infra.builds import (
@@ -60,7 +60,7 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
         host_proxy = d.sections["proxy"]["host_address"]
         cmdlines = "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"
         repo = f"sandboxed-{uuid.uuid4().hex[:8]}"
-        guess = base64.b64encode(f"build-agent:{uuid.uuid4().hex}".encode()).decode()
+        guess = ProxyLogin(proxy, "build-agent", uuid.uuid4().hex).basic()
         probes = {
             # busybox-static 1.35 wget segfaults with -T: connections fail fast here anyway.
             "metrics": f"wget -q -O /dev/null http://127.0.0.1:{d.metrics_port}/metrics",

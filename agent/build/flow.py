@@ -145,14 +145,14 @@ class Flow:
         *,
         sink: LogSink,
         phase: Callable[[str], None],
-        staging: str | None = None,
+        staging: str,
     ) -> None:
         self._proxy = proxy
         self._tc = toolchain
         self._metrics = metrics
         self._sink = sink
         self._phase = phase
-        self._staging = staging  # where contexts are copied for the builder; None: not copied
+        self._staging = staging  # where the context is copied for the builder
         self.outcome = Outcome()
 
     def _say(self, text: str) -> None:
@@ -240,26 +240,21 @@ class Flow:
                 return found
         out.cache["base"] = False
         assert plan.context_fd is not None and plan.dockerfile is not None
-        context_fd = plan.context_fd
-        staged: tuple[int, str] | None = None
-        if self._staging is not None:
-            # The thread reads its own duplicate: the manager closes the plan's fd when the
-            # build ends, and a cancelled build's thread may still be copying then.
-            src = os.dup(plan.context_fd)
-            copying = asyncio.ensure_future(asyncio.to_thread(self._stage, plan, src))
-            try:
-                staged = await self._timed("context_copy", asyncio.shield(copying))
-            except asyncio.CancelledError:
-                # The thread copies on: its copy is dropped when it is done.
-                copying.add_done_callback(_drop_staged)
-                raise
-            context_fd = staged[0]
+        # The thread reads its own duplicate: the manager closes the plan's fd when the build
+        # ends, and a cancelled build's thread may still be copying then.
+        src = os.dup(plan.context_fd)
+        copying = asyncio.ensure_future(asyncio.to_thread(self._stage, plan, src))
         try:
-            digest = await self._build_base(plan, context_fd)
+            staged_fd, staged_path = await self._timed("context_copy", asyncio.shield(copying))
+        except asyncio.CancelledError:
+            # The thread copies on: its copy is dropped when it is done.
+            copying.add_done_callback(_drop_staged)
+            raise
+        try:
+            digest = await self._build_base(plan, staged_fd)
         finally:
-            if staged is not None:
-                os.close(staged[0])
-                await asyncio.to_thread(shutil.rmtree, staged[1], True)
+            os.close(staged_fd)
+            await asyncio.to_thread(shutil.rmtree, staged_path, True)
         self._say(f"base image {ref} pushed ({digest})")
         return digest
 
@@ -320,7 +315,7 @@ class Flow:
             os.close(src)
 
     def _stage_from(self, plan: Plan, src: int) -> tuple[int, str]:
-        assert self._staging is not None and plan.dockerfile is not None
+        assert plan.dockerfile is not None
         os.makedirs(self._staging, mode=0o700, exist_ok=True)
         path = tempfile.mkdtemp(prefix="ctx-", dir=self._staging)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -2,7 +2,7 @@
 
 Real BuildKit and crane cannot be installed on this machine (no Debian package, no registry
 download). Each stand-in replays what the real v0.11.6 / v0.20.2 tools printed, read at run time
-from ``shared/fixtures/toolchain/`` (see each module's docstring for exactly what is replayed and
+from ``tests/fixtures/toolchain/`` (see each module's docstring for exactly what is replayed and
 what is real). :func:`install` puts executable wrappers into a directory; each runs its stand-in
 with the test's Python and appends every invocation's argv to ``record`` (the daemon scrubs the
 children's environment, so the record path is baked into the wrapper, not passed in it).

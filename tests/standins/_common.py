@@ -12,7 +12,7 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve()
 FIXTURES = Path(
-    os.environ.get("STANDIN_FIXTURES") or _HERE.parents[3] / "shared" / "fixtures" / "toolchain"
+    os.environ.get("STANDIN_FIXTURES") or _HERE.parents[1] / "fixtures" / "toolchain"
 )
 
 

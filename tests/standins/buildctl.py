@@ -1,6 +1,6 @@
 """Stand-in for BuildKit v0.11.6 ``buildctl`` (the real one cannot be installed here).
 
-REPLAYED from /work/shared/fixtures/toolchain (read at run time): the global and ``build`` flag
+REPLAYED from tests/fixtures/toolchain (read at run time): the global and ``build`` flag
 tables (``buildctl-help.txt``, ``buildctl-build-help.txt``; other flags are refused as urfave/cli
 does), ``debug workers`` output (``workers.txt`` / ``workers.json`` for ``--format '{{json .}}'``),
 the unreachable-daemon error (``buildctl-daemon-unreachable.txt``, with this socket path), and the

@@ -1,6 +1,6 @@
 """Stand-in for BuildKit v0.11.6 ``buildkitd`` (the real one cannot be installed here).
 
-REPLAYED from /work/shared/fixtures/toolchain (read at run time, never copied):
+REPLAYED from tests/fixtures/toolchain (read at run time):
 - the flag table (``buildkitd-help.txt``): any other flag is refused as urfave/cli does;
 - the startup log lines (``buildkitd-startup.log``), with this run's socket path;
 - per build, the plain progress and error text of ``build-ok-plain.txt``,

@@ -1,6 +1,6 @@
 """Stand-in for crane v0.20.2 (go-containerregistry; the real one cannot be installed here).
 
-REPLAYED from /work/shared/fixtures/toolchain (read at run time): the flag tables of
+REPLAYED from tests/fixtures/toolchain (read at run time): the flag tables of
 ``crane-help.txt``, ``crane-copy-help.txt`` and ``crane-digest-help.txt`` (other flags are refused
 with cobra's ``Error: unknown flag``), the help texts, and the shapes of ``crane-copy-ok.txt``,
 ``crane-copy-notfound.txt``, ``crane-copy-unauthorized.txt``, ``crane-digest-ok.txt`` and

@@ -15,8 +15,9 @@ from agent.errors import (
 from tests.standins import FIXTURES_DIR
 
 
-def recorded(name: str) -> tuple[list[str], int]:
-    lines = (FIXTURES_DIR / name).read_text().splitlines()
+def recorded(name: str, version: str = "v0.11.6") -> tuple[list[str], int]:
+    own = FIXTURES_DIR / version / name
+    lines = (own if own.exists() else FIXTURES_DIR / name).read_text().splitlines()
     return lines[:-1], int(lines[-1].removeprefix("rc="))
 
 
@@ -57,10 +58,49 @@ CASES: dict[str, tuple[type[AgentError], str, list[str]]] = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_recorded_failure_becomes_an_actionable_error(name: str) -> None:
-    cls, start, tail = CASES[name]
-    lines, rc = recorded(name)
+# What BuildKit v0.24.0 printed in the same situations (tests/fixtures/toolchain/v0.24.0): the
+# vertices come in another order, a RUN step's lines lose their "#N" in the error box, a missing
+# base image is "not found" (no HTTPS retry), a refused push names the request.
+CASES_V024: dict[str, tuple[type[AgentError], str, list[str]]] = {
+    "build-fail-run-plain.txt": (
+        BuildFailed,
+        "Dockerfile:2: RUN echo about-to-fail && exit 3 failed: the command exited with status 3",
+        [" > [2/2] RUN echo about-to-fail && exit 3:", "0.058 about-to-fail"],
+    ),
+    "build-fail-syntax-plain.txt": (*CASES["build-fail-syntax-plain.txt"][:2], ["#1 DONE 0.0s"]),
+    "build-fail-base-plain.txt": (
+        BuildFailed,
+        "Dockerfile:1: the base image localhost:5000/does-not-exist:latest could not be pulled: "
+        "failed to resolve source metadata for localhost:5000/does-not-exist:latest: "
+        "localhost:5000/does-not-exist:latest: not found",
+        ["#2 ERROR: localhost:5000/does-not-exist:latest: not found"],
+    ),
+    "build-push-unauthorized-plain.txt": (
+        UpstreamUnauthorized,
+        "the registry localhost:5001 refused the push of localhost:5001/fixture-ok:auth: "
+        "unexpected status from HEAD request to http://localhost:5001/v2/fixture-ok/blobs/",
+        [],
+    ),
+    "build-daemon-killed-plain.txt": (
+        *CASES["build-daemon-killed-plain.txt"][:2],
+        ["#5 0.066 start"],
+    ),
+    "buildctl-daemon-unreachable.txt": (
+        InternalError,
+        "buildctl could not reach buildkitd (transport: Error while dialing: dial unix "
+        "/run/buildkit/missing.sock: connect: no such file or directory)",
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("version", "name"),
+    [("v0.11.6", n) for n in sorted(CASES)] + [("v0.24.0", n) for n in sorted(CASES_V024)],
+)
+def test_recorded_failure_becomes_an_actionable_error(version: str, name: str) -> None:
+    cls, start, tail = (CASES if version == "v0.11.6" else CASES_V024)[name]
+    lines, rc = recorded(name, version)
     err = build_error(lines, rc, tail_lines=5)
     assert type(err) is cls
     assert err.message.startswith(start), err.message

@@ -42,7 +42,7 @@ from agent.errors import (
 )
 from agent.ports import Mirror, NoSandbox
 from tests.infra.registry import Registry, start_registry
-from tests.standins import FIXTURES_DIR, Standins, install
+from tests.standins import FIXTURES_DIR, VERSIONS, Standins, install
 
 REAL = buildkit_binaries()
 FAST = Policy(
@@ -92,11 +92,17 @@ def _config(tmp: Path) -> Config:
 
 
 @pytest.fixture
-def standins(short_tmp: Path) -> Standins:
-    return install(short_tmp / "bin")
+def standins(request: pytest.FixtureRequest, short_tmp: Path) -> Standins:
+    """The stand-ins, impersonating the BuildKit version that ``bins`` names (when it does)."""
+    callspec = getattr(request.node, "callspec", None)
+    param = callspec.params.get("bins", "") if callspec is not None else ""
+    version = param.rpartition("-")[2] if param.startswith("standin-") else VERSIONS[0]
+    return install(short_tmp / "bin", version=version)
 
 
-@pytest.fixture(params=["standin", pytest.param("real", marks=pytest.mark.buildkit)])
+@pytest.fixture(
+    params=[*(f"standin-{v}" for v in VERSIONS), pytest.param("real", marks=pytest.mark.buildkit)]
+)
 def bins(request: pytest.FixtureRequest, standins: Standins) -> BuildkitBinaries:
     if request.param == "real":
         if REAL is None:
@@ -191,10 +197,12 @@ def test_render_config_marks_proxy_plain_http_and_mirrors(short_tmp: Path) -> No
     conf = tomllib.loads(text)
     assert conf["root"] == str(short_tmp / "root")
     assert conf["grpc"]["address"] == [f"unix://{short_tmp}/bk.sock"]
-    assert conf["registry"]["localhost:8080"] == {"http": True, "insecure": True}
-    assert conf["registry"]["127.0.0.1:8080"] == {"http": True, "insecure": True}
-    assert conf["registry"]["docker.io"]["mirrors"] == ["localhost:8080/mirror/docker.io"]
-    assert conf["registry"]["quay.io"]["mirrors"] == ["localhost:8080/mirror/quay.io"]
+    # http alone: with insecure too, v0.11 tries HTTPS after HTTP and reports that failure.
+    assert conf["registry"]["localhost:8080"] == {"http": True}
+    assert conf["registry"]["127.0.0.1:8080"] == {"http": True}
+    # No path: every BuildKit generation then sends /v2/<repo>/...?ns=<registry>.
+    assert conf["registry"]["docker.io"]["mirrors"] == ["localhost:8080"]
+    assert conf["registry"]["quay.io"]["mirrors"] == ["localhost:8080"]
     assert conf["worker"]["containerd"]["enabled"] is False
 
 
@@ -313,7 +321,7 @@ async def test_sigkilled_buildkitd_is_restarted(
 # --- builds --------------------------------------------------------------------------------------
 
 OK_DOCKERFILE = (
-    "FROM BASE\nRUN echo building && echo step-output > /x && cat /x\n"
+    "FROM BASE AS final\nRUN echo building && echo step-output > /x && cat /x\n"
     "COPY hello.txt /hello.txt\nENV foo=bar\n"
 )
 
@@ -448,8 +456,12 @@ async def test_buildkitd_killed_mid_build_fails_clearly_and_comes_back(
     bins: BuildkitBinaries, toolchain_factory: Any, context_dir: Any, registry: Registry
 ) -> None:
     from agent.build.child import descendants
+    from agent.sandbox import cleanup_buildkitd
 
-    tc = toolchain_factory(bins)
+    # Unsandboxed, as the daemon runs it with sandbox.mode = "off": no PID namespace, the
+    # sandbox's cleanup after every exit. runc puts a RUN step in a session of its own, so it
+    # outlives a SIGKILLed buildkitd unless that cleanup kills it.
+    tc = toolchain_factory(bins, cleanup=cleanup_buildkitd)
     await tc.start()
     fd = context_dir("FROM BASE\nRUN echo start && sleep 30 && echo end\n")
     spec = BuildSpec(context_fd=fd, dockerfile="Dockerfile", push_ref=f"{registry.host}/bk:slow")

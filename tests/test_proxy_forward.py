@@ -283,6 +283,15 @@ async def test_mirror_routes_are_read_only(
         ) as r:
             assert r.status == 200
             assert r.headers["Docker-Content-Digest"] == by_prefix
+        # BuildKit v0.11 asks a mirror with a path as /<path>/v2/<repo>/... (tests/fixtures/
+        # toolchain/README.md); later versions as /v2/<path>/<repo>/...
+        async with s.get(f"{h.url}/{prefix}/v2/busybox/manifests/latest", headers=accept) as r:
+            assert r.status == 200
+            assert r.headers["Docker-Content-Digest"] == by_prefix
+        async with s.get(f"{h.url}/{prefix}/v2busybox/manifests/latest") as r:
+            assert r.status == 404
+        async with s.post(f"{h.url}/{prefix}/v2/busybox/blobs/uploads/") as r:
+            assert r.status == 403
         async with s.get(
             f"{h.url}/v2/busybox/manifests/latest", params={"ns": "unknown.example"}
         ) as r:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.build.buildkit import buildkit_binaries
 from agent.ports import ProxyLogin
 from agent.proxy._routes import mirror_name
 from agent.sandbox import _egress, _netns
@@ -36,7 +37,7 @@ from tests.infra.sandbox_env import (
     snapshot,
     unique_netns,
 )
-from tests.standins import install
+from tests.standins import VERSIONS, install
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root"),
@@ -124,18 +125,53 @@ def test_hostile_run_steps_cannot_reach_the_node_or_other_routes_and_the_push_wo
     assert not _netns.exists(netns)
 
 
+REAL = buildkit_binaries()
+
+
+def _toolchain_env(toolchain: str, tmp: Path) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """(the [build] keys, the daemon's environment) for buildah, a BuildKit stand-in of a recorded
+    version (``standin-v0.11.6``), or the real BuildKit binaries (``real``: skipped without)."""
+    if toolchain == "buildah":
+        return {"toolchain": "buildah"}, None
+    if toolchain == "real":
+        if REAL is None:
+            pytest.skip("real buildkitd/buildctl/crane not installed")
+        env = {"AGENT_BUILDKITD": REAL.buildkitd, "AGENT_BUILDCTL": REAL.buildctl,
+               "AGENT_CRANE": REAL.crane}  # fmt: skip
+        return {"toolchain": "buildkit"}, env
+    return {"toolchain": "buildkit"}, install(tmp / "bin", version=toolchain[8:]).env()
+
+
+def _ancestor(pid: int, name: str) -> int:
+    """The nearest ancestor of ``pid`` that runs program ``name`` (its stand-in: ``python
+    .../name.py``)."""
+    p, seen = pid, []
+    for _ in range(64):
+        p = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        if p <= 1:
+            break
+        argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+        seen.append(argv[:2])
+        if any(os.path.basename(a.decode()) in (name, f"{name}.py") for a in argv[:2]):
+            return p
+    raise AssertionError(f"no {name} above pid {pid}: {seen}")
+
+
+@pytest.mark.parametrize("toolchain", ["buildah", pytest.param("real", marks=pytest.mark.buildkit)])
 def test_daemon_killed_then_restarted_recreates_the_sandbox_once_and_leaves_nothing(
-    registry: Registry, base_image: str, short_tmp: Path
+    toolchain: str, registry: Registry, base_image: str, short_tmp: Path
 ) -> None:
     before = snapshot()
     netns = unique_netns()
     sections = sandboxed(registry, netns, egress="nat")
+    build, env = _toolchain_env(toolchain, short_tmp)
+    sections["build"].update(build)
     marker = f"33{uuid.uuid4().int % 10**6}"
     ctx = write_context(
         short_tmp / "ctx",
         {"Dockerfile": f"FROM {base_image}\nRUN echo started-{marker} && sleep {marker}\n"},
     )
-    d = DaemonProcess(short_tmp / "d", sections).start()
+    d = DaemonProcess(short_tmp / "d", sections, env=env).start(timeout=30)
     try:
         old_ino = os.stat(_netns.path(netns)).st_ino
         build_id = detach(d, ctx, f"{registry.host}/killed:1")
@@ -149,7 +185,7 @@ def test_daemon_killed_then_restarted_recreates_the_sandbox_once_and_leaves_noth
         assert _netns.exists(netns)  # what the next start must replace
     finally:
         d.cleanup()
-    again = DaemonProcess(short_tmp / "d", sections).start()
+    again = DaemonProcess(short_tmp / "d", sections, env=env).start(timeout=30)
     try:
         assert os.stat(_netns.path(netns)).st_ino != old_ino
         assert [ln.split()[0] for ln in sh("ip", "netns").splitlines()].count(netns) == 1
@@ -168,31 +204,35 @@ def test_daemon_killed_then_restarted_recreates_the_sandbox_once_and_leaves_noth
     assert left_behind(before, snapshot(), markers) == []
 
 
+@pytest.mark.parametrize(
+    "toolchain",
+    [*(f"standin-{v}" for v in VERSIONS), pytest.param("real", marks=pytest.mark.buildkit)],
+)
 def test_sigkilled_buildkitd_takes_its_run_steps_along_and_is_restarted(
-    registry: Registry, base_image: str, short_tmp: Path
+    toolchain: str, registry: Registry, base_image: str, short_tmp: Path
 ) -> None:
-    """buildkitd (the stand-in: it runs a RUN step's ``sleep`` as its own child, an orphan when it
-    is killed unsandboxed) is PID 1 of its namespace: SIGKILL it mid-build and nothing of its tree
-    is left, not even a zombie, nor a mount under its root; the supervisor starts a new one."""
-    standins = install(short_tmp / "bin")
+    """buildkitd (the stand-in runs a RUN step's ``sleep`` as its own child, the real one under
+    runc in a session of its own: an orphan either way when it is killed unsandboxed) is PID 1 of
+    its namespace: SIGKILL it mid-build and nothing of its tree is left, not even a zombie, nor a
+    mount under its root; the supervisor starts a new one."""
+    build, env = _toolchain_env(toolchain, short_tmp)
     netns = unique_netns()
     sections = build_sections(
-        [registry],
-        {"build": {"toolchain": "buildkit"}, "sandbox": {"mode": "on", "netns": netns}},
+        [registry], {"build": build, "sandbox": {"mode": "on", "netns": netns}}
     )
     marker = f"34{uuid.uuid4().int % 10**6}"
     ctx = write_context(
         short_tmp / "ctx", {"Dockerfile": f"FROM {base_image}\nRUN echo start && sleep {marker}\n"}
     )
-    d = DaemonProcess(short_tmp / "d", sections, env=standins.env()).start(timeout=30)
+    d = DaemonProcess(short_tmp / "d", sections, env=env).start(timeout=30)
     try:
         pidfile = Path(d.sections["daemon"]["runtime_dir"]) / "buildkit" / "buildkitd.pid"
         root = str(Path(d.sections["daemon"]["state_dir"]) / "buildkit")
         first = pidfile.read_text().strip()
         build_id = detach(d, ctx, f"{registry.host}/bk-killed:1")
         (step,) = wait_for(lambda: processes_matching(f"sleep {marker}", start=True), 30, "RUN")
-        buildkitd = pid1_of(step)
-        assert "buildkitd" in Path(f"/proc/{buildkitd}/cmdline").read_text()
+        buildkitd = _ancestor(step, "buildkitd")
+        assert pid1_of(buildkitd) == buildkitd  # PID 1 of the namespace the sandbox made
         os.kill(buildkitd, signal.SIGKILL)
         wait_for(lambda: not Path(f"/proc/{step}").exists(), 10, "the RUN step gone")
         wait_for(lambda: status(d, build_id)["state"] == "failed", 30, "the build failed")

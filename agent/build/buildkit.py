@@ -19,13 +19,20 @@ PID and mount namespace, so that when it dies every RUN process and overlay moun
 (BuildKit v0.11.6 killed with SIGKILL leaves both behind, see ``fixtures/toolchain/README.md``).
 
 buildkitd.toml marks the proxy's child address as plain HTTP and points every FROM-line registry
-the proxy serves at the proxy::
+the proxy serves at the proxy, with no path::
 
+    [registry."localhost:8080"]
+      http = true
     [registry."docker.io"]
-      mirrors = ["localhost:8080/mirror/docker.io"]
+      mirrors = ["localhost:8080"]
 
-BuildKit accepts a path after the mirror host and asks ``http://<mirror>/v2/<path>/<repo>/...`` with
-containerd's ``?ns=<registry>`` query.
+Every BuildKit generation then asks ``http://localhost:8080/v2/<repo>/...?ns=docker.io`` (containerd
+adds ``ns`` whenever the mirror is not the image's own registry) and the proxy routes by ``ns``. A
+mirror with a path is not portable: v0.11 puts the whole string in the host and ``/v2`` after it
+(``/<path>/v2/<repo>``) and looks its ``http`` setting up under the whole string; v0.12 and later
+send ``/v2/<path>/<repo>`` and look it up under the host alone (docs/proxy.md). ``insecure`` is not
+written: with ``http`` and ``insecure`` both set, v0.11 tries plain HTTP and then HTTPS and reports
+the HTTPS failure, hiding the real one.
 
 The context travels as the caller's directory fd: buildctl gets ``--local context=/dev/fd/N``
 (and the same for ``dockerfile``, with ``--opt filename=``). Not verified here against the real
@@ -115,11 +122,11 @@ def render_config(*, root: Path, socket: Path, proxy_address: str, mirrors: list
             if alias not in hosts:
                 hosts.append(alias)
     for host in hosts:
-        out += ["", f"[registry.{_toml_str(host)}]", "  http = true", "  insecure = true"]
+        out += ["", f"[registry.{_toml_str(host)}]", "  http = true"]
     if proxy_address:
+        mirror = f"  mirrors = [{_toml_str(proxy_address)}]"
         for m in mirrors:
-            target = f"{proxy_address}/{m.prefix.strip('/')}"
-            out += ["", f"[registry.{_toml_str(m.host)}]", f"  mirrors = [{_toml_str(target)}]"]
+            out += ["", f"[registry.{_toml_str(m.host)}]", mirror]
     return "\n".join(out) + "\n"
 
 
@@ -135,6 +142,19 @@ def parse_workers(output: str) -> list[dict[str, object]]:
         return [w for w in data if isinstance(w, dict) and w.get("id")]
     rows = [ln.split() for ln in text.splitlines()[1:] if ln.strip()]
     return [{"id": r[0], "platforms": r[1] if len(r) > 1 else ""} for r in rows]
+
+
+def _messages(lines: list[str]) -> list[str]:
+    """``lines`` without a Go stack trace: buildkitd prints a fatal error with pkg/errors' ``%+v``,
+    the messages and then, per frame, a function line and a tab-indented ``file:line``
+    (tests/fixtures/toolchain/buildkitd-root-not-dir.txt)."""
+    out = []
+    for i, line in enumerate(lines):
+        frame_next = i + 1 < len(lines) and lines[i + 1].startswith("\t")
+        if line.startswith("\t") or (frame_next and " " not in line.strip()):
+            continue
+        out.append(line)
+    return out
 
 
 def _read_json(path: str) -> object:
@@ -262,7 +282,7 @@ class BuildkitToolchain:
         await self._after_exit()
 
     def _not_running(self, state: State) -> str:
-        out = [ln for ln in self.supervisor.output if ln.strip()][-5:]
+        out = _messages([ln for ln in self.supervisor.output if ln.strip()])[-5:]
         last = " | ".join(out) if out else "no output"  # scrubbed as the supervisor read it
         return (
             f"buildkitd is {state.value}: it {self.supervisor.last_exit or 'did not start'} "
@@ -291,6 +311,10 @@ class BuildkitToolchain:
         return child
 
     async def _after_exit(self) -> None:
+        # runc starts each RUN step in a session of its own: without a PID namespace (sandbox
+        # off) a SIGKILLed buildkitd leaves them running, and its overlay mounts mounted.
+        if self._cleanup is not None:  # blocking, bounded
+            await asyncio.to_thread(self._cleanup, self.pidfile, self.root)
         with contextlib.suppress(FileNotFoundError):
             self.pidfile.unlink()
 

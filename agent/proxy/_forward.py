@@ -23,7 +23,7 @@ from yarl import URL
 from agent.errors import UpstreamError, UpstreamUnauthorized
 from agent.proxy import _splice
 from agent.proxy._metrics import ProxyMetrics
-from agent.proxy._routes import BUILD_SEGMENT, Resolved, Router, Target, denial
+from agent.proxy._routes import BUILD_SEGMENT, Resolved, Router, Target, api_path, denial
 from agent.proxy._transport import Transport
 from agent.proxy._uploads import Uploads
 from agent.proxy._upstream import Outgoing, Upstream
@@ -132,6 +132,7 @@ class Forwarder:
 
     async def _handle(self, request: web.BaseRequest) -> tuple[str, web.StreamResponse]:
         raw_path, _, raw_query = request.raw_path.partition("?")
+        raw_path = api_path(raw_path)
         method = request.method
         cap = login_of(request)
         if raw_path in ("/v2", "/v2/"):

@@ -5,7 +5,9 @@ Three kinds of route share the ``/v2/`` namespace (docs/proxy.md draws them):
 - ``static``  ``/v2/<name>/<sub>/...``          -> ``<upstream>/<sub>``, pull or push (config)
 - ``build``   ``/v2/b/<registry>/<repo>/...``    -> that repository, only for a running build's
   capability sent as the Basic credential; writes pinned to a tag
-- ``mirror``  ``/v2/mirror/<mname>/<repo>/...`` or ``/v2/<repo>/...?ns=<host>`` -> read-only pulls
+- ``mirror``  ``/v2/<repo>/...?ns=<host>`` (what buildkitd.toml asks for), ``/v2/mirror/<mname>/
+  <repo>/...``, or BuildKit v0.11's form of the latter, ``/mirror/<mname>/v2/<repo>/...``
+  (:func:`api_path`) -> read-only pulls
 
 Anything else resolves to None (404). Paths are matched on the raw, undecoded path: a
 percent-escape is never needed by the distribution API and is refused before we get here.
@@ -82,6 +84,25 @@ def split_oci_path(path: str) -> tuple[str, str, str] | None:
     if not is_repository(name):
         return None
     return name, ep, ref
+
+
+def api_path(raw_path: str) -> str:
+    """``raw_path`` with BuildKit v0.11's form of a mirror with a path turned into the API form.
+
+    v0.11 (containerd 1.6) puts a mirror's whole string in the URL's host and ``/v2`` after it, so
+    ``mirrors = ["localhost:8080/mirror/quay.io"]`` asks ``/mirror/quay.io/v2/<repo>/...``;
+    v0.12 and later ask ``/v2/mirror/quay.io/<repo>/...``. Anything else is returned unchanged."""
+    prefix = f"/{MIRROR_SEGMENT}/"
+    if not raw_path.startswith(prefix):
+        return raw_path
+    mname, sep, rest = raw_path[len(prefix) :].partition("/v2")
+    if not sep or not mname or "/" in mname:
+        return raw_path
+    if rest in ("", "/"):
+        return "/v2/"
+    if not rest.startswith("/"):
+        return raw_path
+    return f"/v2/{MIRROR_SEGMENT}/{mname}{rest}"
 
 
 def mirror_name(host: str) -> str:

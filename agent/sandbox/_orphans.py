@@ -51,9 +51,11 @@ def _tree(pid: int, parents: dict[int, int]) -> list[int]:
     return out
 
 
-def _under(pid: int, root: str) -> bool:
-    """Whether ``pid`` runs inside ``root``: its root directory or its program lies there (a
-    shell whose cwd is there is an operator's, not an orphan)."""
+def _under(pid: int, root: str, own_mnt: str) -> bool:
+    """Whether ``pid`` runs inside ``root``: its root directory or its program lies there, or it
+    lives in a mount namespace of its own whose mounts come from under ``root`` (runc's
+    ``runc:[2:INIT]`` and the RUN step of a container on a snapshot there, whose root link reads
+    ``/``). A shell whose cwd is there is an operator's, not an orphan."""
     for link in ("root", "exe"):
         try:
             target = os.readlink(f"/proc/{pid}/{link}")
@@ -61,7 +63,14 @@ def _under(pid: int, root: str) -> bool:
             continue
         if target == root or target.startswith(root + "/"):
             return True
-    return False
+    try:
+        mnt = os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return False
+    if mnt == own_mnt:
+        return False
+    # An overlay's super options name its lowerdir/upperdir paths under root.
+    return (root + "/").encode() in _read(f"/proc/{pid}/mountinfo")
 
 
 def kill_pids(pids: list[int], timeout: float = 5.0) -> list[int]:
@@ -139,8 +148,12 @@ def cleanup_buildkitd(pidfile: Path, root: Path) -> None:
         cmdline = _read(f"/proc/{pid}/cmdline")
         if b"buildkitd" in cmdline or rootdir.encode() in cmdline:
             doomed.update(_tree(pid, parents))
+    try:
+        own_mnt = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        own_mnt = ""
     for p in parents:
-        if p not in (1, os.getpid()) and _under(p, rootdir):
+        if p not in (1, os.getpid()) and _under(p, rootdir, own_mnt):
             doomed.update(_tree(p, parents))
     doomed.discard(os.getpid())
     if doomed:

@@ -11,13 +11,26 @@ import time
 from pathlib import Path
 
 _HERE = Path(__file__).resolve()
-FIXTURES = Path(
-    os.environ.get("STANDIN_FIXTURES") or _HERE.parents[1] / "fixtures" / "toolchain"
-)
+FIXTURES = Path(os.environ.get("STANDIN_FIXTURES") or _HERE.parents[1] / "fixtures" / "toolchain")
+
+
+# The BuildKit generation a stand-in impersonates (baked into its wrapper by ``install``):
+# v0.11.6 replays the top level of tests/fixtures/toolchain, v0.24.0 its ``v0.24.0/`` directory
+# where a recording differs (crane's recordings are top level only).
+VERSIONS = ("v0.11.6", "v0.24.0")
+VERSION = os.environ.get("STANDIN_BUILDKIT_VERSION") or VERSIONS[0]
+if VERSION not in VERSIONS:
+    raise SystemExit(f"stand-in: STANDIN_BUILDKIT_VERSION must be one of {VERSIONS}")
+
+
+def fixture_path(name: str) -> Path:
+    own = FIXTURES / VERSION / name
+    first = VERSIONS.index(VERSION) == 0
+    return FIXTURES / name if first or not own.exists() else own
 
 
 def fixture(name: str) -> str:
-    return (FIXTURES / name).read_text()
+    return fixture_path(name).read_text()
 
 
 def fixture_lines(name: str) -> tuple[list[str], int]:

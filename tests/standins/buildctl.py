@@ -1,13 +1,14 @@
-"""Stand-in for BuildKit v0.11.6 ``buildctl`` (the real one cannot be installed here).
+"""Stand-in for BuildKit ``buildctl``, v0.11.6 or v0.24.0 (``STANDIN_BUILDKIT_VERSION``; the real
+one cannot be installed here).
 
 REPLAYED from tests/fixtures/toolchain (read at run time): the global and ``build`` flag
 tables (``buildctl-help.txt``, ``buildctl-build-help.txt``; other flags are refused as urfave/cli
 does), ``debug workers`` output (``workers.txt`` / ``workers.json`` for ``--format '{{json .}}'``),
 the unreachable-daemon error (``buildctl-daemon-unreachable.txt``, with this socket path), and the
 ``failed to receive status ... EOF`` line of ``build-daemon-killed-plain.txt`` when the daemon's
-stream ends early. ``--progress`` accepts auto/plain/tty only (``rawjson`` is refused, as v0.11.6
-does). Not recorded, so modeled: ``debug workers`` flags (``--format``, ``--filter``, ``--verbose``)
-and the ``listing workers for Build:`` prefix of the unreachable error of ``build``.
+stream ends early. ``--progress`` accepts the modes the recorded help names (v0.11.6 refuses
+``rawjson``). Not recorded, so modeled: ``debug workers`` flags (``--format``, ``--filter``,
+``--verbose``) and the ``listing workers for Build:`` prefix of the unreachable error of ``build``.
 
 REAL: the ``--addr`` Unix socket is really connected to (the stand-in buildkitd answers); the
 Dockerfile is really read from the ``--local dockerfile=`` directory (``/dev/fd/N`` works) and
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -124,7 +126,9 @@ def build(addr: str, args: list[str]) -> int:
     for k, v in flags:
         opts.setdefault({"-o": "--output"}.get(k, k), []).append(v)
     progress = (opts.get("--progress") or ["auto"])[-1]
-    if progress not in ("auto", "plain", "tty"):
+    # The modes the recorded help names ("auto, plain, tty" in v0.11.6; v0.24.0 adds rawjson).
+    modes = re.search(r"Set type of progress \(([^)]*)\)", help_text)
+    if progress not in (modes.group(1).split(", ") if modes else ("auto", "plain", "tty")):
         print(f"error: invalid progress mode {progress}", file=sys.stderr)
         return 1
     locals_ = dict(v.split("=", 1) for v in opts.get("--local", []) if "=" in v)

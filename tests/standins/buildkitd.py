@@ -1,4 +1,5 @@
-"""Stand-in for BuildKit v0.11.6 ``buildkitd`` (the real one cannot be installed here).
+"""Stand-in for BuildKit ``buildkitd``, v0.11.6 or v0.24.0 (``STANDIN_BUILDKIT_VERSION``): the
+real one cannot be installed here (no Debian package).
 
 REPLAYED from tests/fixtures/toolchain (read at run time):
 - the flag table (``buildkitd-help.txt``): any other flag is refused as urfave/cli does;
@@ -15,20 +16,23 @@ REAL:
   listened on, and the stand-in ``buildctl`` really talks to it (so a killed buildkitd really
   ends the client's stream with EOF);
 - which fixture a build replays is decided like the real daemon would: an unknown instruction is a
-  syntax error; the FROM image is really looked up with ``skopeo inspect`` through the mirrors and
-  ``http``/``insecure`` settings of buildkitd.toml (a registry that is not marked plain HTTP fails
-  as in the recording); a RUN containing ``exit N`` fails with N; a RUN with ``sleep N`` really
+  syntax error; a ``target`` stage that no ``FROM ... AS`` names fails as recorded; the FROM image
+  is really resolved over HTTP, with the hosts, URL forms (a mirror with a path: ``/<path>/v2/``
+  in v0.11.6, ``/v2/<path>/`` in v0.24.0), ``?ns=`` queries, schemes and error texts of the
+  version impersonated, from the ``mirrors``/``http``/``insecure`` settings of buildkitd.toml
+  (``_registry.py``); a RUN containing ``exit N`` fails with N; a RUN with ``sleep N`` really
   runs ``sleep`` as a child of this process (an orphan when this process is SIGKILLed);
-- the push: the FROM image is really copied with ``skopeo`` to the output name (no layers are
-  built: the pushed image is the base image), so the image exists afterwards and the metadata
-  digest is the real one; a registry that refuses (401) fails as in the recording.
+- the push: the FROM image's manifest and blobs are really pulled from the host that resolved it
+  and pushed to the output name with the session's login (no layers are built: the pushed image
+  is the base image), so the image exists afterwards and the metadata digest is the real one; a
+  registry that refuses (401) fails with the version's recorded text;
+- a ``--root`` that cannot be created: the recorded error and Go stack trace, exit status 1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import json
 import os
 import re
@@ -44,7 +48,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _registry
 from _common import (
+    VERSION,
     UsageError,
     fixture,
     fixture_lines,
@@ -90,19 +96,6 @@ class Daemon:
     def _plain(self, host: str) -> bool:
         conf = self.registries.get(host, {})
         return bool(conf.get("http") or conf.get("insecure"))
-
-    def pull_location(self, ref: str) -> tuple[str, bool]:
-        """(where skopeo finds ``ref``, whether plain HTTP/insecure is allowed there)."""
-        host, _, path = ref.partition("/")
-        if "." not in host and ":" not in host and host != "localhost":
-            host, path = "docker.io", ref if "/" in ref else f"library/{ref}"
-        for mirror in self.registries.get(host, {}).get("mirrors", []):
-            mhost = mirror.split("/", 1)[0]
-            return f"{mirror.rstrip('/')}/{path}", self._plain(mhost)
-        return f"{host}/{path}", self._plain(host)
-
-    def skopeo(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(["skopeo", *args], capture_output=True, timeout=120)
 
     # --- one build ----------------------------------------------------------------------------
 
@@ -155,57 +148,38 @@ class Daemon:
         if not froms:
             out({"rc": 1, "error": ["error: failed to solve: no build stage in current context"]})
             return
+        target = (req.get("opts") or {}).get("target") or ""
+        stages = [ins.split()[3] for _, ins in froms if len(ins.split()) > 3]
+        if target and target not in stages:
+            pre, _ = fixture_lines("build-fail-target-plain.txt")
+            for ln in pre[:-1]:
+                emit(ln)
+            out({"rc": 1, "error": [pre[-1].replace("final", target)]})
+            return
         from_line, from_ins = froms[0]
         base = from_ins.split()[1]
         ok_lines, _ = fixture_lines("build-ok-plain.txt")
-        # 2. the base image.
-        location, plain = self.pull_location(base)
-        inspect = self.skopeo(
-            "inspect", "--raw", f"--tls-verify={str(not plain).lower()}", f"docker://{location}"
-        )
-        if inspect.returncode != 0:
-            pre, _ = fixture_lines("build-fail-base-plain.txt")
-            err = inspect.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["failed"]
-            # v0.11.6 answers a 404 from a plain-HTTP registry by trying HTTPS next, so a missing
-            # image and an unmarked registry end in the same recorded error.
-            if not plain or "manifest unknown" in err[0] or "not found" in err[0].lower():
-                host = location.split("/", 1)[0]
-                path, _, tag = location.split("/", 1)[1].rpartition(":")
-                why = (
-                    f'failed to do request: Head "https://{host}/v2/{path}/manifests/{tag}": '
-                    "http: server gave HTTP response to HTTPS client"
-                )
-            else:
-                why = err[0]
-            stop = next(i for i, x in enumerate(pre) if x.startswith("Dockerfile:"))
-            for ln in pre[:stop]:
-                ln = ln.replace("localhost:5000/does-not-exist:latest", base)
-                if " ERROR: " in ln:
-                    ln = ln.split(" ERROR: ")[0] + " ERROR: " + why
-                emit(ln)
-            out(
-                {
-                    "rc": 1,
-                    "error": [
-                        *source_box(filename, text, from_line),
-                        f"error: failed to solve: {base}: {why}",
-                    ],
-                }
-            )
+        # 2. the base image, asked for as this BuildKit version asks (_registry.py).
+        registry, repo, tag = _split_ref(base)
+        try:
+            src = _registry.resolve(self.registries, registry, repo, tag, VERSION)
+        except _registry.RegistryError as exc:
+            self._fail_base(base, str(exc), filename, text, from_line, emit, out)
             return
-        base_digest = "sha256:" + hashlib.sha256(inspect.stdout).hexdigest()
+        base_digest = src.digest
         # 3. the steps, in the recorded shapes.
         steps = [(n, ins) for n, ins in instrs if (n, ins) != (from_line, from_ins)]
         total = len(steps) + 1
-        for ln in ok_lines[
-            : ok_lines.index("#4 [1/3] FROM " + _FIXTURE_BASE + "@" + _FIXTURE_BASE_DIGEST)
-        ]:
+        at_from = next(i for i, x in enumerate(ok_lines) if re.match(r"#\d+ \[1/\d+\] FROM ", x))
+        from_vertex = ok_lines[at_from].split()[0]
+        for ln in ok_lines[:at_from]:
             emit(ln.replace(_FIXTURE_BASE, base))
-        emit(f"#4 [1/{total}] FROM {base}@{base_digest}")
-        emit(f"#4 resolve {base}@{base_digest} 0.0s done")
-        emit("#4 DONE 0.0s")
+        resolved = next(x for x in ok_lines if x.startswith(f"{from_vertex} resolve "))
+        emit(f"{from_vertex} [1/{total}] FROM {base}@{base_digest}")
+        emit(re.sub(r"resolve \S+", f"resolve {base}@{base_digest}", resolved))
+        emit(f"{from_vertex} DONE 0.0s")
         emit("")
-        vertex = 5
+        vertex = int(next(x for x in ok_lines if "] RUN " in x).split()[0][1:])
         for i, (lineno, ins) in enumerate(steps, start=2):
             word, _, rest = ins.partition(" ")
             if word.upper() in ("ENV", "ARG", "LABEL", "CMD", "ENTRYPOINT", "USER", "EXPOSE"):
@@ -220,8 +194,9 @@ class Daemon:
                         continue
                     if words[0] == "echo":
                         at = time.monotonic() - started + 0.089
-                        # BuildKit labels a step's first log line "#0" (as recorded).
-                        label = "#0" if not logs else f"#{vertex}"
+                        # v0.11.6 labels a step's first log line "#0" (as recorded); in the error
+                        # box v0.24.0 shows the lines without their label.
+                        label = "#0" if not logs and VERSION == "v0.11.6" else f"#{vertex}"
                         logs.append(f"{label} {at:.3f} {' '.join(words[1:])}")
                         emit(logs[-1])
                     elif words[0] == "sleep" and len(words) > 1:
@@ -233,13 +208,14 @@ class Daemon:
                         cmd = f"/bin/sh -c {rest}"
                         why = f'process "{cmd}" did not complete successfully: exit code: {code}'
                         emit(f"#{vertex} ERROR: {why}")
+                        boxed = logs if VERSION == "v0.11.6" else [x.split(" ", 1)[1] for x in logs]
                         out(
                             {
                                 "rc": 1,
                                 "error": [
                                     "------",
                                     f" > [{i}/{total}] {ins}:",
-                                    *logs,
+                                    *boxed,
                                     "------",
                                     *source_box(filename, text, lineno),
                                     f"error: failed to solve: {why}",
@@ -250,35 +226,20 @@ class Daemon:
             emit(f"#{vertex} DONE 0.1s")
             emit("")
             vertex += 1
-        # 4. export and push: really copy the base image to the output name.
+        # 4. export and push: the base image's manifest and blobs, pushed as they are.
         dest_host = name.split("/", 1)[0]
-        digest_file = self.root / f"digest-{os.getpid()}-{threading.get_ident()}"
-        authfile = self.root / f"auth-{os.getpid()}-{threading.get_ident()}.json"
-        authfile.write_text(json.dumps({"auths": req.get("auths") or {}}))
-        copy = self.skopeo(
-            "copy",
-            "--quiet",
-            "--dest-authfile",
-            str(authfile),
-            f"--src-tls-verify={str(not plain).lower()}",
-            f"--dest-tls-verify={str(not self._plain(dest_host)).lower()}",
-            "--digestfile",
-            str(digest_file),
-            f"docker://{location}",
-            f"docker://{name}",
-        )
         export = [ln for ln in ok_lines if ln.startswith("#8 ")]
-        if copy.returncode != 0:
-            authfile.unlink()
-            err = copy.stderr.decode(errors="replace")
-            if "401" in err or "unauthorized" in err.lower() or "denied" in err.lower():
-                why = f"failed to push {name}: unexpected status: 401 Unauthorized"
-            else:
-                last = err.strip().splitlines()[-1] if err.strip() else "failed"
-                why = f"failed to push {name}: {last}"
-            for ln in export[:6]:
-                emit(ln.replace("#8 ", f"#{vertex} ", 1))
-            emit(f"#{vertex} ERROR: {why}")
+        config_digest = json.loads(src.manifest).get("config", {}).get("digest", "")
+        try:
+            digest = _registry.copy_image(
+                src, name, req.get("auths") or {}, self._plain(dest_host), VERSION
+            )
+        except _registry.RegistryError as exc:
+            for ln in export[:5]:
+                ln = ln.replace("#8 ", f"#{vertex} ", 1)
+                ln = re.sub(r"manifest sha256:[0-9a-f]{64}", f"manifest {src.digest}", ln)
+                emit(re.sub(r"config sha256:[0-9a-f]{64}", f"config {config_digest}", ln))
+            emit(f"#{vertex} ERROR: {exc}")
             out(
                 {
                     "rc": 1,
@@ -286,23 +247,11 @@ class Daemon:
                         "------",
                         " > exporting to image:",
                         "------",
-                        f"error: failed to solve: {why}",
+                        f"error: failed to solve: {exc}",
                     ],
                 }
             )
             return
-        digest = digest_file.read_text().strip()
-        digest_file.unlink()
-        manifest = self.skopeo(
-            "inspect",
-            "--raw",
-            "--authfile",
-            str(authfile),
-            f"--tls-verify={str(not self._plain(dest_host)).lower()}",
-            f"docker://{name}",
-        ).stdout
-        authfile.unlink()
-        config_digest = json.loads(manifest).get("config", {}).get("digest", "")
         for ln in export:
             ln = ln.replace("#8 ", f"#{vertex} ", 1).replace(_FIXTURE_NAME, name)
             ln = re.sub(r"manifest sha256:[0-9a-f]{64}", f"manifest {digest}", ln)
@@ -310,13 +259,56 @@ class Daemon:
             ln = re.sub(r"config sha256:[0-9a-f]{64}", f"config {config_digest}", ln)
             emit(ln)
         meta = json.loads(fixture("ok-metadata.json"))
-        meta["containerimage.buildinfo"]["attrs"]["filename"] = filename
-        meta["containerimage.buildinfo"]["sources"][0].update(ref=base, pin=base_digest)
+        if "containerimage.buildinfo" in meta:
+            meta["containerimage.buildinfo"]["attrs"]["filename"] = filename
+            meta["containerimage.buildinfo"]["sources"][0].update(ref=base, pin=base_digest)
         meta["containerimage.config.digest"] = config_digest
-        meta["containerimage.descriptor"].update(digest=digest, size=len(manifest))
+        meta["containerimage.descriptor"].update(digest=digest, size=len(src.manifest))
         meta["containerimage.digest"] = digest
         meta["image.name"] = name
         out({"rc": 0, "metadata": meta})
+
+    def _fail_base(
+        self,
+        base: str,
+        why: str,
+        filename: str,
+        text: str,
+        from_line: int,
+        emit: Any,
+        out: Any,
+    ) -> None:
+        """The base image could not be resolved: the recorded failure, with this ``why``."""
+        pre, _ = fixture_lines("build-fail-base-plain.txt")
+        final = next(x for x in pre if x.startswith("error: failed to solve: "))
+        stop = next(i for i, x in enumerate(pre) if x.startswith("Dockerfile:"))
+        missing = "localhost:5000/does-not-exist:latest"
+        for ln in pre[:stop]:
+            ln = ln.replace(missing, base)
+            if " ERROR: " in ln:
+                ln = ln.split(" ERROR: ")[0] + " ERROR: " + why
+            emit(ln)
+        # v0.24.0 wraps it: "<ref>: failed to resolve source metadata for <ref>: <why>".
+        wrapped = "failed to resolve source metadata for" in final
+        detail = f"failed to resolve source metadata for {base}: {why}" if wrapped else why
+        out(
+            {
+                "rc": 1,
+                "error": [
+                    *source_box(filename, text, from_line),
+                    f"error: failed to solve: {base}: {detail}",
+                ],
+            }
+        )
+
+
+def _split_ref(ref: str) -> tuple[str, str, str]:
+    """(registry, repository, tag) of a FROM reference, with Docker's defaults."""
+    name, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "latest")
+    host, _, path = name.partition("/")
+    if not path or ("." not in host and ":" not in host and host != "localhost"):
+        host, path = "docker.io", name if "/" in name else f"library/{name}"
+    return host, path, tag
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -359,7 +351,7 @@ def main() -> int:
         print(help_text)
         return 0
     if "--version" in opts or "-v" in opts:
-        print("buildkitd github.com/moby/buildkit v0.11.6 2951a28cd7085eb18979b1f710678623d94ed578")
+        print(f"buildkitd github.com/moby/buildkit {VERSION}")
         return 0
     if rest:
         print(f"No help topic for '{rest[0]}'", file=sys.stderr)
@@ -389,8 +381,12 @@ def main() -> int:
             if isinstance(exc, (FileExistsError, NotADirectoryError))
             else exc.strerror
         )
-        print(f"buildkitd: failed to create {root}: mkdir {root}: {why}", file=sys.stderr)
-        return 1
+        # As recorded: pkg/errors' "%+v", the message and then the Go stack trace.
+        lines, rc = fixture_lines("buildkitd-root-not-dir.txt")
+        for ln in lines:
+            ln = ln.replace("/tmp/rec/notdir", str(root)).replace("not a directory", why)
+            print(ln, file=sys.stderr)
+        return rc
     addr = (
         opts.get("--addr")
         or (config.get("grpc", {}).get("address") or ["unix:///run/buildkit/buildkitd.sock"])[0]
@@ -406,11 +402,14 @@ def main() -> int:
     daemon = Daemon(config, root)
     server.daemon = daemon  # type: ignore[attr-defined]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for ln in fixture("buildkitd-startup.log").splitlines()[:5]:
+    for ln in fixture("buildkitd-startup.log").splitlines():
         if "using host network" in ln and opts.get("--oci-worker-net", "auto") != "auto":
             continue
         ln = re.sub(r'time="[^"]+"', f'time="{now}"', ln)
-        print(ln.replace("/run/buildkit/buildkitd.sock", sock_path), file=sys.stderr, flush=True)
+        ln = re.sub(r"running server on \S+?(\"?)$", rf"running server on {sock_path}\1", ln)
+        print(ln, file=sys.stderr, flush=True)
+        if "running server on" in ln:
+            break
 
     def stop(signum: int, frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()

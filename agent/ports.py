@@ -53,6 +53,7 @@ class BuildRoute:
     base: str | None  # e.g. "localhost:8080/b/registry.example.com/team/base", None without one
     target: str  # e.g. "localhost:8080/b/registry.example.com/team/ws"
     login: ProxyLogin | None  # None: the route needs no credential (no proxy in between)
+    cache: str | None = None  # BuildKit's registry cache (build.cache_repo), when asked for
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ class RegistryPort(Protocol):
 
     def mirrors(self) -> list[Mirror]: ...
 
-    def add_build_route(self, *, base: RouteTarget | None, target: RouteTarget) -> BuildRoute: ...
+    def add_build_route(
+        self, *, base: RouteTarget | None, target: RouteTarget, cache: RouteTarget | None = None
+    ) -> BuildRoute: ...
 
     def remove_build_route(self, route: BuildRoute) -> None: ...
 

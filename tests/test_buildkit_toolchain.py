@@ -595,31 +595,48 @@ async def test_start_cleans_up_after_a_crashed_daemons_buildkitd(
             leftover.wait()
 
 
-def test_cache_repo_maps_onto_a_static_push_route(short_tmp: Path, caplog: Any) -> None:
-    from agent.build.buildkit import cache_ref_for
-    from agent.config import BuildConfig, ProxyConfig, RouteConfig
+def test_cache_repo_is_on_the_build_route_alone() -> None:
+    """build.cache_repo is written through the build's own capability route, pinned to the cache
+    tag; static routes have nothing to do with it (a RUN step has no capability)."""
+    from agent.config import ProxyConfig, RouteConfig
+    from agent.ports import RouteTarget
+    from agent.proxy._routes import Router, denial
 
-    def app(cache_repo: str, *routes: RouteConfig) -> App:
-        cfg = Config(
-            build=BuildConfig(cache_repo=cache_repo), proxy=ProxyConfig(routes=list(routes))
-        )
-        return App(config=cfg)
-
-    port = DirectPort("localhost:8080")
-    push = RouteConfig("cache", "registry.example.com/team", "push")
-    pull = RouteConfig("ro", "registry.example.com/team", "pull")
-    assert cache_ref_for(app("", push), port) is None
-    assert (
-        cache_ref_for(app("registry.example.com/team/bk-cache", pull, push), port)
-        == "localhost:8080/cache/bk-cache:buildcache"
+    router = Router(ProxyConfig(routes=[RouteConfig("ws", "registry.example.com/team", "push")]))
+    route = router.add_build(
+        "localhost:8080",
+        RouteTarget("registry.example.com/team/base", tag="k1", push=True),
+        RouteTarget("registry.example.com/team/ws"),
+        RouteTarget("registry.example.com/team/cache", tag="cache-1", push=True),
     )
-    assert (
-        cache_ref_for(app("registry.example.com/team", push), port)
-        == "localhost:8080/cache:buildcache"
+    assert route.cache == "localhost:8080/b/registry.example.com/team/cache"
+    assert route.login is not None
+    cap = route.login.password
+    name = "b/registry.example.com/team/cache"
+    put = router.resolve(f"{name}/manifests/cache-1", None, cap)
+    assert put is not None and denial(put, "PUT") is None
+    other = router.resolve(f"{name}/manifests/latest", None, cap)
+    assert other is not None and denial(other, "PUT") == (
+        "manifest writes through this route are pinned to its tag"
     )
-    caplog.set_level(logging.WARNING, logger="agent.build")
-    assert cache_ref_for(app("registry.example.com/other/c", push), port) is None
-    assert "add a [[proxy.routes]] entry" in caplog.text
+    upload = router.resolve(f"{name}/blobs/uploads/", None, cap)
+    assert upload is not None and denial(upload, "POST") is None
+    assert router.resolve(f"{name}/manifests/cache-1", None, None) is None  # no capability
+    assert router.resolve(f"{name}/manifests/cache-1", None, "0" * 32) is None
+    # The cache may share the base repository: both tags are writable there, nothing else.
+    shared = router.add_build(
+        "localhost:8080",
+        RouteTarget("registry.example.com/team/base", tag="k2", push=True),
+        RouteTarget("registry.example.com/team/ws"),
+        RouteTarget("registry.example.com/team/base", tag="cache-2", push=True),
+    )
+    assert shared.login is not None
+    for tag, allowed in (("k2", True), ("cache-2", True), ("k1", False)):
+        res = router.resolve(f"b/registry.example.com/team/base/manifests/{tag}", None,
+                             shared.login.password)  # fmt: skip
+        assert res is not None and (denial(res, "PUT") is None) is allowed
+    router.remove_build(route)
+    assert router.resolve(f"{name}/manifests/cache-1", None, cap) is None
 
 
 def test_build_argv_with_registry_cache(short_tmp: Path, standins: Standins) -> None:
@@ -631,11 +648,12 @@ def test_build_argv_with_registry_cache(short_tmp: Path, standins: Standins) -> 
         sandbox=NoSandbox(),
         proxy=DirectPort("localhost:8080"),
         binaries=bins,
-        cache_ref="localhost:8080/cache/c:buildcache",
         cleanup=lambda pidfile, root: None,
     )
     spec = BuildSpec(context_fd=7, dockerfile="sub/Dockerfile", push_ref="localhost:8080/x:1",
                      no_cache=True)  # fmt: skip
+    assert "--export-cache" not in tc.build_argv(spec, "/m.json")
+    spec = dataclasses.replace(spec, cache_ref="localhost:8080/cache/c:buildcache")
     argv = tc.build_argv(spec, "/m.json")
     assert "--opt" in argv and "filename=sub/Dockerfile" in argv and "--no-cache" in argv
     at = argv.index("--export-cache")

@@ -49,8 +49,15 @@ class DirectRegistry:
     def mirrors(self) -> list[Mirror]:
         return []
 
-    def add_build_route(self, *, base: RouteTarget | None, target: RouteTarget) -> BuildRoute:
-        return BuildRoute(base=base.repo if base else None, target=target.repo, login=None)
+    def add_build_route(
+        self, *, base: RouteTarget | None, target: RouteTarget, cache: RouteTarget | None = None
+    ) -> BuildRoute:
+        return BuildRoute(
+            base=base.repo if base else None,
+            target=target.repo,
+            login=None,
+            cache=cache.repo if cache else None,
+        )
 
     def remove_build_route(self, route: BuildRoute) -> None:
         return None

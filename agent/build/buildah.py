@@ -175,6 +175,7 @@ class BuildahToolchain:
     """buildah + skopeo. ``state`` is "ready" once the binaries were found."""
 
     name = "buildah"
+    cache_repo = None  # buildah has no registry cache to share
 
     def __init__(
         self,

@@ -198,7 +198,7 @@ class BuildkitToolchain:
         binaries: BuildkitBinaries | None = None,
         policy: Policy | None = None,
         cleanup: Cleanup | None = None,
-        cache_ref: str | None = None,
+        cache_repo: str | None = None,
     ) -> None:
         bins = binaries or buildkit_binaries()
         if bins is None:
@@ -210,7 +210,7 @@ class BuildkitToolchain:
         self.app = app
         self.sandbox = sandbox
         self.proxy = proxy
-        self.cache_ref = cache_ref
+        self.cache_repo = cache_repo or None
         self.tail_lines = app.config.build.log_tail_lines
         self.run_dir = Path(app.config.daemon.runtime_dir) / "buildkit"
         self.root = Path(app.config.daemon.state_dir) / "buildkit"
@@ -382,12 +382,14 @@ class BuildkitToolchain:
         argv += secret_flags(spec.secrets)
         if spec.no_cache:
             argv.append("--no-cache")
-        if self.cache_ref:
+        if spec.cache_ref:
+            # Through the build's own route, like the push: its login is the only way to write
+            # the cache, so a RUN step (which has none) cannot poison it for the fleet.
             argv += [
                 "--export-cache",
-                f"type=registry,ref={self.cache_ref},mode=max",
+                f"type=registry,ref={spec.cache_ref},mode=max",
                 "--import-cache",
-                f"type=registry,ref={self.cache_ref}",
+                f"type=registry,ref={spec.cache_ref}",
             ]
         argv += [
             "--output",
@@ -455,39 +457,17 @@ class BuildkitToolchain:
         return copied_digest(lines)
 
 
-def cache_ref_for(app: App, proxy: RegistryPort | None) -> str | None:
-    """Where buildctl exports and imports its registry cache (``build.cache_repo``), as a
-    repository on the proxy: children reach registries only through it, so the cache repository
-    needs a static push route (``[[proxy.routes]]`` whose ``upstream`` is ``cache_repo`` or a
-    prefix of it). None, with a warning, when there is none."""
-    repo = app.config.build.cache_repo
-    if not repo or proxy is None:
-        return None
-    for route in app.config.proxy.routes:
-        up = route.upstream.rstrip("/")
-        if route.access == "push" and (repo == up or repo.startswith(up + "/")):
-            rest = repo[len(up) :]
-            return f"{proxy.child_address}/{route.name}{rest}:buildcache"
-    log.warning(
-        "build.cache_repo = %s is not used: add a [[proxy.routes]] entry with access = "
-        '"push" whose upstream is that repository (children reach registries only through the '
-        "proxy)",
-        repo,
-    )
-    return None
-
-
 def create(app: App, proxy: RegistryPort | None) -> BuildkitToolchain:
     """The toolchain as the daemon runs it: ``app.sandbox`` (or no sandbox when it is off), the
     binaries of :func:`buildkit_binaries` (StartupError when one is missing), the registry cache
-    of :func:`cache_ref_for`."""
+    of ``build.cache_repo`` (on each build's own route: flow.py)."""
     from agent.ports import NoSandbox
 
     return BuildkitToolchain(
         app,
         sandbox=app.sandbox or NoSandbox(),
         proxy=proxy,
-        cache_ref=cache_ref_for(app, proxy),
+        cache_repo=app.config.build.cache_repo if proxy is not None else None,
     )
 
 
@@ -495,7 +475,6 @@ __all__ = [
     "BuildkitBinaries",
     "BuildkitToolchain",
     "buildkit_binaries",
-    "cache_ref_for",
     "create",
     "parse_workers",
     "render_config",

@@ -134,6 +134,17 @@ class Outcome:
         }
 
 
+def _cache_target(cache_repo: str | None, target_repo: str, plan: Plan) -> RouteTarget | None:
+    """Where this build's registry cache lives: ``cache_repo``, one tag per workspace image
+    repository, Dockerfile path and stage. Every node building that workspace shares it, and a
+    build of another workspace does not overwrite it (BuildKit keeps one cache per ref)."""
+    if not cache_repo:
+        return None
+    scope = f"{target_repo}\n{plan.dockerfile or ''}\n{plan.stage or ''}\n"
+    tag = "cache-" + hashlib.sha256(scope.encode()).hexdigest()[:32]
+    return RouteTarget(cache_repo, tag=tag, push=True)
+
+
 class Flow:
     """Runs one :class:`Plan`; ``phase`` is called on every phase change (for progress)."""
 
@@ -261,9 +272,12 @@ class Flow:
     async def _build_base(self, plan: Plan, context_fd: int) -> str:
         ref = plan.base_ref
         assert plan.dockerfile is not None
+        target_repo = plan.target_ref.repo if plan.target_ref else plan.target_repo or ""
+        cache = _cache_target(self._tc.cache_repo, target_repo, plan)
         route = self._proxy.add_build_route(
             base=RouteTarget(ref.repo, tag=ref.tag, push=True),
-            target=RouteTarget(plan.target_ref.repo if plan.target_ref else plan.target_repo or ""),
+            target=RouteTarget(target_repo),
+            cache=cache,
         )
         try:
             assert route.base is not None
@@ -278,6 +292,7 @@ class Flow:
                 mirrors=tuple(self._proxy.mirrors()),
                 proxy_address=self._proxy.child_address,
                 login=route.login,
+                cache_ref=f"{route.cache}:{cache.tag}" if cache and route.cache else None,
             )
             self._say(f"building the base image {ref} with {self._tc.name}")
             self._metrics.tool_runs.labels("build").inc()

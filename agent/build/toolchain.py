@@ -41,6 +41,9 @@ class BuildSpec:
     mirrors: tuple[Mirror, ...] = ()  # FROM-line registries served by the proxy
     proxy_address: str = ""  # "localhost:<port>" as the child sees the proxy
     login: ProxyLogin | None = None  # the push route's credential; never on an argv
+    # BuildKit's registry cache on the build's own route (``<proxy>/b/<registry>/<repo>:<tag>``),
+    # exported to and imported from; None when build.cache_repo is unset.
+    cache_ref: str | None = None
     # (id, fd) of each build secret: a sealed memfd owned by the caller (agent.build.secretfds),
     # passed like context_fd and named /dev/fd/<fd>; the value is never on an argv or in an env.
     secrets: tuple[tuple[str, int], ...] = ()
@@ -53,6 +56,9 @@ class BuildOutput:
 
 class Toolchain(Protocol):
     name: str  # "buildkit" | "buildah"
+    # The upstream repository of the layer cache the builder shares with other nodes
+    # (build.cache_repo, BuildKit only), or None: the flow puts it on the build's route.
+    cache_repo: str | None
 
     @property
     def state(self) -> str:

@@ -51,7 +51,7 @@ class Target:
     registry: str  # canonical host
     repository: str
     writable: bool
-    pinned_tag: str | None = None
+    pinned_tags: frozenset[str] | None = None  # manifest writes go only to these tags
 
 
 @dataclass(frozen=True)
@@ -117,22 +117,27 @@ def build_name(repo: str) -> str:
     return f"{BUILD_SEGMENT}/{mirror_name(host)}/{path}"
 
 
-def _build_targets(base: RouteTarget | None, target: RouteTarget) -> dict[str, Target]:
-    """name -> Target for one build route. When base and target are one repository the name
-    gets the writable one's rules (the flow never makes both writable)."""
+def _build_targets(*targets: RouteTarget | None) -> dict[str, Target]:
+    """name -> Target for one build route (base, target, cache). Targets naming one repository
+    merge: writable when one is, writes pinned to the union of the writable ones' tags (the
+    registry cache may live in the base repository under a tag of its own)."""
     out: dict[str, Target] = {}
-    for rt in (base, target):
+    for rt in targets:
         if rt is None:
             continue
         host, path = split_repository(rt.repo)
-        t = Target("build", host, path, writable=rt.push, pinned_tag=rt.tag)
+        pinned = frozenset([rt.tag]) if rt.push and rt.tag else None
+        t = Target("build", host, path, writable=rt.push, pinned_tags=pinned)
         name = build_name(rt.repo)
         have = out.get(name)
-        if have is not None:
-            if have.writable and t.writable and have.pinned_tag != t.pinned_tag:
-                raise ValueError(f"{rt.repo}: one build route cannot pin two tags")
-            if have.writable:
+        if have is not None and have.writable:
+            if not t.writable:
                 continue
+            if have.pinned_tags is None or t.pinned_tags is None:
+                pinned = None
+            else:
+                pinned = have.pinned_tags | t.pinned_tags
+            t = Target("build", host, path, writable=True, pinned_tags=pinned)
         out[name] = t
     return out
 
@@ -166,16 +171,21 @@ class Router:
     # --- build routes -------------------------------------------------------------------------
 
     def add_build(
-        self, child_address: str, base: RouteTarget | None, target: RouteTarget
+        self,
+        child_address: str,
+        base: RouteTarget | None,
+        target: RouteTarget,
+        cache: RouteTarget | None = None,
     ) -> BuildRoute:
         cap = secrets.token_hex(16)
-        names = _build_targets(base, target)
+        names = _build_targets(base, target, cache)
         with self._lock:
             self._builds[cap] = names
         return BuildRoute(
             base=f"{child_address}/{build_name(base.repo)}" if base is not None else None,
             target=f"{child_address}/{build_name(target.repo)}",
             login=ProxyLogin(child_address, LOGIN_USER, cap),
+            cache=f"{child_address}/{build_name(cache.repo)}" if cache is not None else None,
         )
 
     def remove_build(self, route: BuildRoute) -> None:
@@ -253,8 +263,8 @@ def denial(res: Resolved, method: str) -> str | None:
             return f"{method} is not allowed on manifests"
         # A digest PUT is content-addressed (an index's children), not a write to another tag.
         if (
-            t.pinned_tag is None
-            or res.ref == t.pinned_tag
+            t.pinned_tags is None
+            or res.ref in t.pinned_tags
             or (method == "PUT" and is_digest(res.ref))
         ):
             return None

@@ -133,8 +133,10 @@ class Proxy:
     def mirrors(self) -> list[Mirror]:
         return self.router.mirrors()
 
-    def add_build_route(self, *, base: RouteTarget | None, target: RouteTarget) -> BuildRoute:
-        route = self.router.add_build(self._child_address, base, target)
+    def add_build_route(
+        self, *, base: RouteTarget | None, target: RouteTarget, cache: RouteTarget | None = None
+    ) -> BuildRoute:
+        route = self.router.add_build(self._child_address, base, target, cache)
         assert route.login is not None
         self._scrub.add_cap(route.login.password)
         log.debug("build route added (%d active)", self.router.build_count)

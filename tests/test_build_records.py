@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +103,22 @@ async def test_log_scrubs_fans_out_and_a_slow_reader_catches_up(tmp_path: Path) 
     assert read_file(tmp_path / "x.log", len(whole) - 6) == whole[-6:]
     late = [c async for _, c in log.follow(len(whole) // 2)]
     assert b"".join(late) == whole[len(whole) // 2 :]
+
+
+def test_logs_of_a_build_interrupted_before_its_first_line(daemon_factory: Any) -> None:
+    """A build the daemon lost before it wrote a line has no log file: ``agentctl logs`` prints
+    nothing and exits 0, with and without ``-f`` (the record says it was interrupted)."""
+    d = daemon_factory(start=False)
+    store = RecordStore(Path(d.sections["daemon"]["state_dir"]))
+    queued = store.create({"id": new_id()})
+    running = store.create({"id": new_id()})
+    store.transition(running, rec.RUNNING)
+    d.start()
+    for build_id in (queued["id"], running["id"]):
+        assert not store.log_path(build_id).exists()
+        for args in (["logs", build_id], ["logs", "-f", build_id]):
+            out = d.ctl(*args)
+            assert (out.returncode, out.stdout, out.stderr) == (0, "", ""), args
+        out = d.ctl("--json", "logs", build_id)
+        assert out.returncode == 0
+        assert json.loads(out.stdout)["state"] == "interrupted"

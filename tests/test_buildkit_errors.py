@@ -135,3 +135,26 @@ def test_recorded_crane_outputs() -> None:
     refused = copy_error(lines, rc, "localhost:5000/a:1", "localhost:5001/fixture:1", tail_lines=5)
     assert isinstance(refused, UpstreamUnauthorized) and refused.registry == "localhost:5001"
     assert "401 Unauthorized" in refused.message
+
+
+@pytest.mark.parametrize("version", ["v0.11.6", "v0.24.0"])
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [
+        ("build-fail-copy-missing-plain.txt", "missing.txt"),
+        ("build-fail-copy-missing-dir-plain.txt", "sub/missing.txt"),
+    ],
+)
+def test_a_missing_copy_source_is_named_inside_the_context(
+    version: str, name: str, source: str
+) -> None:
+    """BuildKit names its own mount point (v0.11.6) or a rooted path; the error names the path
+    inside the context, and no directory of the daemon's."""
+    lines, rc = recorded(name, version)
+    err = build_error(lines, rc, tail_lines=5)
+    assert type(err) is BuildFailed
+    first = err.message.splitlines()[0]
+    assert first.startswith(f"Dockerfile:2: COPY {source} /x failed: {source} is not in the ")
+    assert "/tmp/" not in first and "buildkit-mount" not in first
+    assert err.details["missing_path"] in (source, source.split("/")[0])
+

@@ -284,6 +284,26 @@ def test_run_step_failure_names_the_line_and_status(
     assert record["state"] == "failed" and record["error"]["code"] == "build_failed"
 
 
+@pytest.mark.parametrize("source", ["missing.txt", "sub/missing.txt"])
+def test_missing_copy_source_is_named_inside_the_context(
+    source: str, daemon: DaemonProcess, registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    """buildah names the daemon's staging copy of the context; the error names the path inside
+    the caller's context, and no directory of the daemon's."""
+    ctx = write_context(
+        short_tmp / "c",
+        {"Dockerfile": dockerfile(base_image, f"COPY {source} /x"), "sub/other": "x"},
+    )
+    err = _failed(daemon, ctx, f"{registry.host}/ws-fail:copy")
+    assert err["code"] == "build_failed"
+    assert err["message"].startswith(
+        f"Dockerfile line 2: COPY {source} /x failed: {source} is not in the build context"
+    ), err["message"]
+    state = daemon.sections["daemon"]["state_dir"]
+    assert state not in err["message"] and "contexts/ctx-" not in err["message"]
+    assert err["details"]["missing_path"] == source
+
+
 def test_dockerfile_syntax_error(
     daemon: DaemonProcess, registry: Registry, base_image: str, short_tmp: Path
 ) -> None:

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent.build._sources import missing_source, missing_source_message
 from agent.build.toolchain import LogSink
 from agent.errors import (
     AgentError,
@@ -179,6 +180,15 @@ def build_error(
                 f"{at}{what} failed: the command exited with status {proc.group('code')}", tail
             ),
             details=details,
+        )
+    missing = missing_source(error)
+    if missing is not None:
+        details["reason"] = "copy_source_missing"
+        details["missing_path"] = missing
+        at = f"{where}: " if where else ""
+        what = scrub(marked_text) if marked_text else "COPY"
+        return BuildFailed(
+            _with_tail(at + missing_source_message(what, missing), tail), details=details
         )
     if marked_text.upper().startswith("FROM") or _loads_metadata_failed(lines):
         details["reason"] = "base_image"

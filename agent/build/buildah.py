@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent.build._sources import missing_source, missing_source_message
 from agent.build.child import (
     child_env,
     describe_exit,
@@ -122,6 +123,12 @@ def _diagnose(what: str, code: int, tail: list[str], exit_words: str) -> AgentEr
             return BuildFailed(
                 f"{step} failed with exit status {status.group(1)}",
                 details={**details, "step": step},
+            )
+        missing = missing_source(why)
+        if missing is not None:
+            details["missing_path"] = missing
+            return BuildFailed(
+                missing_source_message(step, missing), details={**details, "step": step}
             )
         return BuildFailed(f"{step} failed: {_short(why)}", details={**details, "step": step})
     host_match = _REGISTRY_IN.search(last_error)

@@ -56,6 +56,28 @@ def warnings(app: App) -> list[str]:
     return out
 
 
+def _proxy_access(app: App) -> dict[str, Any]:
+    """Who may use the proxy from where (docs/proxy.md "Access"): the host listener's address
+    and authorization, and which static routes build children see."""
+    listener = getattr(app.proxy, "host_listener", None)
+    host = listener() if callable(listener) else {"address": "off", "auth": "none (no proxy)"}
+    routes = [
+        {
+            "name": r.name,
+            "access": r.access,
+            "children": (
+                "no"
+                if not r.children
+                else ("read, write for builds under " + ", ".join(r.builds))
+                if r.builds and r.access == "push"
+                else "read-only"
+            ),
+        }
+        for r in app.config.proxy.routes
+    ]
+    return {"host_listener": host, "static_routes": routes}
+
+
 @ops.register("info", access=Access.READ)
 async def info(ctx: RequestContext, args: Args) -> dict[str, Any]:
     app = ctx.app
@@ -79,6 +101,7 @@ async def info(ctx: RequestContext, args: Args) -> dict[str, Any]:
             "egress": c.sandbox.egress,
             "metrics_address": c.daemon.metrics_address,
             "proxy_port": c.proxy.port,
+            "proxy": _proxy_access(app),
         },
         "ops": ops.names(),
         "peer": {"uid": ctx.peer.uid, "gid": ctx.peer.gid},

@@ -222,11 +222,56 @@ def test_a_run_step_cannot_push_or_mount_into_a_static_route(
         target = f"{registry.host}/access-{uuid.uuid4().hex[:8]}:1"
         r = d.ctl("build", "--context", str(ctx), "--target", target)
         assert r.returncode == 0, r.stderr + d.log()[-3000:]
-        got = dict(
-            line.split() for line in read_from_image(target, "/probes").decode().split("\n") if line
-        )
+        lines = read_from_image(target, "/probes").decode().splitlines()
     finally:
         d.stop()
         d.cleanup()
+    got = dict(line.split() for line in lines)
     assert got == {"mirror": "200", "static-read": "404", "push": "404", "mount": "404"}, got
     assert "/v2/team/evil/" not in reg.log()
+
+
+@pytest.mark.skipif(shutil.which("buildah") is None, reason="needs buildah")
+def test_a_children_route_lets_a_run_step_pull_but_not_push(
+    private: tuple[Registry, str, str],
+    registry: Registry,
+    base_image: str,
+    short_tmp: Path,
+) -> None:
+    reg, _, layer = private
+    routes = [
+        {"name": "shared", "upstream": f"{reg.host}/team", "access": "push", "children": True},
+        {"name": "hidden", "upstream": f"{reg.host}/team", "access": "push"},
+    ]
+    sections = _sections(reg, short_tmp, registry, routes, mode="on", netns=unique_netns())
+    d = DaemonProcess(short_tmp / "d", sections).start()
+    try:
+        proxy = f"http://localhost:{d.sections['proxy']['port']}/v2"
+        mirror = f"mirror/{mirror_name(reg.host)}"
+        probes = [
+            _probe("pull", "GET", f"{proxy}/shared/app/manifests/1"),
+            _probe("push", "POST", f"{proxy}/shared/evil/blobs/uploads/"),
+            _probe(
+                "mount",
+                "POST",
+                f"{proxy}/shared/evil/blobs/uploads/?mount={layer}&from={mirror}/private/secret",
+            ),
+            _probe("hidden", "GET", f"{proxy}/hidden/app/manifests/1"),
+        ]
+        ctx = write_context(
+            short_tmp / "ctx",
+            {"Dockerfile": f"FROM {base_image}\nRUN " + " ; ".join(probes) + "\n"},
+        )
+        target = f"{registry.host}/access-{uuid.uuid4().hex[:8]}:1"
+        r = d.ctl("build", "--context", str(ctx), "--target", target)
+        assert r.returncode == 0, r.stderr + d.log()[-3000:]
+        lines = read_from_image(target, "/probes").decode().splitlines()
+        info = d.ctl("info").stdout
+    finally:
+        d.stop()
+        d.cleanup()
+    got = dict(line.split() for line in lines)
+    assert got == {"pull": "200", "push": "403", "mount": "403", "hidden": "404"}, got
+    assert "/v2/team/evil/" not in reg.log()
+    assert "route       shared (push), children: read-only" in info, info
+    assert "route       hidden (push), children: no" in info, info

@@ -92,6 +92,7 @@ async def make_proxy(short_tmp: Path) -> AsyncIterator[ProxyFactory]:
         **proxy_kw: Any,
     ) -> Harness:
         proxy_kw.setdefault("retries", 3)
+        proxy_kw.setdefault("host_address", "127.0.0.1:0")
         proxy_kw.setdefault("retry_max_backoff", 0.2)
         proxy_kw.setdefault("connect_timeout", 2.0)
         cfg = Config(
@@ -99,7 +100,6 @@ async def make_proxy(short_tmp: Path) -> AsyncIterator[ProxyFactory]:
             build=BuildConfig(docker_config=str(docker_config or short_tmp / "no-config.json")),
             proxy=ProxyConfig(
                 port=free_port(),
-                host_address="127.0.0.1:0",
                 routes=[r if isinstance(r, RouteConfig) else RouteConfig(*r) for r in routes],
                 registries=[RegistryConfig(host=h, http=True) for h in http_hosts]
                 + list(registries),

@@ -12,6 +12,7 @@ from typing import Any
 
 from agent import PROCESS_VERSION
 from agent.app import App
+from agent.config import RouteConfig
 from agent.control.ops import Access, Args, RequestContext, ops
 from agent.errors import AgentError
 from ctl import protocol
@@ -58,24 +59,22 @@ def warnings(app: App) -> list[str]:
 
 def _proxy_access(app: App) -> dict[str, Any]:
     """Who may use the proxy from where (docs/proxy.md "Access"): the host listener's address
-    and authorization, and which static routes build children see."""
+    and authorization, and what build children may do with each static route."""
     listener = getattr(app.proxy, "host_listener", None)
     host = listener() if callable(listener) else {"address": "off", "auth": "none (no proxy)"}
     routes = [
-        {
-            "name": r.name,
-            "access": r.access,
-            "children": (
-                "no"
-                if not r.children
-                else ("read, write for builds under " + ", ".join(r.builds))
-                if r.builds and r.access == "push"
-                else "read-only"
-            ),
-        }
+        {"name": r.name, "access": r.access, "children": _children_may(r)}
         for r in app.config.proxy.routes
     ]
     return {"host_listener": host, "static_routes": routes}
+
+
+def _children_may(route: RouteConfig) -> str:
+    if not route.children:
+        return "no"
+    if route.builds and route.access == "push":
+        return "read, write for builds under " + ", ".join(route.builds)
+    return "read-only"
 
 
 @ops.register("info", access=Access.READ)

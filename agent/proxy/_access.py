@@ -61,26 +61,25 @@ class StaticRules:
             r.name: tuple("/".join(split_repository(b)) for b in r.builds) for r in routes
         }
 
-    def denial(self, name: str, target: Target, method: str, caller: Caller) -> str | None:
-        """Why ``caller`` may not use static route ``name`` with ``method``; None if it may.
-        ``""`` means the route is not there for this caller at all (a 404, not a 403)."""
+    def visible(self, name: str, caller: Caller) -> bool:
+        """Whether static route ``name`` exists for ``caller`` (else it is a 404)."""
         if caller.side == HOST:
-            return None  # the host token was checked already
+            return True  # the host token was checked already
         rule = self._by_name.get(name)
-        if rule is None or not rule.children:
-            return ""
-        if method in ("GET", "HEAD"):
+        return rule is not None and rule.children
+
+    def write_denial(self, name: str, target: Target, method: str, caller: Caller) -> str | None:
+        """Why ``caller`` may not ``method`` through visible static route ``name`` (a 403), or
+        None. The route's own ``access`` is checked after this, by ``_routes.denial``."""
+        if caller.side == HOST or method in ("GET", "HEAD") or not target.writable:
             return None
-        if not target.writable:
-            return None  # an access = "pull" route: denial() refuses the write itself
         prefixes = self._builds.get(name, ())
         if not prefixes:
             return f"static route {name} is read-only for builds (it names no builds)"
         if any(_under(repo, prefix) for repo in caller.pushes for prefix in prefixes):
             return None
-        return f"static route {name} is writable only by builds pushing under " + ", ".join(
-            rule.builds
-        )
+        shown = ", ".join(self._by_name[name].builds)
+        return f"static route {name} is writable only by builds pushing under {shown}"
 
     def source_allowed(self, target: Target, name: str, caller: Caller) -> bool:
         """Whether a cross-repository mount may take blobs from ``target`` (proxy-side
@@ -90,8 +89,7 @@ class StaticRules:
         if caller.side == HOST:
             return caller.host_ok
         if target.kind == "static":
-            rule = self._by_name.get(name.partition("/")[0])
-            return rule is not None and rule.children
+            return self.visible(name.partition("/")[0], caller)
         return True  # mirrors: read-only pulls, served to every child
 
 

@@ -172,11 +172,11 @@ class Forwarder:
                 401, "UNAUTHORIZED", "the proxy's host listener needs its token (docs/proxy.md)"
             )
         if res is not None and res.target.kind == "static":
-            rule = self._rules.denial(res.name.partition("/")[0], res.target, method, caller)
-            if rule == "":
+            route = res.name.partition("/")[0]
+            if not self._rules.visible(route, caller):
                 res = None  # not served to build children: as if it were not there
-            elif rule is not None:
-                return res.target.kind, oci_error(403, "DENIED", rule)
+            elif (why := self._rules.write_denial(route, res.target, method, caller)) is not None:
+                return res.target.kind, oci_error(403, "DENIED", why)
         if res is None:
             if path.startswith(BUILD_SEGMENT + "/") and not self._router.is_build(cap):
                 return "none", oci_error(

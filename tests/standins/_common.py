@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 _HERE = Path(__file__).resolve()
-FIXTURES = Path(os.environ.get("STANDIN_FIXTURES") or _HERE.parents[1] / "fixtures" / "toolchain")
+FIXTURES = Path(
+    os.environ.get("STANDIN_FIXTURES") or _HERE.parents[1] / "fixtures" / "toolchain"
+)
 
 
 def fixture(name: str) -> str:

@@ -187,8 +187,8 @@ class Proxy:
         log.debug("build route removed (%d active)", self.router.build_count)
 
     def reload(self) -> None:
-        """Re-read the credential file (SIGHUP, the ``reload`` op). A broken file keeps the
-        credentials already loaded and raises ConfigError saying why."""
+        """Re-read the credential file and an operator's host token file (SIGHUP, the ``reload``
+        op). A broken file keeps what was loaded before and raises ConfigError saying why."""
         token_error = None
         if self._host_bound:
             try:

@@ -52,6 +52,11 @@ def warnings(app: App) -> list[str]:
             "sandbox is OFF: build steps run on the host's network and can reach the host; "
             'set sandbox.mode = "on" outside development'
         )
+        if app.proxy is not None:
+            out.append(
+                "sandbox is OFF: the proxy's build listener is on the host's loopback, where "
+                "any local user can pull through its mirrors and children = true routes"
+            )
     if app.draining:
         out.append("draining: new builds are refused (agentctl drain --off resumes)")
     return out

@@ -65,9 +65,10 @@ def _format_info(r: dict[str, Any]) -> str:
         if host.get("token_file"):
             auth += f" (from {host['token_file']})"
         lines.append(f"proxy host  {host.get('address', '?')}, auth {auth}")
-    for r in px.get("static_routes") or []:
+    for route in px.get("static_routes") or []:  # not ``r``: that is the whole result
         lines.append(
-            f"route       {r.get('name')} ({r.get('access')}), children: {r.get('children')}"
+            f"route       {route.get('name')} ({route.get('access')}), "
+            f"children: {route.get('children')}"
         )
     comps = r.get("components") or {}
     lines.append("components  " + ", ".join(f"{k}={v}" for k, v in sorted(comps.items())))

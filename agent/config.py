@@ -85,6 +85,25 @@ def _listen_address(v: Any) -> str | None:
     return _host_port(v)
 
 
+def _host_listener(v: Any) -> str | None:
+    if v == "":
+        return None
+    why = _listen_address(v)
+    return f'{why}, or "" to turn the host listener off' if why else None
+
+
+def _absolute_or_empty(v: Any) -> str | None:
+    return None if v == "" else _absolute(v)
+
+
+def _repositories(v: Any) -> str | None:
+    for item in v:
+        why = _repository(item)
+        if why:
+            return f"has {item!r}, which {why}"
+    return None
+
+
 def _ids(v: Any) -> str | None:
     return None if all(0 <= i < 2**32 for i in v) else "must be a list of ids from 0 to 4294967295"
 
@@ -193,6 +212,15 @@ class RouteConfig:
         "", "upstream repository prefix, e.g. registry.example.com/team/images", _repository
     )
     access: str = _key("pull", "push | pull", _one_of("push", "pull"))
+    children: bool = _key(
+        False, "serve the route to build children (in the sandbox), read-only unless builds"
+    )
+    builds: list[str] = _key(
+        [],
+        "repositories whose builds (their push targets) may also write through it from the "
+        "sandbox, with their build login",
+        _repositories,
+    )
 
 
 @dataclass(frozen=True)
@@ -218,8 +246,14 @@ class ProxyConfig:
     )
     host_address: str = _key(
         "127.0.0.1:8079",
-        "host-side listener for the daemon and operators (port 0: any free port)",
-        _listen_address,
+        'host-side listener for operators, token required (port 0: any free port; "": off)',
+        _host_listener,
+    )
+    host_token_file: str = _key(
+        "",
+        'file (0600) holding the host listener\'s token; "": the daemon makes one at '
+        "<runtime_dir>/proxy-host.token",
+        _absolute_or_empty,
     )
     routes: list[RouteConfig] = _key([], "static routes ([[proxy.routes]])")
     registries: list[RegistryConfig] = _key(
@@ -460,6 +494,13 @@ def _cross_check(c: Config) -> None:
     clash = sorted(set(names) & reserved)
     if clash:
         raise ConfigError(f"proxy.routes: names {', '.join(clash)} are reserved by the proxy")
+    for i, route in enumerate(c.proxy.routes):
+        if route.builds and not (route.children and route.access == "push"):
+            raise ConfigError(
+                f"proxy.routes[{i}] ({route.name}): builds names who may write from the "
+                'sandbox, so it needs access = "push" and children = true; set both or '
+                "remove builds"
+            )
     for i, r in enumerate(c.proxy.registries):
         if not r.host:
             raise ConfigError(f"proxy.registries[{i}].host is required")

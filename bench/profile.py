@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import datetime
 import shutil
@@ -85,7 +86,7 @@ def top(raw: Path, n: int = 12) -> tuple[int, list[tuple[str, int]], list[tuple[
     return total, own.most_common(n), incl.most_common(n)
 
 
-async def _heads(url: str, clients: int, deadline: float) -> int:
+async def _heads(url: str, clients: int, deadline: float, auth: str) -> int:
     import aiohttp
 
     done = 0
@@ -94,7 +95,7 @@ async def _heads(url: str, clients: int, deadline: float) -> int:
         async def one() -> None:
             nonlocal done
             while time.monotonic() < deadline:
-                async with s.head(url, headers={"Accept": "*/*"}) as r:
+                async with s.head(url, headers={"Accept": "*/*", "Authorization": auth}) as r:
                     await r.read()
                 done += 1
 
@@ -138,13 +139,16 @@ def profile(
             # proxy
             port = d.sections["proxy"]["host_address"].rsplit(":", 1)[1]
             url = f"http://127.0.0.1:{port}/v2/ws/prof/manifests/1"
+            # The host listener's token, made by the daemon in its runtime directory.
+            token = (Path(d.sections["daemon"]["runtime_dir"]) / "proxy-host.token").read_text()
+            auth = "Basic " + base64.b64encode(f"op:{token.strip()}".encode()).decode()
             out = tmp / "proxy.raw"
             spy = record(d.pid, seconds, out)
             time.sleep(0.5)
             holder: list[int] = []
             th = threading.Thread(
                 target=lambda: holder.append(
-                    asyncio.run(_heads(url, 20, time.monotonic() + seconds - 1))
+                    asyncio.run(_heads(url, 20, time.monotonic() + seconds - 1, auth))
                 )
             )
             th.start()

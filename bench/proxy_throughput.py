@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import statistics
@@ -374,16 +375,26 @@ def run(size: int, heads: int, rounds: int) -> dict[str, Any]:
                 }
             )
         )
+        # The host listener wants its token: a file of our own (0600), sent as Basic.
+        host_token = secrets.token_urlsafe(32)
+        token_file = tmp / "host.token"
+        token_file.write_text(host_token + "\n")
+        token_file.chmod(0o600)
+        proxy_auth = {
+            "Authorization": "Basic " + base64.b64encode(f"op:{host_token}".encode()).decode()
+        }
         cfg = tmp / "agent.toml"
         cfg.write_text(
             f"""
 [daemon]
 log_level = "warning"
+runtime_dir = "{tmp / "run"}"
 [build]
 docker_config = "{docker_cfg}"
 [proxy]
 port = {free_port()}
 host_address = "127.0.0.1:0"
+host_token_file = "{token_file}"
 [[proxy.routes]]
 name = "plain"
 upstream = "{plain.host}/bench"
@@ -402,6 +413,7 @@ http = true
         )
         proxy = ProxyProcess(cfg)
         stack.callback(proxy.stop)
+        proxy_base = f"http://op:{host_token}@{proxy.address}"  # curl sends it as Basic
         nginx = Nginx(tmp, plain.host, free_port())
         stack.callback(nginx.stop)
 
@@ -419,7 +431,7 @@ http = true
 
         paths = {
             "direct": (f"http://{plain.host}", "bench/blob"),
-            "proxy": (f"http://{proxy.address}", "plain/blob"),
+            "proxy": (proxy_base, "plain/blob"),
             "nginx": (f"http://{nginx.address}", "bench/blob"),
         }
         # Warm-up: a small blob through every path (connections, page cache, imports).
@@ -463,7 +475,7 @@ http = true
         cfg_digest = "sha256:" + hashlib.sha256(cfg_blob).hexdigest()
         small_tok = tmp / "cfg"
         small_tok.write_bytes(cfg_blob)
-        push(f"http://{proxy.address}", "tok/head", small_tok, cfg_digest)
+        push(proxy_base, "tok/head", small_tok, cfg_digest)
         manifest = json.dumps(
             {
                 "schemaVersion": 2,
@@ -480,7 +492,7 @@ http = true
         subprocess.run(
             ["curl", "-sS", "--fail", "-X", "PUT", "-H", f"Content-Type: {oci}",
              "--data-binary", manifest,
-             f"http://{proxy.address}/v2/tok/head/manifests/{manifest_ref}"],
+             f"{proxy_base}/v2/tok/head/manifests/{manifest_ref}"],
             check=True, capture_output=True,
         )  # fmt: skip
         accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
@@ -494,7 +506,7 @@ http = true
                     ),
                     "proxy": (
                         f"http://{proxy.address}/v2/tok/head/manifests/{manifest_ref}",
-                        accept,
+                        {**accept, **proxy_auth},
                     ),
                 },
                 heads,

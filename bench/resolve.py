@@ -46,7 +46,7 @@ async def resolve_figures(tmp: Path) -> None:
         cfg = Config(
             proxy=ProxyConfig(
                 port=free_port(),
-                host_address="127.0.0.1:0",
+                host_address="",  # resolving needs no host listener
                 registries=[RegistryConfig(host=reg.host, http=True)],
             )
         )

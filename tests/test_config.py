@@ -56,6 +56,21 @@ def test_defaults_without_a_file(short_tmp: Path) -> None:
         ("[build]\nbase_repo = 'Bad Repo'", "build.base_repo = 'Bad Repo' must be a repository"),
         ("[proxy]\nport = 0", "proxy.port = 0 must be a TCP port"),
         ("[proxy]\nhost_address = 'nope'", "proxy.host_address = 'nope' must be HOST:PORT"),
+        ("[proxy]\nhost_address = 'nope'", 'or "" to turn the host listener off'),
+        ("[proxy]\nhost_token_file = 'tok'", "proxy.host_token_file = 'tok' must be an absolute"),
+        (
+            "[[proxy.routes]]\nname = 'ws'\nupstream = 'r.example/t'\nchildren = 'yes'",
+            "proxy.routes[0].children = 'yes' must be a boolean",
+        ),
+        (
+            "[[proxy.routes]]\nname = 'ws'\nupstream = 'r.example/t'\nbuilds = ['Bad']",
+            "proxy.routes[0].builds = ['Bad'] has 'Bad', which must be a repository",
+        ),
+        (
+            "[[proxy.routes]]\nname = 'ws'\nupstream = 'r.example/t'\nbuilds = ['r.example/w']",
+            "proxy.routes[0] (ws): builds names who may write from the sandbox, so it needs "
+            'access = "push" and children = true',
+        ),
         ("[sandbox]\nmode = 'maybe'", "sandbox.mode = 'maybe' must be one of 'on', 'off'"),
         ("[sandbox]\negress = 'all'", "sandbox.egress = 'all' must be one of 'none', 'nat'"),
         ("[sandbox]\nnetns = 'Bad Name'", "sandbox.netns = 'Bad Name' must be 1-63"),

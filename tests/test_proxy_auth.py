@@ -8,7 +8,6 @@ import logging
 import os
 from pathlib import Path
 
-import aiohttp
 import pytest
 from prometheus_client import generate_latest
 
@@ -45,7 +44,7 @@ async def test_basic_auth_with_inline_credentials(
 ) -> None:
     reg = htpasswd_registry
     h = await team_proxy(make_proxy, reg.host, login=True)
-    async with aiohttp.ClientSession() as s:
+    async with h.session() as s:
         digest, _ = await push_image(s, h.url, "ws/basic", "v1", os.urandom(2000))
     assert await h.proxy.manifest_digest(f"{reg.host}/team/basic:v1") == digest
 
@@ -55,7 +54,7 @@ async def test_basic_auth_refused_without_credentials(
 ) -> None:
     reg = htpasswd_registry
     h = await team_proxy(make_proxy, reg.host)
-    async with aiohttp.ClientSession() as s, s.get(f"{h.url}/v2/ws/x/tags/list") as r:
+    async with h.session() as s, s.get(f"{h.url}/v2/ws/x/tags/list") as r:
         assert r.status == 401
         # The registry's challenge is not passed on: clients must not go around the proxy.
         assert "WWW-Authenticate" not in r.headers
@@ -75,10 +74,11 @@ async def test_token_auth_push_with_docker_config_leaks_nothing(
     issued_before = len(reg.tokens.issued)
     h = await team_proxy(make_proxy, reg.host, docker_config=cfg)
     env = skopeo_env(short_tmp)
-    dst = f"docker://{h.proxy.child_address}/ws/leak-check:1"
-    res = await run("skopeo", "--debug", "copy", *TLS, f"docker://{base_image}", dst, env=env)
+    dst = f"docker://{h.proxy.host_address}/ws/leak-check:1"
+    copy = ("skopeo", "--debug", "copy", *TLS, "--dest-creds", h.creds)
+    res = await run(*copy, f"docker://{base_image}", dst, env=env)
     assert res.rc == 0, res.err
-    res = await run("skopeo", "inspect", "--tls-verify=false", dst, env=env)
+    res = await run("skopeo", "inspect", "--tls-verify=false", "--creds", h.creds, dst, env=env)
     assert res.rc == 0, res.err
     tokens = reg.tokens.issued[issued_before:]
     assert tokens, "the push went through the token server"
@@ -99,7 +99,7 @@ async def test_token_cache_one_fetch_then_refresh_on_expiry(
 ) -> None:
     reg = token_registry
     h = await team_proxy(make_proxy, reg.host, login=True)
-    async with aiohttp.ClientSession() as s:
+    async with h.session() as s:
         await push_image(s, h.url, "ws/cache", "v1", os.urandom(500))
         pulls_before = h.metric(FETCHED, result="ok")
         for _ in range(10):
@@ -126,13 +126,13 @@ async def test_anonymous_token_for_pulls(
 ) -> None:
     reg = token_registry
     owner = await team_proxy(make_proxy, reg.host, login=True)
-    async with aiohttp.ClientSession() as s:
+    async with owner.session() as s:
         digest, _ = await push_image(s, owner.url, "ws/public", "v1", os.urandom(300))
     anon = await team_proxy(make_proxy, reg.host)
     assert await anon.proxy.manifest_digest(f"{reg.host}/team/public:v1") == digest
     assert reg.tokens.fetches[-1].grant == "anonymous"
     url = f"{anon.url}/v2/ws/public/blobs/uploads/"
-    async with aiohttp.ClientSession() as s, s.post(url) as r:
+    async with anon.session() as s, s.post(url) as r:
         assert r.status == 401  # the anonymous token carries no push
         assert "WWW-Authenticate" not in r.headers
 
@@ -147,7 +147,7 @@ async def test_identity_token_uses_refresh_grant(
         {"auths": {f"https://{reg.host}": {"identitytoken": "idt-9f8e7d6c5b4a"}}},
     )
     h = await team_proxy(make_proxy, reg.host, docker_config=cfg)
-    async with aiohttp.ClientSession() as s:
+    async with h.session() as s:
         await push_blob(s, h.url, "ws/idtoken", os.urandom(100))
     assert reg.tokens.fetches[-1].grant == "refresh_token"
     assert reg.tokens.fetches[-1].account == USER
@@ -159,7 +159,7 @@ async def test_key_rotation_costs_exactly_one_retry(
     tr = start_token_registry(short_tmp / "rot", {USER: PASSWORD})
     try:
         h = await team_proxy(make_proxy, tr.host, login=True)
-        async with aiohttp.ClientSession() as s:
+        async with h.session() as s:
             await push_image(s, h.url, "ws/rot", "v1", os.urandom(100))
             url = f"{h.url}/v2/ws/rot/manifests/v1"
             async with s.head(url, headers=OCI) as r:
@@ -193,7 +193,7 @@ async def test_wrong_password_is_a_clear_401(
 ) -> None:
     reg = token_registry
     h = await team_proxy(make_proxy, reg.host, credentials=[(reg.host, USER, "not-the-password")])
-    async with aiohttp.ClientSession() as s, s.get(f"{h.url}/v2/ws/x/tags/list") as r:
+    async with h.session() as s, s.get(f"{h.url}/v2/ws/x/tags/list") as r:
         assert r.status == 401
         message = (await r.json())["errors"][0]["message"]
     assert reg.host in message and "refused" in message
@@ -206,7 +206,7 @@ async def test_cross_repo_mount_token_carries_both_scopes(
 ) -> None:
     reg = token_registry
     h = await team_proxy(make_proxy, reg.host, login=True)
-    async with aiohttp.ClientSession() as s:
+    async with h.session() as s:
         digest = await push_blob(s, h.url, "ws/mnt-src", os.urandom(4000))
         async with s.post(
             f"{h.url}/v2/ws/mnt-dst/blobs/uploads/",

@@ -9,7 +9,6 @@ import logging
 import os
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from agent.config import CredentialConfig
@@ -169,7 +168,7 @@ async def test_helper_credentials_through_the_proxy(
         routes=[("ws", f"{reg.host}/team", "push"), ("gone", "missing.example/x", "pull")],
         docker_config=cfg,
     )
-    async with aiohttp.ClientSession() as s:
+    async with h.session() as s:
         async with s.get(f"{h.url}/v2/ws/x/tags/list") as r:
             assert r.status == 404  # authenticated: the repository simply does not exist
         h.proxy.auth._challenges["missing.example"] = h.proxy.auth._challenges[reg.host]
@@ -190,7 +189,7 @@ async def test_file_change_and_reload_and_broken_file(
     write_docker_config(path, {"auths": {reg.host: {"auth": b64(f"{USER}:wrong")}}})
     h = await team_proxy(make_proxy, reg.host, docker_config=path)
     url = f"{h.url}/v2/ws/x/tags/list"
-    async with aiohttp.ClientSession() as s:
+    async with h.session() as s:
         async with s.get(url) as r:
             assert r.status == 401
         # Changed on disk: picked up on use (the stat is rate-limited; let this one through).

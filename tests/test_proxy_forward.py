@@ -57,6 +57,8 @@ def upstream_requests(reg: Registry, pattern: str) -> list[str]:
 
 async def test_base_endpoint_answers_itself(make_proxy: ProxyFactory, registry: Registry) -> None:
     h = await make_proxy(http_hosts=[registry.host])
+    async with h.session() as s, s.get(h.url + "/v2/") as r:
+        assert r.status == 200  # the host listener's token
     async with aiohttp.ClientSession() as s:
         async with s.get(h.url + "/v2/") as r:
             # The ping challenges: a client holding a build's credential then sends it.
@@ -86,10 +88,12 @@ async def test_skopeo_copy_and_inspect_through_static_route(
 ) -> None:
     h = await team_proxy(make_proxy, registry.host)
     env = skopeo_env(short_tmp)
-    dst = f"docker://{h.proxy.child_address}/ws/copied:1"
-    res = await run("skopeo", "copy", *TLS, f"docker://{base_image}", dst, env=env)
+    dst = f"docker://{h.proxy.host_address}/ws/copied:1"
+    res = await run(
+        "skopeo", "copy", *TLS, "--dest-creds", h.creds, f"docker://{base_image}", dst, env=env
+    )
     assert res.rc == 0, res.err
-    res = await run("skopeo", "inspect", "--tls-verify=false", dst, env=env)
+    res = await run("skopeo", "inspect", "--tls-verify=false", "--creds", h.creds, dst, env=env)
     assert res.rc == 0, res.err
     via_proxy = json.loads(res.out)
     res = await run(
@@ -120,12 +124,14 @@ async def test_buildah_push_and_pull_through_proxy(
         res = await run(*b, "pull", "--tls-verify=false", f"docker://{mirror}", env=env)
         assert res.rc == 0, res.err
         image = res.out.strip().splitlines()[-1]
-        dest = f"docker://{h.proxy.child_address}/ws/buildah/out:2"
-        res = await run(*b, "push", "--tls-verify=false", image, dest, env=env)
+        # Static routes are the host listener's (build children do not see them).
+        dest = f"docker://{h.proxy.host_address}/ws/buildah/out:2"
+        creds = ("--tls-verify=false", "--creds", h.creds)
+        res = await run(*b, "push", *creds, image, dest, env=env)
         assert res.rc == 0, res.err
         res = await run(*b, "rmi", "--all", "--force", env=env)
         assert res.rc == 0, res.err
-        res = await run(*b, "pull", "--tls-verify=false", dest, env=env)
+        res = await run(*b, "pull", *creds, dest, env=env)
         assert res.rc == 0, res.err
     finally:
         await run(*b, "rmi", "--all", "--force", env=env)
@@ -137,7 +143,7 @@ async def test_multi_chunk_upload_and_range_get(
 ) -> None:
     h = await team_proxy(make_proxy, registry.host)
     data = os.urandom(3 * 65536 + 123)
-    async with aiohttp.ClientSession() as s:
+    async with h.session() as s:
         digest = await push_blob(s, h.url, "ws/chunks", data, chunk=65536)
         async with s.get(f"{h.url}/v2/ws/chunks/blobs/{digest}") as r:
             assert r.status == 200
@@ -161,7 +167,7 @@ async def test_cross_repo_mount_reuploads_nothing(
 ) -> None:
     h = await team_proxy(make_proxy, registry.host)
     data = os.urandom(50_000)
-    async with aiohttp.ClientSession() as s:
+    async with h.session() as s:
         digest = await push_blob(s, h.url, "ws/mount-src", data)
         up_before = h.metric("build_agent_proxy_bytes_total", direction="up")
         async with s.post(
@@ -249,7 +255,7 @@ async def test_build_route_pins_writes_and_vanishes(
             assert r.headers["Location"] == f"/v2/b/{host}/built/ws/blobs/{layer}"
         async with s.get(f"{base_url}/elsewhere/manifests/t1") as r:
             assert r.status == 404
-    async with aiohttp.ClientSession() as s:
+    async with h.session() as s:
         for creds in ({}, basic("build-agent", "0" * 32)):
             async with s.get(f"{base_url}/built/ws/manifests/t1", headers=creds) as r:
                 assert r.status == 401
@@ -274,7 +280,7 @@ async def test_mirror_routes_are_read_only(
     assert mirrors["docker.io"] == "mirror/docker.io"
     prefix = mirrors[registry.host]
     accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
-    async with aiohttp.ClientSession() as s:
+    async with h.session() as s:
         async with s.get(f"{h.url}/v2/{prefix}/busybox/manifests/latest", headers=accept) as r:
             assert r.status == 200
             by_prefix = r.headers["Docker-Content-Digest"]
@@ -309,7 +315,11 @@ async def test_refusals_forward_nothing(make_proxy: ProxyFactory, registry: Regi
 
     async def raw(path: str) -> int:
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        auth = h.headers["Authorization"]
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
         await writer.drain()
         status = int((await reader.readline()).split()[1])
         writer.close()
@@ -323,7 +333,7 @@ async def test_refusals_forward_nothing(make_proxy: ProxyFactory, registry: Regi
     assert await raw("/v2/unknown/manifests/latest") == 404
     assert await raw("/v2/ws/manifests/..") == 404
     assert await raw("/v2/ws/blobs/sha256:..%2f..") == 400
-    async with aiohttp.ClientSession() as s:
+    async with h.session() as s:
         async with s.put(f"{h.url}/v2/ro/x/manifests/latest", data=b"{}") as r:
             assert r.status == 403
         async with s.delete(f"{h.url}/v2/ws/blobs/uploads/0123456789abcdef") as r:
@@ -335,7 +345,7 @@ async def test_refusals_forward_nothing(make_proxy: ProxyFactory, registry: Regi
 async def test_upstream_errors_pass_through(make_proxy: ProxyFactory, registry: Registry) -> None:
     h = await team_proxy(make_proxy, registry.host)
     url = f"{h.url}/v2/ws/never-pushed/manifests/nope"
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
+    async with h.session() as s, s.get(url) as r:
         assert r.status == 404
         body = await r.json()
         assert body["errors"][0]["code"] in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN")
@@ -348,7 +358,7 @@ async def test_manifest_digest(
     h = await make_proxy(http_hosts=[registry.host])
     digest = await h.proxy.manifest_digest(base_image)
     assert digest is not None and digest.startswith("sha256:")
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession() as s:  # straight to the registry, not the proxy
         layer = os.urandom(100)
         pushed, _ = await push_image(s, registry.url, "digest/test", "v1", layer)
     assert await h.proxy.manifest_digest(f"{registry.host}/digest/test:v1") == pushed
@@ -363,10 +373,10 @@ async def test_stopped_registry_gives_503_after_bounded_retries(
     reg = start_registry(short_tmp / "doomed")
     try:
         h = await team_proxy(make_proxy, reg.host, retries=3)
-        async with aiohttp.ClientSession() as s, s.get(f"{h.url}/v2/ws/x/tags/list") as r:
+        async with h.session() as s, s.get(f"{h.url}/v2/ws/x/tags/list") as r:
             assert r.status == 404  # reachable: the registry answers
         reg.stop()
-        async with aiohttp.ClientSession() as s:
+        async with h.session() as s:
             started = asyncio.get_running_loop().time()
             async with s.get(f"{h.url}/v2/ws/x/manifests/latest") as r:
                 assert r.status == 503
@@ -414,7 +424,7 @@ async def test_retries_honour_retry_after_then_give_a_named_503(
     try:
         host = f"127.0.0.1:{port}"
         h = await make_proxy(http_hosts=[host], routes=[("ws", f"{host}/team", "push")], retries=3)
-        async with aiohttp.ClientSession() as s:
+        async with h.session() as s:
             async with s.get(f"{h.url}/v2/ws/x/manifests/v1") as r:
                 assert r.status == 200
             assert len(calls) == 3
@@ -458,7 +468,7 @@ async def test_tls_is_verified_unless_insecure(make_proxy: ProxyFactory, short_t
     reg.start()
     try:
         strict = await make_proxy(routes=[("ws", f"{reg.host}/team", "pull")], retries=1)
-        async with aiohttp.ClientSession() as s:
+        async with strict.session() as s:
             async with s.get(f"{strict.url}/v2/ws/x/tags/list") as r:
                 assert r.status == 503
                 message = (await r.json())["errors"][0]["message"]
@@ -467,7 +477,7 @@ async def test_tls_is_verified_unless_insecure(make_proxy: ProxyFactory, short_t
                 routes=[("ws", f"{reg.host}/team", "pull")],
                 registries=[RegistryConfig(host=reg.host, insecure=True)],
             )
-            async with s.get(f"{loose.url}/v2/ws/x/tags/list") as r:
+            async with s.get(f"{loose.url}/v2/ws/x/tags/list", headers=loose.headers) as r:
                 assert r.status == 404  # reached the registry over HTTPS
                 assert (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
         # Over TLS, bodies take the streamed path (no splice): a 3 MiB blob up and down.
@@ -476,7 +486,7 @@ async def test_tls_is_verified_unless_insecure(make_proxy: ProxyFactory, short_t
             registries=[RegistryConfig(host=reg.host, insecure=True)],
         )
         data = os.urandom(3 << 20)
-        async with aiohttp.ClientSession() as s:
+        async with rw.session() as s:
             async with s.post(f"{rw.url}/v2/ws/tls/blobs/uploads/") as r:
                 loc = r.headers["Location"]
             async with s.put(
@@ -510,7 +520,7 @@ async def test_memory_stays_flat_for_a_large_blob(
 
     tracemalloc.start()
     try:
-        async with aiohttp.ClientSession() as s:
+        async with h.session() as s:
             async with s.post(f"{h.url}/v2/ws/big/blobs/uploads/") as r:
                 loc = r.headers["Location"]
             async with s.put(
@@ -555,7 +565,7 @@ async def test_upstream_breaking_off_cuts_the_client(make_proxy: ProxyFactory) -
     host = f"127.0.0.1:{runner.addresses[0][1]}"
     try:
         h = await make_proxy(http_hosts=[host], routes=[("ws", f"{host}/team", "pull")])
-        async with aiohttp.ClientSession() as s:
+        async with h.session() as s:
             with pytest.raises(aiohttp.ClientPayloadError):
                 async with s.get(f"{h.url}/v2/ws/x/blobs/{digest_of(b'')}") as r:
                     assert r.status == 200
@@ -572,7 +582,7 @@ async def test_large_blob_download_is_exact_and_keeps_the_connection(
     h = await team_proxy(make_proxy, registry.host)
     data = os.urandom(5 * (1 << 20) + 17)
     conn = aiohttp.TCPConnector(limit=1)  # one connection: every request reuses it
-    async with aiohttp.ClientSession(connector=conn) as s:
+    async with h.session(connector=conn) as s:
         # Up: a monolithic PUT with a length is spliced; its connection is closed after.
         async with s.post(f"{h.url}/v2/ws/spliced/blobs/uploads/") as r:
             loc = r.headers["Location"]
@@ -593,6 +603,6 @@ async def test_large_blob_download_is_exact_and_keeps_the_connection(
         async with s.get(f"{h.url}/v2/ws/spliced/blobs/{digest}", headers=rng) as r:
             assert r.status == 206
             assert await r.read() == data[1000 : (2 << 20) + 1000]
-        async with s.get(f"{h.url}/v2/") as r:
+        async with s.get(f"{h.url}/v2/", headers={"Authorization": "Basic eDp5"}) as r:
             assert r.status == 401  # the ping's challenge, on the same connection
     assert h.metric("build_agent_proxy_bytes_total", direction="down") == 2 * len(data) + (2 << 20)

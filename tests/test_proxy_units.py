@@ -11,6 +11,7 @@ from agent.config import ProxyConfig, RegistryConfig, RouteConfig
 from agent.errors import BadRequest
 from agent.ports import RouteTarget
 from agent.proxy import parse
+from agent.proxy._access import SANDBOX, StaticRules
 from agent.proxy._auth import _lifetime, parse_challenges, pick_challenge
 from agent.proxy._forward import Forwarder
 from agent.proxy._routes import Router, denial, split_oci_path
@@ -186,7 +187,8 @@ def test_token_lifetime() -> None:
 def test_location_mapping_relative_absolute_and_outside_v2() -> None:
     router = _router()
     uploads = Uploads()
-    fwd = Forwarder(router, uploads, None, None, None)  # type: ignore[arg-type]
+    rules = StaticRules([])
+    fwd = Forwarder(router, uploads, None, None, None, side=SANDBOX, rules=rules)  # type: ignore[arg-type]
     res = router.resolve("ws/sub/blobs/uploads/", None)
     assert res is not None
     sent = "https://reg.example.com/v2/team/images/sub/blobs/uploads/"
@@ -250,7 +252,8 @@ def test_retry_after_and_capped_backoff() -> None:
 def test_link_mapping_for_pagination() -> None:
     """docker-registry 2.8 does not paginate tags/list, so the Link rule is checked here."""
     router = _router()
-    fwd = Forwarder(router, Uploads(), None, None, None)  # type: ignore[arg-type]
+    rules = StaticRules([])
+    fwd = Forwarder(router, Uploads(), None, None, None, side=SANDBOX, rules=rules)  # type: ignore[arg-type]
     res = router.resolve("ws/sub/tags/list", None)
     assert res is not None
     sent = "https://reg.example.com/v2/team/images/sub/tags/list?n=2"

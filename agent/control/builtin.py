@@ -12,6 +12,7 @@ from typing import Any
 
 from agent import PROCESS_VERSION
 from agent.app import App
+from agent.config import RouteConfig
 from agent.control.ops import Access, Args, RequestContext, ops
 from agent.errors import AgentError
 from ctl import protocol
@@ -51,9 +52,34 @@ def warnings(app: App) -> list[str]:
             "sandbox is OFF: build steps run on the host's network and can reach the host; "
             'set sandbox.mode = "on" outside development'
         )
+        if app.proxy is not None:
+            out.append(
+                "sandbox is OFF: the proxy's build listener is on the host's loopback, where "
+                "any local user can pull through its mirrors and children = true routes"
+            )
     if app.draining:
         out.append("draining: new builds are refused (agentctl drain --off resumes)")
     return out
+
+
+def _proxy_access(app: App) -> dict[str, Any]:
+    """Who may use the proxy from where (docs/proxy.md "Access"): the host listener's address
+    and authorization, and what build children may do with each static route."""
+    listener = getattr(app.proxy, "host_listener", None)
+    host = listener() if callable(listener) else {"address": "off", "auth": "none (no proxy)"}
+    routes = [
+        {"name": r.name, "access": r.access, "children": _children_may(r)}
+        for r in app.config.proxy.routes
+    ]
+    return {"host_listener": host, "static_routes": routes}
+
+
+def _children_may(route: RouteConfig) -> str:
+    if not route.children:
+        return "no"
+    if route.builds and route.access == "push":
+        return "read, write for builds under " + ", ".join(route.builds)
+    return "read-only"
 
 
 @ops.register("info", access=Access.READ)
@@ -79,6 +105,7 @@ async def info(ctx: RequestContext, args: Args) -> dict[str, Any]:
             "egress": c.sandbox.egress,
             "metrics_address": c.daemon.metrics_address,
             "proxy_port": c.proxy.port,
+            "proxy": _proxy_access(app),
         },
         "ops": ops.names(),
         "peer": {"uid": ctx.peer.uid, "gid": ctx.peer.gid},

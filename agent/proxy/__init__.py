@@ -3,8 +3,9 @@
 Modules: ``reference`` (public: image reference parsing), ``_routes`` (route table and write
 rules), ``_credentials`` (config.json, helpers), ``_auth`` (challenges, token cache),
 ``_transport`` (shared client session, TLS per registry), ``_upstream`` (auth + retries),
-``_uploads`` (upload id table), ``_forward`` (the streaming handler), ``_server`` (listeners and
-the RegistryPort API), ``_metrics``.
+``_uploads`` (upload id table), ``_access`` (who may use which route from which listener: the
+host token, static routes and build children), ``_forward`` (the streaming handler), ``_server``
+(listeners and the RegistryPort API), ``_metrics``.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from yarl import URL
 
 from agent.errors import UpstreamError, UpstreamUnauthorized
 from agent.proxy import _splice
+from agent.proxy._access import HOST, Caller, HostToken, StaticRules
 from agent.proxy._metrics import ProxyMetrics
 from agent.proxy._routes import BUILD_SEGMENT, Resolved, Router, Target, api_path, denial
 from agent.proxy._transport import Transport
@@ -100,7 +101,14 @@ class Forwarder:
         upstream: Upstream,
         transport: Transport,
         metrics: ProxyMetrics,
+        *,
+        side: str,
+        rules: StaticRules,
+        host_token: HostToken | None = None,
     ) -> None:
+        self._side = side
+        self._rules = rules
+        self._host_token = host_token
         self._router = router
         self._uploads = uploads
         self._upstream = upstream
@@ -135,10 +143,11 @@ class Forwarder:
         raw_path = api_path(raw_path)
         method = request.method
         cap = login_of(request)
+        caller = self._caller(cap)
         if raw_path in ("/v2", "/v2/"):
             if method not in ("GET", "HEAD"):
                 return "base", oci_error(405, "UNSUPPORTED", "only GET and HEAD on /v2/")
-            if not self._router.is_build(cap):
+            if not (caller.host_ok or self._router.is_build(cap)):
                 # The challenge makes clients send their credential if they have one; one
                 # without (a FROM pull through a mirror) carries on and is served regardless.
                 return "base", oci_error(401, "UNAUTHORIZED", "build routes need a credential")
@@ -153,6 +162,22 @@ class Forwarder:
             return "none", oci_error(400, "NAME_INVALID", "escaped characters in the path")
         ns = request.query.get("ns") if "ns=" in raw_query else None
         res = self._router.resolve(path, ns, cap)
+        if (
+            self._side == HOST
+            and not caller.host_ok
+            and (res.target.kind != "build" if res is not None else not self._router.is_build(cap))
+        ):
+            # Any local user can connect here: only the token (or a build's own capability,
+            # for its own routes) buys the proxy's credentials.
+            return "none", oci_error(
+                401, "UNAUTHORIZED", "the proxy's host listener needs its token (docs/proxy.md)"
+            )
+        if res is not None and res.target.kind == "static":
+            route = res.name.partition("/")[0]
+            if not self._rules.visible(route, caller):
+                res = None  # not served to build children: as if it were not there
+            elif (why := self._rules.write_denial(route, res.target, method, caller)) is not None:
+                return res.target.kind, oci_error(403, "DENIED", why)
         if res is None:
             if path.startswith(BUILD_SEGMENT + "/") and not self._router.is_build(cap):
                 return "none", oci_error(
@@ -164,10 +189,21 @@ class Forwarder:
         why = denial(res, method)
         if why is not None:
             return res.target.kind, oci_error(403, "DENIED", why)
-        return res.target.kind, await self._forward(request, res, raw_query, cap)
+        return res.target.kind, await self._forward(request, res, raw_query, cap, caller)
+
+    def _caller(self, cap: str | None) -> Caller:
+        host_ok = (
+            self._side == HOST and self._host_token is not None and self._host_token.matches(cap)
+        )
+        return Caller(self._side, host_ok, self._router.pushes_of(cap))
 
     async def _forward(
-        self, request: web.BaseRequest, res: Resolved, raw_query: str, cap: str | None
+        self,
+        request: web.BaseRequest,
+        res: Resolved,
+        raw_query: str,
+        cap: str | None,
+        caller: Caller,
     ) -> web.StreamResponse:
         t = res.target
         method = request.method
@@ -182,7 +218,7 @@ class Forwarder:
             tail = f"/{res.ref}" if res.ref or res.endpoint == "blobs/uploads" else ""
             url = f"{self._transport.base_url(t.registry)}/v2/{t.repository}/{res.endpoint}{tail}"
         if query:
-            query = self._rewrite_query(query, res, scopes, cap)
+            query = self._rewrite_query(query, res, scopes, cap, caller)
         if query:
             url = f"{url}?{query}"
 
@@ -236,7 +272,9 @@ class Forwarder:
                 len(body) if isinstance(body, bytes) else body.count if body is not None else 0
             )
 
-    def _rewrite_query(self, query: str, res: Resolved, scopes: set[str], cap: str | None) -> str:
+    def _rewrite_query(
+        self, query: str, res: Resolved, scopes: set[str], cap: str | None, caller: Caller
+    ) -> str:
         """Drop containerd's ``ns``; point a cross-repo mount's ``from`` at the upstream
         repository (and ask for pull on it), or drop the mount when it cannot be honoured."""
         pairs = query.split("&")
@@ -255,7 +293,11 @@ class Forwarder:
             if key == "from":
                 name = unquote_plus(pair.partition("=")[2])
                 src = self._router.target_of(name, ns, cap)
-                if src is None or src.registry != res.target.registry:
+                if (
+                    src is None
+                    or src.registry != res.target.registry
+                    or not self._rules.source_allowed(src, name, caller)
+                ):
                     src = None
                     continue
                 kept.append("from=" + quote(src.repository, safe=""))

@@ -197,6 +197,13 @@ class Router:
         """Whether ``cap`` is the capability of a build route in use now."""
         return cap is not None and cap in self._builds
 
+    def pushes_of(self, cap: str | None) -> tuple[str, ...]:
+        """``registry/repository`` of every writable target of the live build route ``cap``."""
+        names = self._builds.get(cap) if cap is not None else None
+        if names is None:
+            return ()
+        return tuple(f"{t.registry}/{t.repository}" for t in names.values() if t.writable)
+
     @property
     def build_count(self) -> int:
         return len(self._builds)

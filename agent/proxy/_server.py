@@ -11,9 +11,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from agent.app import App
-from agent.errors import ConfigError, StartupError, UpstreamUnauthorized, UpstreamUnavailable
+from agent.errors import (
+    AgentError,
+    ConfigError,
+    StartupError,
+    UpstreamUnauthorized,
+    UpstreamUnavailable,
+)
 from agent.ports import BuildRoute, Mirror, RouteTarget, SandboxPort
 from agent.proxy import reference
+from agent.proxy._access import HOST, SANDBOX, HostToken, StaticRules
 from agent.proxy._auth import Authenticator, scope
 from agent.proxy._credentials import CredentialStore
 from agent.proxy._forward import Forwarder
@@ -63,14 +70,24 @@ class Proxy:
             max_backoff=cfg.retry_max_backoff,
         )
         self.router = Router(cfg)
+        self.rules = StaticRules(cfg.routes)
+        self.host_token = HostToken(app.config)
         self.uploads = Uploads()
-        self._runner: web.ServerRunner | None = None
+        self._runners: list[web.ServerRunner] = []
         self._child_address = ""
         self._host_bound = ""
         self._scrub = Scrubber(
             LOGIN_USER,
-            lambda: [*self.credentials.secrets(), *self.auth.token_values()],
-            lambda: (self.credentials.secrets_count(), self.auth.tokens_seen),
+            lambda: [
+                *self.credentials.secrets(),
+                *self.auth.token_values(),
+                *self.host_token.values(),
+            ],
+            lambda: (
+                self.credentials.secrets_count(),
+                self.auth.tokens_seen,
+                self.host_token.generation,
+            ),
         )
         self._state = "stopped"
 
@@ -79,13 +96,6 @@ class Proxy:
     async def start(self) -> None:
         self._state = "starting"
         await self.transport.start()
-        forwarder = Forwarder(
-            self.router, self.uploads, self.upstream, self.transport, self.metrics
-        )
-        server = web.Server(forwarder, access_log=None, read_bufsize=READ_BUFSIZE)
-        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
-        await runner.setup()
-        self._runner = runner
         try:
             child_sock = self._sandbox.listen(self._port)
         except OSError as exc:
@@ -93,24 +103,56 @@ class Proxy:
                 f"registry proxy cannot listen on port {self._port} in the sandbox: "
                 f"{exc.strerror}; free the port or change proxy.port"
             ) from exc
-        host_sock = _bind(self._host_address)
-        for sock in (child_sock, host_sock):
-            await web.SockSite(runner, sock).start()
+        await self._serve(SANDBOX, child_sock)
         self._child_address = f"localhost:{child_sock.getsockname()[1]}"
-        host, port = host_sock.getsockname()[:2]
-        self._host_bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self._host_address:
+            self.host_token.load()
+            host_sock = _bind(self._host_address)
+            await self._serve(HOST, host_sock)
+            host, port = host_sock.getsockname()[:2]
+            self._host_bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._state = "running"
         log.info(
             "registry proxy listening on %s (sandbox %s) and %s",
             self._child_address,
             self._sandbox.mode,
-            self._host_bound,
+            f"{self._host_bound} (token in {self.host_token.path})"
+            if self._host_bound
+            else "not on the host (proxy.host_address is empty)",
         )
 
+    async def _serve(self, side: str, sock: socket.socket) -> None:
+        """One aiohttp server per listener: the Forwarder knows which side it serves."""
+        forwarder = Forwarder(
+            self.router,
+            self.uploads,
+            self.upstream,
+            self.transport,
+            self.metrics,
+            side=side,
+            rules=self.rules,
+            host_token=self.host_token if side == HOST else None,
+        )
+        server = web.Server(forwarder, access_log=None, read_bufsize=READ_BUFSIZE)
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
+        await runner.setup()
+        self._runners.append(runner)
+        try:
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            sock.close()
+            raise
+
+    def host_listener(self) -> dict[str, str]:
+        """What ``info`` says about the host-side listener."""
+        if not self._host_bound:
+            return {"address": "off", "auth": "none (no listener)"}
+        return {"address": self._host_bound, "auth": "token", "token_file": self.host_token.path}
+
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        while self._runners:
+            await self._runners.pop().cleanup()
+        self.host_token.remove()
         await self.transport.close()
         if self._state != "stopped":
             log.info("registry proxy stopped")
@@ -147,10 +189,18 @@ class Proxy:
         log.debug("build route removed (%d active)", self.router.build_count)
 
     def reload(self) -> None:
-        """Re-read the credential file (SIGHUP, the ``reload`` op). A broken file keeps the
-        credentials already loaded and raises ConfigError saying why."""
+        """Re-read the credential file and an operator's host token file (SIGHUP, the ``reload``
+        op). A broken file keeps what was loaded before and raises ConfigError saying why."""
+        token_error = None
+        if self._host_bound:
+            try:
+                self.host_token.reload()
+            except AgentError as exc:
+                token_error = exc.message
         ok = self.credentials.reload()
         self.auth.clear()
+        if token_error is not None:
+            raise ConfigError(f"{token_error}; the previous host token stays in use")
         if not ok:
             raise ConfigError(
                 f"{self.credentials.last_error}; the previous credentials stay in use, fix "

@@ -58,6 +58,18 @@ def _format_info(r: dict[str, Any]) -> str:
     )
     lines.append(f"sandbox     {cfg.get('sandbox')} (egress {cfg.get('egress')})")
     lines.append(f"metrics     {cfg.get('metrics_address') or 'off'}")
+    px = cfg.get("proxy") or {}
+    host = px.get("host_listener") or {}
+    if host:
+        auth = host.get("auth", "?")
+        if host.get("token_file"):
+            auth += f" (from {host['token_file']})"
+        lines.append(f"proxy host  {host.get('address', '?')}, auth {auth}")
+    for route in px.get("static_routes") or []:  # not ``r``: that is the whole result
+        lines.append(
+            f"route       {route.get('name')} ({route.get('access')}), "
+            f"children: {route.get('children')}"
+        )
     comps = r.get("components") or {}
     lines.append("components  " + ", ".join(f"{k}={v}" for k, v in sorted(comps.items())))
     if r.get("draining"):

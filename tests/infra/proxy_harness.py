@@ -5,6 +5,7 @@ loop the proxy serves on."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from agent.config import (
     BuildConfig,
     Config,
     CredentialConfig,
+    DaemonConfig,
     ProxyConfig,
     RegistryConfig,
     RouteConfig,
@@ -43,7 +45,22 @@ class Harness:
 
     @property
     def url(self) -> str:
+        """The host-side listener: every request there needs ``headers`` (or a build login)."""
         return f"http://{self.proxy.host_address}"
+
+    @property
+    def creds(self) -> str:
+        """``user:token`` for the host listener (skopeo ``--creds``, curl ``-u``)."""
+        token = Path(self.proxy.host_listener()["token_file"]).read_text().strip()
+        return f"operator:{token}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(self.creds.encode()).decode()}
+
+    def session(self, **kw: Any) -> aiohttp.ClientSession:
+        """A client of the host listener holding its token."""
+        return aiohttp.ClientSession(headers=self.headers, **kw)
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.app.registry.get_sample_value(name, labels)
@@ -68,21 +85,22 @@ async def make_proxy(short_tmp: Path) -> AsyncIterator[ProxyFactory]:
     async def factory(
         *,
         http_hosts: Sequence[str] = (),
-        routes: Sequence[tuple[str, str, str]] = (),
+        routes: Sequence[RouteConfig | tuple[str, str, str]] = (),
         credentials: Sequence[tuple[str, str, str]] = (),
         docker_config: Path | None = None,
         registries: Sequence[RegistryConfig] = (),
         **proxy_kw: Any,
     ) -> Harness:
         proxy_kw.setdefault("retries", 3)
+        proxy_kw.setdefault("host_address", "127.0.0.1:0")
         proxy_kw.setdefault("retry_max_backoff", 0.2)
         proxy_kw.setdefault("connect_timeout", 2.0)
         cfg = Config(
+            daemon=DaemonConfig(runtime_dir=str(short_tmp / "run")),
             build=BuildConfig(docker_config=str(docker_config or short_tmp / "no-config.json")),
             proxy=ProxyConfig(
                 port=free_port(),
-                host_address="127.0.0.1:0",
-                routes=[RouteConfig(n, u, a) for n, u, a in routes],
+                routes=[r if isinstance(r, RouteConfig) else RouteConfig(*r) for r in routes],
                 registries=[RegistryConfig(host=h, http=True) for h in http_hosts]
                 + list(registries),
                 credentials=[CredentialConfig(h, u, p) for h, u, p in credentials],

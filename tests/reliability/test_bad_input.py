@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import array
+import base64
 import json
 import os
 import socket
@@ -186,13 +187,17 @@ def test_hostile_arguments_at_the_handlers(
 # --- registry proxy ----------------------------------------------------------------------------
 
 
-def _corpus(mirror: str, good_digest: str) -> list[tuple[str, bytes]]:
+def _corpus(mirror: str, good_digest: str, auth: str) -> list[tuple[str, bytes]]:
     """(name, raw request). Only the static route ``ws`` (the session registry) and the mirror of
-    the session registry are reachable upstream: nothing here may leave loopback."""
+    the session registry are reachable upstream: nothing here may leave loopback. Every request
+    but the ``/v2/`` ones carries the host listener's token (``auth``), so that the refusals
+    are about the request, not the missing token."""
     blob = "/v2/ws/app/blobs/"
 
     def get(path: str, *headers: str, method: str = "GET") -> bytes:
-        head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *headers, "Connection: close"]
+        token = () if path == "/v2/" else (f"Authorization: {auth}",)
+        head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *token, *headers]
+        head.append("Connection: close")
         return ("\r\n".join(head) + "\r\n\r\n").encode()
 
     out = [
@@ -310,11 +315,15 @@ def test_malformed_oci_requests_at_the_proxy(
     d, _ = served
     port = int(d.sections["proxy"]["host_address"].rsplit(":", 1)[1])
     mirror = f"mirror/{registry.host.replace(':', '-')}"
-    corpus = _corpus(mirror, _layer_digest(registry))
+    token = (d.tmp / "run" / "proxy-host.token").read_text().strip()
+    auth = "Basic " + base64.b64encode(f"operator:{token}".encode()).decode()
+    corpus = _corpus(mirror, _layer_digest(registry), auth)
     # /v2/ answers with its Basic challenge (build routes take a login).
     assert _send_raw(port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[0] == 401
     # The route works for real, so the refusals below are about the requests, not the route.
     ok = b"GET /v2/ws/app/tags/list HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert _send_raw(port, ok)[0] == 401  # the host listener's token is missing
+    ok = ok.replace(b"Host: x", f"Host: x\r\nAuthorization: {auth}".encode())
     assert _send_raw(port, ok)[0] == 200
     base_fds, _ = settled_census(d.pid, registry.port)
     base_rss = settled_rss_kb(d.pid)

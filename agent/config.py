@@ -115,6 +115,18 @@ def _name(v: Any) -> str | None:
     return None if _NAME.match(v) else "must be 1-63 characters of a-z, 0-9, '.', '_', '-'"
 
 
+def _size(v: Any) -> str | None:
+    from agent.limits import parse_bytes
+
+    if v in ("", "0"):
+        return None
+    try:
+        parse_bytes(v)
+    except ValueError as exc:
+        return f'{exc}; write bytes or a size such as 512MiB or 4GiB, or "0" for no limit'
+    return None
+
+
 def _repo_or_empty(v: Any) -> str | None:
     if v == "":
         return None
@@ -203,6 +215,22 @@ class BuildConfig:
         "", "BuildKit registry cache repository (buildkit toolchain only)", _repo_or_empty
     )
     log_tail_lines: int = _key(20, "log lines quoted in a failed build's error", _positive)
+    memory_max: str = _key(
+        "4GiB",
+        'memory of one build\'s processes together (bytes or e.g. 512MiB, 4GiB; "0": no '
+        "limit); a request may ask for less",
+        _size,
+    )
+    pids_max: int = _key(
+        2048,
+        "processes of one build at once (0: no limit); a request may ask for less",
+        _non_negative,
+    )
+    cpu_max: float = _key(
+        0.0,
+        "CPUs one build may use, fractional (0: no limit); a request may ask for less",
+        _non_negative,
+    )
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,16 @@ class RegistryPort(Protocol):
         ...
 
 
+class CgroupPort(Protocol):
+    """One build's cgroup (agent/sandbox/_cgroup.py): children join it before they exec, and an
+    OCI runtime puts the containers it makes under ``parent``."""
+
+    @property
+    def parent(self) -> str: ...
+
+    def join_argv(self, argv: list[str]) -> list[str]: ...
+
+
 class SandboxPort(Protocol):
     """What the proxy and the toolchains need from the build sandbox."""
 

@@ -22,7 +22,9 @@ from typing import Any
 
 from agent.app import App
 from agent.errors import StartupError
+from agent.limits import Limits
 from agent.ports import NoSandbox, RegistryPort
+from agent.sandbox import Support, detect_cgroups, sweep_cgroups
 
 log = logging.getLogger("agent.build")
 
@@ -122,6 +124,8 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
         max_queued=cfg.build.max_queued,
         log_tail_lines=cfg.build.log_tail_lines,
         scrub=proxy.scrub,
+        limits=Limits.from_config(cfg.build.memory_max, cfg.build.pids_max, cfg.build.cpu_max),
+        cgroups=await _cgroups(),
     )
 
     async def prune_forever() -> None:
@@ -143,3 +147,21 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
 
 
 __all__ = ["buildkit_available", "choose_toolchain", "open_builds"]
+
+
+async def _cgroups() -> Support:
+    """The node's cgroups for per-build limits, a crashed daemon's build cgroups removed; loud
+    when there are none (builds still run, unlimited)."""
+    support = await asyncio.to_thread(detect_cgroups)
+    if support.version == 0:
+        log.warning(
+            "per-build limits are NOT applied (%s): builds run without memory, process or CPU "
+            "limits",
+            support.reason,
+        )
+        return support
+    left = await asyncio.to_thread(sweep_cgroups, support)
+    if left:
+        log.warning("removed %d build cgroup(s) an earlier daemon left", left)
+    log.info("per-build limits with %s", support.words())
+    return support

@@ -45,7 +45,7 @@ from agent.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
-from agent.ports import Mirror, ProxyLogin, SandboxPort
+from agent.ports import CgroupPort, Mirror, ProxyLogin, SandboxPort
 
 log = logging.getLogger("agent.build")
 
@@ -298,6 +298,8 @@ class BuildahToolchain:
                 argv += ["--platform", spec.platform]
             if spec.no_cache:
                 argv.append("--no-cache")
+            if spec.cgroup is not None:  # containers of RUN steps go under the build's cgroup
+                argv += ["--cgroup-parent", spec.cgroup.parent]
             argv.append(ctx)
             tail = _Tail(log_sink, self._tail_n)
             code = await run(
@@ -308,6 +310,7 @@ class BuildahToolchain:
                 sink=tail,
                 pass_fds=(spec.context_fd, *(fd for _, fd in spec.secrets)),
                 cwd=str(work),
+                cgroup=spec.cgroup,
             )
             if code != 0:
                 raise _diagnose("buildah bud", code, tail.last(), describe_exit(code))
@@ -326,7 +329,12 @@ class BuildahToolchain:
             ]
             tail = _Tail(log_sink, self._tail_n)
             code = await run(
-                "buildah push", argv, sandbox=self._sandbox, env=self._env(), sink=tail
+                "buildah push",
+                argv,
+                sandbox=self._sandbox,
+                env=self._env(),
+                sink=tail,
+                cgroup=spec.cgroup,
             )
             if code != 0:
                 raise _diagnose("pushing the built image", code, tail.last(), describe_exit(code))
@@ -350,7 +358,12 @@ class BuildahToolchain:
         shutil.rmtree(work, ignore_errors=True)
 
     async def copy(
-        self, src: str, dst: str, log_sink: LogSink, login: ProxyLogin | None = None
+        self,
+        src: str,
+        dst: str,
+        log_sink: LogSink,
+        login: ProxyLogin | None = None,
+        cgroup: CgroupPort | None = None,
     ) -> str | None:
         self.runs["copy"] += 1
         work = Path(tempfile.mkdtemp(prefix="copy-", dir=self._root / "tmp"))
@@ -370,7 +383,14 @@ class BuildahToolchain:
                 f"docker://{dst}",
             ]
             tail = _Tail(log_sink, self._tail_n)
-            code = await run("skopeo copy", argv, sandbox=self._sandbox, env=self._env(), sink=tail)
+            code = await run(
+                "skopeo copy",
+                argv,
+                sandbox=self._sandbox,
+                env=self._env(),
+                sink=tail,
+                cgroup=cgroup,
+            )
             if code != 0:
                 raise _diagnose("copying the image", code, tail.last(), describe_exit(code))
             return digest_file.read_text().strip() if digest_file.exists() else None

@@ -61,7 +61,7 @@ from agent.build._supervisor import Policy, State, Supervisor
 from agent.build.secretfds import secret_flags
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import AgentError, BuildFailed, InternalError, StartupError
-from agent.ports import Mirror, ProxyLogin, RegistryPort, SandboxPort
+from agent.ports import CgroupPort, Mirror, ProxyLogin, RegistryPort, SandboxPort
 
 log = logging.getLogger("agent.build")
 
@@ -382,6 +382,10 @@ class BuildkitToolchain:
         argv += secret_flags(spec.secrets)
         if spec.no_cache:
             argv.append("--no-cache")
+        if spec.cgroup is not None:
+            # buildkitd (shared by every build) runs RUN steps under runc: their containers go
+            # under this build's cgroup, so its limits hold them.
+            argv += ["--opt", f"cgroup-parent={spec.cgroup.parent}"]
         if spec.cache_ref:
             # Through the build's own route, like the push: its login is the only way to write
             # the cache, so a RUN step (which has none) cannot poison it for the fleet.
@@ -413,6 +417,7 @@ class BuildkitToolchain:
                 env=self._env(children.write_login(Path(tmp), spec.login)),
                 sink=transcript,
                 pass_fds=(spec.context_fd, *(fd for _, fd in spec.secrets)),
+                cgroup=spec.cgroup,
             )
             if code != 0:
                 raise build_error(
@@ -433,7 +438,12 @@ class BuildkitToolchain:
         return BuildOutput(digest=digest if isinstance(digest, str) else None)
 
     async def copy(
-        self, src: str, dst: str, log_sink: LogSink, login: ProxyLogin | None = None
+        self,
+        src: str,
+        dst: str,
+        log_sink: LogSink,
+        login: ProxyLogin | None = None,
+        cgroup: CgroupPort | None = None,
     ) -> str | None:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -442,7 +452,9 @@ class BuildkitToolchain:
         argv = [self.bins.crane, "copy", src, dst, "--insecure"]
         with tempfile.TemporaryDirectory(prefix="copy-", dir=self.run_dir) as tmp:
             env = self._env(children.write_login(Path(tmp), login))
-            code = await children.run("crane", argv, sandbox=self.sandbox, env=env, sink=transcript)
+            code = await children.run(
+                "crane", argv, sandbox=self.sandbox, env=env, sink=transcript, cgroup=cgroup
+            )
         lines = list(transcript.lines)
         if code != 0:
             raise copy_error(

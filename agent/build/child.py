@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from agent.build.toolchain import LogSink
-from agent.ports import ProxyLogin, SandboxPort
+from agent.ports import CgroupPort, ProxyLogin, SandboxPort
 
 log = logging.getLogger("agent.build")
 
@@ -235,9 +235,13 @@ async def spawn(
     cwd: str | None = None,
     pid_namespace: bool = False,
     stdout: int | None = subprocess.PIPE,
+    cgroup: CgroupPort | None = None,
 ) -> Child:
-    """Start ``argv`` inside the sandbox in a new session (so it is its own process group)."""
+    """Start ``argv`` inside the sandbox in a new session (so it is its own process group), and
+    inside the build's ``cgroup`` from before its first instruction when there is one."""
     full = sandbox.wrap(list(argv), pid_namespace=pid_namespace)
+    if cgroup is not None:
+        full = cgroup.join_argv(full)
     child = await popen(name, full, env=env, pass_fds=pass_fds, cwd=cwd, stdout=stdout)
     log.info("%s started (pid %d)", name, child.pid)
     return child
@@ -252,10 +256,13 @@ async def run(
     sink: LogSink,
     pass_fds: Iterable[int] = (),
     cwd: str | None = None,
+    cgroup: CgroupPort | None = None,
 ) -> int:
     """Run a child to completion, sending each output line to ``sink``; return its exit code.
     If the calling task is cancelled, the child's whole tree is killed before re-raising."""
-    child = await spawn(name, argv, sandbox=sandbox, env=env, pass_fds=pass_fds, cwd=cwd)
+    child = await spawn(
+        name, argv, sandbox=sandbox, env=env, pass_fds=pass_fds, cwd=cwd, cgroup=cgroup
+    )
     try:
         assert child.stdout is not None
         await _pump(child.stdout, sink)

@@ -38,7 +38,8 @@ from agent.build.context import ROOT, Caller, hash_context
 from agent.build.secretfds import secret_fds
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink, Toolchain
 from agent.errors import AgentError, BadRequest, BuildFailed, NotFound, UpstreamError
-from agent.ports import RegistryPort, RouteTarget
+from agent.limits import Limits
+from agent.ports import CgroupPort, RegistryPort, RouteTarget
 from agent.proxy import reference
 
 log = logging.getLogger("agent.build")
@@ -112,6 +113,7 @@ class Plan:
     # build ends; a request that joins a running build does not change it.
     secrets: dict[str, bytes] = field(default_factory=dict, repr=False)
     caller: Caller = ROOT  # whose read permission the context walk checks
+    limits: Limits = field(default_factory=Limits)  # the node's, lowered by the request
 
 
 @dataclass
@@ -157,6 +159,7 @@ class Flow:
         sink: LogSink,
         phase: Callable[[str], None],
         staging: str,
+        cgroup: CgroupPort | None = None,
     ) -> None:
         self._proxy = proxy
         self._tc = toolchain
@@ -164,6 +167,7 @@ class Flow:
         self._sink = sink
         self._phase = phase
         self._staging = staging  # where the context is copied for the builder
+        self._cgroup = cgroup  # the build's limits; every child joins it
         self.outcome = Outcome()
 
     def _say(self, text: str) -> None:
@@ -293,6 +297,7 @@ class Flow:
                 proxy_address=self._proxy.child_address,
                 login=route.login,
                 cache_ref=f"{route.cache}:{cache.tag}" if cache and route.cache else None,
+                cgroup=self._cgroup,
             )
             self._say(f"building the base image {ref} with {self._tc.name}")
             self._metrics.tool_runs.labels("build").inc()
@@ -374,6 +379,7 @@ class Flow:
                     f"{route.target}:{target.tag}",
                     self._sink,
                     route.login,
+                    self._cgroup,
                 )
             except AgentError as exc:
                 _explain(exc, None, target.registry, self._proxy.child_address)

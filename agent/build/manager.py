@@ -48,7 +48,9 @@ from agent.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
+from agent.limits import Limits
 from agent.ports import RegistryPort
+from agent.sandbox import BuildCgroup, Support, create_cgroup
 
 log = logging.getLogger("agent.build")
 
@@ -150,8 +152,12 @@ class BuildManager:
         max_queued: int,
         log_tail_lines: int = 20,
         scrub: Callable[[str], str] = lambda s: s,
+        limits: Limits | None = None,
+        cgroups: Support | None = None,
     ) -> None:
         self.store = store
+        self.limits = limits or Limits()  # the node's ceilings (build.memory_max, ...)
+        self.cgroups = cgroups or Support(0, reason="not set up")
         self.toolchain = toolchain
         self.proxy = proxy
         self.metrics = metrics
@@ -331,6 +337,7 @@ class BuildManager:
             build.phase = name
             build.notify()
 
+        cgroup = await self._open_cgroup(build)
         flow = Flow(
             self.proxy,
             self.toolchain,
@@ -338,11 +345,18 @@ class BuildManager:
             sink=build.log,
             phase=phase,
             staging=str(self.store.dir.parent / "contexts"),
+            cgroup=cgroup,
         )
         fields: dict[str, Any] = {}
         state = rec.FAILED
         try:
-            outcome = await flow.run(build.plan)
+            try:
+                outcome = await flow.run(build.plan)
+            except AgentError as exc:
+                raise _limited(exc, cgroup) from exc
+            finally:
+                if cgroup is not None:  # kills what is left of the build's processes
+                    await asyncio.shield(asyncio.to_thread(cgroup.remove))
             fields.update(outcome.to_dict())
             state = rec.SUCCEEDED
         except asyncio.CancelledError:
@@ -367,6 +381,24 @@ class BuildManager:
         if fields.get("error"):
             fields["error"]["message"] = build.scrub(fields["error"]["message"])
         self._finish(build, state, **fields)
+
+    async def _open_cgroup(self, build: Build) -> BuildCgroup | None:
+        limits = build.plan.limits
+        if self.cgroups.version == 0 or limits == Limits():
+            return None
+        try:
+            return await asyncio.to_thread(
+                create_cgroup,
+                self.cgroups,
+                build.id,
+                memory_max=limits.memory_max,
+                pids_max=limits.pids_max,
+                cpu_max=limits.cpu_max,
+            )
+        except OSError as exc:
+            log.warning("build %s: no cgroup, runs without limits: %s", build.id, exc)
+            build.log.line(f"[build-agent] warning: the build runs without its limits ({exc})")
+            return None
 
     def _error_dict(self, build: Build, exc: AgentError) -> dict[str, Any]:
         details = {
@@ -445,3 +477,17 @@ def _close(fd: int | None) -> None:
 
 
 __all__ = ["Build", "BuildManager", "error_of", "result_of"]
+
+
+def _limited(exc: AgentError, cgroup: BuildCgroup | None) -> AgentError:
+    """``exc``, or a BuildFailed naming the limit the build ran into (its cgroup's counters)."""
+    tail = exc.details.get("log_tail")
+    output = [*(tail if isinstance(tail, list) else []), *exc.message.splitlines()]
+    hit = cgroup.limit_hit([str(x) for x in output]) if cgroup is not None else None
+    if hit is None:
+        return exc
+    return BuildFailed(
+        f"{hit}; the step was killed ({exc.message.splitlines()[0]}). Lower what the build "
+        "needs, or ask the node's operator for a higher limit (build.memory_max, build.pids_max)",
+        details={**exc.details, "limit": hit},
+    )

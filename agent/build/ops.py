@@ -25,6 +25,7 @@ from agent.errors import BadRequest, Busy, Cancelled, InternalError
 
 _LOG_CHUNK = 512 * 1024
 _BUILD_ARGS = (
+    "limits",
     "dockerfile",
     "base_ref",
     "target_ref",
@@ -208,6 +209,8 @@ async def _submit(
             context_fd=None,
             force=force,
         )
+    plan.limits = manager.limits.narrowed(args._get("limits", dict, {}, False))
+    record["limits"] = plan.limits.to_dict()
     record["base_ref"] = str(plan.base_ref)
     if target_ref is not None:
         record["target_ref"] = str(target_ref)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent.ports import Mirror, ProxyLogin
+from agent.ports import CgroupPort, Mirror, ProxyLogin
 
 
 class LogSink(Protocol):
@@ -44,6 +44,9 @@ class BuildSpec:
     # BuildKit's registry cache on the build's own route (``<proxy>/b/<registry>/<repo>:<tag>``),
     # exported to and imported from; None when build.cache_repo is unset.
     cache_ref: str | None = None
+    # The build's cgroup (its memory, process and CPU limits): every child joins it, and RUN
+    # steps' containers go under it. None where the node has no usable cgroups.
+    cgroup: CgroupPort | None = None
     # (id, fd) of each build secret: a sealed memfd owned by the caller (agent.build.secretfds),
     # passed like context_fd and named /dev/fd/<fd>; the value is never on an argv or in an env.
     secrets: tuple[tuple[str, int], ...] = ()
@@ -76,7 +79,12 @@ class Toolchain(Protocol):
         ...
 
     async def copy(
-        self, src: str, dst: str, log: LogSink, login: ProxyLogin | None = None
+        self,
+        src: str,
+        dst: str,
+        log: LogSink,
+        login: ProxyLogin | None = None,
+        cgroup: CgroupPort | None = None,
     ) -> str | None:
         """Copy image ``src`` to ``dst`` (both on the proxy, both reached with ``login``),
         mounting blobs across repos when the registry allows. Returns the digest when known."""

@@ -57,9 +57,28 @@ def warnings(app: App) -> list[str]:
                 "sandbox is OFF: the proxy's build listener is on the host's loopback, where "
                 "any local user can pull through its mirrors and children = true routes"
             )
+    cgroups = getattr(app.builds, "cgroups", None)
+    if cgroups is not None and cgroups.version == 0:
+        out.append(
+            f"per-build limits are NOT applied ({cgroups.reason}): a build may use all of the "
+            "node's memory, processes and CPU"
+        )
     if app.draining:
         out.append("draining: new builds are refused (agentctl drain --off resumes)")
     return out
+
+
+def _limits(app: App) -> dict[str, Any]:
+    """The node's per-build ceilings (build.memory_max, pids_max, cpu_max) and whether cgroups
+    apply them."""
+    b = app.config.build
+    cgroups = getattr(app.builds, "cgroups", None)
+    return {
+        "memory_max": b.memory_max,
+        "pids_max": b.pids_max,
+        "cpu_max": b.cpu_max,
+        "cgroups": cgroups.words() if cgroups is not None else "not started",
+    }
 
 
 def _proxy_access(app: App) -> dict[str, Any]:
@@ -106,6 +125,7 @@ async def info(ctx: RequestContext, args: Args) -> dict[str, Any]:
             "metrics_address": c.daemon.metrics_address,
             "proxy_port": c.proxy.port,
             "proxy": _proxy_access(app),
+            "limits": _limits(app),
         },
         "ops": ops.names(),
         "peer": {"uid": ctx.peer.uid, "gid": ctx.peer.gid},

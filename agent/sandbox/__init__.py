@@ -32,10 +32,20 @@ Orphans: ``cleanup_buildkitd(pidfile: Path, root: Path) -> None`` (blocking, bou
 process tree a previous daemon's buildkitd left (the pid in ``pidfile`` if its command line still
 names ``buildkitd`` or ``root``, and processes whose root or program lies under ``root``), unmounts
 everything at or under ``root`` and removes the pidfile. Call it before starting buildkitd.
+
+Limits: ``detect_cgroups()`` says whether this node gives the daemon cgroup v2 or v1 (and makes
+``<own cgroup>/build-agent``); ``create_cgroup(support, build_id, ...)`` makes one build's cgroup
+with its memory, process and CPU limits (a :class:`BuildCgroup`: children join it with
+``join_argv``, runtimes nest under ``parent``, ``limit_hit()`` names a limit the build ran into,
+``remove()`` kills what is left); ``sweep_cgroups(support)`` removes a crashed daemon's.
 """
 
 from __future__ import annotations
 
+from agent.sandbox._cgroup import BuildCgroup, Support
+from agent.sandbox._cgroup import create as create_cgroup
+from agent.sandbox._cgroup import detect as detect_cgroups
+from agent.sandbox._cgroup import sweep as sweep_cgroups
 from agent.sandbox._orphans import cleanup_buildkitd
 from agent.sandbox._sandbox import OffSandbox, Sandbox, open_sandbox
 from agent.sandbox._wrap import RUNTIME_VISIBLE, STATE_HIDDEN, HidePlan, hide_plan
@@ -43,10 +53,15 @@ from agent.sandbox._wrap import RUNTIME_VISIBLE, STATE_HIDDEN, HidePlan, hide_pl
 __all__ = [
     "RUNTIME_VISIBLE",
     "STATE_HIDDEN",
+    "BuildCgroup",
     "HidePlan",
     "OffSandbox",
     "Sandbox",
+    "Support",
     "cleanup_buildkitd",
+    "create_cgroup",
+    "detect_cgroups",
     "hide_plan",
     "open_sandbox",
+    "sweep_cgroups",
 ]

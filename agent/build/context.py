@@ -534,7 +534,9 @@ def hash_context(
     df_bytes = _read_small(root_fd, df_path, caller, _MAX_DOCKERFILE, "the Dockerfile")
     ignore_bytes: bytes | None = None
     with contextlib.suppress(FileNotFoundError):
-        ignore_bytes = _read_small(root_fd, ".dockerignore", caller, _MAX_DOCKERIGNORE, "file")
+        ignore_bytes = _read_small(
+            root_fd, ".dockerignore", caller, _MAX_DOCKERIGNORE, "the ignore file"
+        )
     ignore_text = (ignore_bytes or b"").decode("utf-8", "replace")
     walker = _Walker(
         Matcher.from_text(ignore_text), caller, cache, keep_entries, staging=dest_fd is not None

@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,13 +25,28 @@ from agent.build.child import proc_read
 from tests.infra.builds import log_of, start_build_daemon, status, wait_for, write_context
 from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry
+from tests.infra.sandbox_env import nat_subnet, unique_netns
 
 NOBODY = 65534
 
 
-@pytest.fixture(scope="module")
-def daemon(registry: Registry, base_image: str, session_tmp: Path) -> Iterator[DaemonProcess]:
-    d = start_build_daemon(session_tmp / "buildargs-daemon", [registry])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "plain",
+        pytest.param(
+            "sandbox",
+            marks=pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root"),
+        ),
+    ],
+)
+def daemon(
+    request: pytest.FixtureRequest, registry: Registry, base_image: str, session_tmp: Path
+) -> Iterator[DaemonProcess]:
+    extra: dict[str, dict[str, Any]] = {}
+    if request.param == "sandbox":  # the values pass through the sandbox's exec helper too
+        extra["sandbox"] = {"mode": "on", "netns": unique_netns(), "nat_subnet": nat_subnet()}
+    d = start_build_daemon(session_tmp / f"buildargs-{request.param}", [registry], extra)
     try:
         yield d
     finally:

@@ -22,10 +22,18 @@ import pytest
 
 from agent.build.buildargs import env_safe, looks_secret, split_for_env
 from agent.build.child import proc_read
-from tests.infra.builds import log_of, start_build_daemon, status, wait_for, write_context
+from tests.infra.builds import (
+    build_sections,
+    log_of,
+    start_build_daemon,
+    status,
+    wait_for,
+    write_context,
+)
 from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry
 from tests.infra.sandbox_env import nat_subnet, unique_netns
+from tests.standins import install
 
 NOBODY = 65534
 
@@ -144,3 +152,34 @@ def test_which_names_travel_in_the_environment() -> None:
     for name in ("NPM_TOKEN", "db_password", "ClientSecret", "SSH_KEY", "apikey"):
         assert looks_secret(name), name
     assert not looks_secret("VERSION")
+
+
+def test_buildkit_warns_that_build_arg_values_are_on_buildctls_command_line(
+    short_tmp: Path, registry: Registry, base_image: str
+) -> None:
+    """BuildKit has no other way in for them (docs/builds.md#build-args): the log says so for a
+    secret-looking name, and masks its value like buildah's."""
+    standins = install(short_tmp / "bin")
+    d = DaemonProcess(
+        short_tmp / "d",
+        build_sections([registry], {"build": {"toolchain": "buildkit"}}),
+        env=standins.env(),
+    )
+    token = f"tok-{uuid.uuid4().hex}"
+    try:
+        d.start(timeout=30)
+        ctx = write_context(
+            short_tmp / "ctx", {"Dockerfile": f"FROM {base_image}\nARG NPM_TOKEN\n"}
+        )
+        r = d.ctl(
+            "build", "--context", str(ctx), "--target", f"{registry.host}/bk-args:1",
+            "--build-arg", f"NPM_TOKEN={token}", "--build-arg", "VERSION=1",
+            timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert "build-arg values are on buildctl's command line" in r.stdout + r.stderr
+        assert "(NPM_TOKEN)" in r.stdout + r.stderr and "VERSION" not in r.stdout + r.stderr
+        assert token not in r.stdout + r.stderr
+    finally:
+        d.stop()
+        d.cleanup()

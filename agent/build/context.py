@@ -40,6 +40,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from agent import PROCESS_VERSION
+from agent.build._safeopen import kind, open_beneath, open_entry, path_stat
 from agent.build.dockerignore import Matcher
 from agent.errors import BadRequest, Forbidden
 
@@ -47,9 +48,6 @@ _MAX_LINKS = 40
 _CHUNK = 1 << 20
 _MAX_DOCKERFILE = 4 << 20
 _MAX_DOCKERIGNORE = 4 << 20
-# Open without following a final link, without blocking on a FIFO, without acquiring a tty.
-_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -188,128 +186,29 @@ def resolve_dockerfile(root_fd: int, path: str) -> str:
     final = "/".join(done)
     st = os.stat(final, dir_fd=root_fd, follow_symlinks=False)
     if not stat.S_ISREG(st.st_mode):
-        raise _escape(path, f"is {_kind(st.st_mode)}, not a regular file")
+        raise _escape(path, f"is {kind(st.st_mode)}, not a regular file")
     return final
-
-
-def _kind(mode: int) -> str:
-    """What a file that is not a regular file, directory or link is, for a message."""
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    return f"a file of unknown type {stat.S_IFMT(mode):o}"
-
-
-def _special(rel: str, mode: int) -> BadRequest:
-    return BadRequest(
-        f"context entry {rel!r} is {_kind(mode)}; a build context holds only regular files, "
-        "directories and symbolic links: remove it or add it to .dockerignore",
-        details={"path": rel},
-    )
-
-
-def _changed(rel: str) -> BadRequest:
-    return BadRequest(
-        f"context entry {rel!r} changed while the context was read; "
-        "stop changing the context directory while a build starts, then build again",
-        details={"path": rel},
-    )
-
-
-def _path_stat(dir_fd: int, name: str) -> tuple[int, os.stat_result]:
-    """An ``O_PATH`` fd of ``name`` itself (a link is not followed, nothing is opened for I/O,
-    so a FIFO or device sees no open) and its fstat."""
-    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        return fd, os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _open_entry(
-    dir_fd: int, name: str, rel: str, *, directory: bool = False, special: bool = False
-) -> tuple[int, os.stat_result]:
-    """Open context entry ``name`` and return the fd with its fstat: the object that is checked
-    is the one that is then read. A symbolic link comes back as an ``O_PATH`` fd of the link.
-    ``directory``: readdir says it is one (opened with O_DIRECTORY); ``special``: readdir says
-    it is a FIFO, socket or device, so it is not opened for reading at all.
-    Raises BadRequest for anything but a regular file, directory or link."""
-    if not special:
-        try:
-            fd = os.open(name, _OPEN | (os.O_DIRECTORY if directory else 0), dir_fd=dir_fd)
-        except OSError as exc:
-            # ELOOP: a link (O_NOFOLLOW); ENXIO: a socket, or a device without a driver;
-            # ENOTDIR: not the directory readdir said. Look at what it is without opening it.
-            if exc.errno not in (errno.ELOOP, errno.ENXIO) and not (
-                directory and exc.errno == errno.ENOTDIR
-            ):
-                raise
-        else:
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
-                return fd, st
-            os.close(fd)
-            raise _special(rel, st.st_mode)
-    fd, st = _path_stat(dir_fd, name)
-    if stat.S_ISLNK(st.st_mode):
-        return fd, st
-    os.close(fd)
-    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
-        raise _changed(rel)  # it was something else a moment ago
-    raise _special(rel, st.st_mode)
-
-
-def _open_beneath(root_fd: int, rel: str) -> int:
-    """Open the link-free relative path ``rel`` one component at a time, following nothing: a
-    directory swapped for a link after ``rel`` was resolved fails instead of being followed."""
-    parts = rel.split("/")
-    parent = root_fd
-    try:
-        for name in parts[:-1]:
-            try:
-                sub = os.open(name, _OPEN_DIR, dir_fd=parent)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise _changed(rel) from None
-                raise
-            if parent != root_fd:
-                os.close(parent)
-            parent = sub
-        return os.open(parts[-1], _OPEN, dir_fd=parent)
-    finally:
-        if parent != root_fd:
-            os.close(parent)
 
 
 def _read_small(root_fd: int, rel: str, caller: Caller, limit: int, what: str) -> bytes:
     """The bytes of ``rel`` (the Dockerfile, .dockerignore), checked on the opened fd: a regular
     file the caller may read, at most ``limit`` bytes (counted while reading: it may grow)."""
     try:
-        fd = _open_beneath(root_fd, rel)
+        fd = open_beneath(root_fd, rel)
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENXIO):
             raise
-        pfd, pst = _path_stat(root_fd, rel)
+        pfd, pst = path_stat(root_fd, rel)
         os.close(pfd)
         raise BadRequest(
-            f"{what} {rel!r} is {_kind(pst.st_mode)}; it must be a regular file in the context",
+            f"{what} {rel!r} is {kind(pst.st_mode)}; it must be a regular file in the context",
             details={"path": rel},
         ) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise BadRequest(
-                f"{what} {rel!r} is {_kind(st.st_mode)}; it must be a regular file in the context",
+                f"{what} {rel!r} is {kind(st.st_mode)}; it must be a regular file in the context",
                 details={"path": rel},
             )
         if not caller.may(st, 4):
@@ -429,7 +328,7 @@ class _Walker:
                     continue
             special = not (looks_dir or entry.is_file(follow_symlinks=False) or entry.is_symlink())
             try:
-                fd, st = _open_entry(dir_fd, entry.name, rel, directory=looks_dir, special=special)
+                fd, st = open_entry(dir_fd, entry.name, rel, directory=looks_dir, special=special)
             except PermissionError:
                 if excluded:
                     continue

@@ -256,3 +256,38 @@ def test_a_mount_swapped_in_before_open_is_what_gets_checked(
             subprocess.run(["umount", str(m)], check=True)
     assert mounted, "the walk never opened 'sub' by name"
     assert "sub" in info.value.message
+
+
+def test_a_dockerfile_directory_swapped_for_a_link_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Dockerfile's path is resolved inside the context, then opened: a directory on that
+    path replaced by a link out of the context in between must not be followed."""
+    ctx = write_context(tmp_path / "ctx", {"sub/Dockerfile": "FROM scratch\n"})
+    outside = write_context(tmp_path / "outside", {"Dockerfile": "FROM outside\n"})
+    real_open = os.open
+    swapped: list[bool] = []
+
+    def racing_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if isinstance(path, str) and path.startswith("sub") and not swapped:
+            os.rename(ctx / "sub", tmp_path / "moved-away")
+            os.symlink(outside, ctx / "sub")
+            swapped.append(True)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", racing_open)
+    try:
+        with opened(ctx) as fd, pytest.raises(BadRequest) as info:
+            hash_context(fd, "sub/Dockerfile")
+    finally:
+        monkeypatch.undo()
+    assert swapped
+    assert "changed while the context was read" in info.value.message
+
+
+def test_a_linked_dockerignore_is_a_bad_request(tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": "FROM scratch\n", "ignore": "x\n"})
+    os.symlink("ignore", ctx / ".dockerignore")
+    with opened(ctx) as fd, pytest.raises(BadRequest) as info:
+        hash_context(fd, "Dockerfile")
+    assert "'.dockerignore' is a symbolic link" in info.value.message

@@ -174,12 +174,16 @@ class DaemonConfig:
     metrics_address: str = _key(
         "127.0.0.1:9500", 'HOST:PORT of /metrics; "" turns metrics off', _metrics_address
     )
-    allowed_uids: list[int] = _key([0], "uids that may build and read", _ids)
-    allowed_gids: list[int] = _key([], "gids that may build and read", _ids)
-    read_uids: list[int] = _key(
-        [], "uids that may only read (status, list, logs, resolve, info)", _ids
+    allowed_uids: list[int] = _key(
+        [0], "uids that may build, and read and cancel their own builds", _ids
     )
-    read_gids: list[int] = _key([], "gids that may only read", _ids)
+    allowed_gids: list[int] = _key(
+        [], "gids that may build, and read and cancel their own builds", _ids
+    )
+    read_uids: list[int] = _key(
+        [], "uids that may read every build (status, list, logs), resolve and info", _ids
+    )
+    read_gids: list[int] = _key([], "gids that may read every build, resolve and info", _ids)
     shutdown_grace: float = _key(
         30.0, "seconds running builds get to finish at shutdown", _non_negative
     )

@@ -6,6 +6,7 @@ context.py    the context by fd: content key, .dockerignore (dockerignore.py), p
 records.py    records on disk (atomic), retention;  buildlog.py  live logs and followers
 toolchain.py  the toolchain interface; buildah.py and buildkit.py implement it
 child.py      every child process (scrubbed env, own session, tree kill)
+ownership.py  who may read and cancel a build;  buildargs.py  build-arg values off the argv
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ copies (DESIGN section 2). Daemonless, so it has nothing to supervise.
   reach their registries through a generated ``registries.conf``: each upstream host the proxy
   mirrors gets a ``[[registry.mirror]]`` entry at ``<proxy child address>/<mirror prefix>``.
 - The context is the caller's directory fd, named ``/dev/fd/<n>`` for the child (``pass_fds``).
+- Build-arg values travel in bud's environment (``--build-arg NAME`` reads it), never on its
+  argv, but for names the builder itself interprets (agent/build/buildargs.py).
 - Failures are turned into messages a user can act on (:func:`_diagnose`): the failing step and
   its exit status, which registry refused and why, and the last lines of the log.
 """
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent.build._sources import missing_source, missing_source_message
+from agent.build.buildargs import split_for_env
 from agent.build.child import (
     child_env,
     describe_exit,
@@ -289,8 +292,10 @@ class BuildahToolchain:
                 "-t",
                 image,
             ]
-            for k, v in sorted(spec.build_args.items()):
-                argv += ["--build-arg", f"{k}={v}"]
+            # Values in the environment, names alone on the argv (agent.build.buildargs).
+            env_args, argv_args = split_for_env(spec.build_args)
+            for k in sorted(spec.build_args):
+                argv += ["--build-arg", k if k in env_args else f"{k}={argv_args[k]}"]
             argv += secret_flags(spec.secrets, file_type=True)
             if spec.target:
                 argv += ["--target", spec.target]
@@ -306,7 +311,7 @@ class BuildahToolchain:
                 "buildah bud",
                 argv,
                 sandbox=self._sandbox,
-                env=self._env(),
+                env={**self._env(), **env_args},
                 sink=tail,
                 pass_fds=(spec.context_fd, *(fd for _, fd in spec.secrets)),
                 cwd=str(work),

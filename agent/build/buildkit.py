@@ -58,6 +58,7 @@ from agent.app import App
 from agent.build import child as children
 from agent.build._buildkit_progress import Transcript, build_error, copied_digest, copy_error
 from agent.build._supervisor import Policy, State, Supervisor
+from agent.build.buildargs import looks_secret
 from agent.build.secretfds import secret_flags
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import AgentError, BuildFailed, InternalError, StartupError
@@ -377,6 +378,8 @@ class BuildkitToolchain:
             argv += ["--opt", f"target={spec.target}"]
         if spec.platform:
             argv += ["--opt", f"platform={spec.platform}"]
+        # buildctl has no environment or file form for these (docs/builds.md#build-args): the
+        # values stay on its argv, and build() warns about secret-looking names.
         for key, value in sorted(spec.build_args.items()):
             argv += ["--opt", f"build-arg:{key}={value}"]
         argv += secret_flags(spec.secrets)
@@ -406,6 +409,13 @@ class BuildkitToolchain:
 
     async def build(self, spec: BuildSpec, log_sink: LogSink) -> BuildOutput:
         await self._ready()
+        exposed = sorted(k for k in spec.build_args if looks_secret(k))
+        if exposed:
+            log_sink.line(
+                "[build-agent] warning: with BuildKit, build-arg values are on buildctl's "
+                f"command line, which local users can read while the build runs "
+                f"({', '.join(exposed)}); pass secret values with --secret"
+            )
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         with tempfile.TemporaryDirectory(prefix="build-", dir=self.run_dir) as tmp:
             metadata = os.path.join(tmp, "metadata.json")

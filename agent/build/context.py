@@ -3,6 +3,17 @@
 Everything here works relative to that fd with ``dir_fd`` and ``O_NOFOLLOW``: a symlink in the
 context is hashed as a link (its target text), never followed, so nothing outside the tree is read.
 
+Open first, then check (issue 11, attacks 5 and 6): every entry is opened by name with
+``O_NOFOLLOW | O_NONBLOCK`` (``O_DIRECTORY`` for directories) and the type, owner and mode that
+decide are the ``fstat`` of that fd, which is then the one read, hashed, copied or descended into.
+A directory swapped for a bind mount between the look and the open is therefore checked as the
+mount it now is. Only regular files, directories and symbolic links are accepted: a FIFO, a socket
+or a device node is a ``bad_request`` naming its path (entries ``.dockerignore`` leaves out are not
+opened at all). Readdir's file type keeps special files from being opened; one swapped in after
+readdir is opened non-blocking and without a controlling tty, then refused on its fstat. The
+Dockerfile and ``.dockerignore`` are opened component by component without following anything,
+and read up to a limit that the error names.
+
 Whose permissions apply: the daemon runs as root, but a caller must build only what it can read.
 The fd itself proves the caller could open the directory; for everything below it,
 :func:`hash_context` checks the caller's uid/gid/groups against each entry's owner and mode bits
@@ -20,6 +31,7 @@ args, the stage and the platform. File content hashes are cached by
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -28,12 +40,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from agent import PROCESS_VERSION
+from agent.build._safeopen import kind, open_beneath, open_entry, path_stat
 from agent.build.dockerignore import Matcher
 from agent.errors import BadRequest, Forbidden
 
 _MAX_LINKS = 40
 _CHUNK = 1 << 20
 _MAX_DOCKERFILE = 4 << 20
+_MAX_DOCKERIGNORE = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -172,46 +186,72 @@ def resolve_dockerfile(root_fd: int, path: str) -> str:
     final = "/".join(done)
     st = os.stat(final, dir_fd=root_fd, follow_symlinks=False)
     if not stat.S_ISREG(st.st_mode):
-        raise _escape(path, "is not a regular file")
+        raise _escape(path, f"is {kind(st.st_mode)}, not a regular file")
     return final
 
 
-def _read_small(root_fd: int, rel: str, caller: Caller, limit: int) -> bytes:
-    fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+def _read_small(root_fd: int, rel: str, caller: Caller, limit: int, what: str) -> bytes:
+    """The bytes of ``rel`` (the Dockerfile, .dockerignore), checked on the opened fd: a regular
+    file the caller may read, at most ``limit`` bytes (counted while reading: it may grow)."""
+    try:
+        fd = open_beneath(root_fd, rel)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):
+            raise
+        pfd, pst = path_stat(root_fd, rel)
+        os.close(pfd)
+        raise BadRequest(
+            f"{what} {rel!r} is {kind(pst.st_mode)}; it must be a regular file in the context",
+            details={"path": rel},
+        ) from None
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadRequest(
+                f"{what} {rel!r} is {kind(st.st_mode)}; it must be a regular file in the context",
+                details={"path": rel},
+            )
         if not caller.may(st, 4):
             raise Forbidden(
                 f"context file {rel!r} is not readable by uid {caller.uid}; "
                 "make it readable or leave it out of the context",
                 details={"path": rel},
             )
+        too_big = BadRequest(
+            f"{what} {rel!r} is larger than the limit of {limit >> 20} MiB ({limit} bytes); "
+            "make it smaller",
+            details={"path": rel, "limit": limit},
+        )
         if st.st_size > limit:
-            raise BadRequest(f"{rel!r} is larger than {limit} bytes", details={"path": rel})
+            raise too_big
         chunks: list[bytes] = []
+        got = 0
         while True:
-            chunk = os.read(fd, _CHUNK)
+            chunk = os.read(fd, min(_CHUNK, limit + 1 - got))
             if not chunk:
                 return b"".join(chunks)
+            got += len(chunk)
+            if got > limit:
+                raise too_big
             chunks.append(chunk)
     finally:
         os.close(fd)
 
 
 def _hash_file(
-    dir_fd: int,
+    fd: int,
     name: str,
     st: os.stat_result,
     cache: HashCache | None,
     copy_to: int | None = None,
 ) -> str:
-    """sha256 of the file ``name`` (from the cache when it knows it); with ``copy_to``, also
-    copy it into that directory (same name, mode and times): the hash is of the bytes copied."""
+    """sha256 of the open regular file ``fd`` (``st`` is its fstat; from the cache when it knows
+    it); with ``copy_to``, also copy it into that directory as ``name`` (with mode and times):
+    the hash is of the bytes copied."""
     if cache is not None and copy_to is None:
         hit = cache.get(st)
         if hit is not None:
             return hit
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     dst = -1
     try:
         if copy_to is not None:
@@ -231,7 +271,6 @@ def _hash_file(
         if dst >= 0:
             os.fchmod(dst, stat.S_IMODE(st.st_mode))
     finally:
-        os.close(fd)
         if dst >= 0:
             os.close(dst)
     digest = h.hexdigest()
@@ -274,57 +313,60 @@ class _Walker:
 
     def walk(self, dir_fd: int, prefix: str, dest: int | None = None) -> None:
         """Hash the tree at ``dir_fd``; with ``dest`` (staging) also copy every kept entry
-        there, hashing the bytes as they are copied."""
+        there, hashing the bytes as they are copied. Each entry is opened first and judged by
+        the fstat of what was opened (the module docstring says why)."""
         with os.scandir(dir_fd) as it:
             entries = sorted(it, key=lambda e: os.fsencode(e.name))
         for entry in entries:
             rel = prefix + entry.name
-            st = entry.stat(follow_symlinks=False)
-            is_dir = stat.S_ISDIR(st.st_mode)
+            # readdir's type (no syscall): only to skip what need not be opened at all.
+            looks_dir = entry.is_dir(follow_symlinks=False)
             excluded = self.matcher.excluded(rel)
             if excluded:
                 self.result.excluded += 1
-                if not (is_dir and self.matcher.has_exceptions):
+                if not (looks_dir and self.matcher.has_exceptions):
                     continue
-            elif not self.caller.may(st, 5 if is_dir else 4) and not stat.S_ISLNK(st.st_mode):
+            special = not (looks_dir or entry.is_file(follow_symlinks=False) or entry.is_symlink())
+            try:
+                fd, st = open_entry(dir_fd, entry.name, rel, directory=looks_dir, special=special)
+            except PermissionError:
+                if excluded:
+                    continue
+                raise self.denied(rel) from None
+            try:
+                self._entry(fd, st, entry.name, rel, dest, excluded)
+            finally:
+                os.close(fd)
+
+    def _entry(
+        self, fd: int, st: os.stat_result, name: str, rel: str, dest: int | None, excluded: bool
+    ) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            if not self.caller.may(st, 5):
+                if excluded:
+                    return
                 raise self.denied(rel)
-            if is_dir:
-                if not excluded:
-                    self._add(b"d", rel, st, b"")
-                try:
-                    sub = os.open(
-                        entry.name,
-                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        dir_fd=dir_fd,
-                    )
-                except PermissionError:
-                    if excluded:
-                        continue
-                    raise self.denied(rel) from None
-                try:
-                    if excluded and not self.caller.may(st, 5):
-                        continue
-                    if dest is None:
-                        self.walk(sub, rel + "/")
-                    else:
-                        self._walk_staged(sub, rel, entry.name, st, dest, excluded)
-                finally:
-                    os.close(sub)
-            elif stat.S_ISREG(st.st_mode):
-                digest = _hash_file(dir_fd, entry.name, st, self.cache, dest)
-                self.result.files += 1
-                self.result.bytes += st.st_size
-                self._add(b"f", rel, st, digest.encode())
-            elif stat.S_ISLNK(st.st_mode):
-                target = os.readlink(entry.name, dir_fd=dir_fd)
-                if dest is not None:
-                    os.symlink(target, entry.name, dir_fd=dest)
-                    _set_times(dest, entry.name, st)
-                self._add(b"l", rel, st, os.fsencode(target))
+            if not excluded:
+                self._add(b"d", rel, st, b"")
+            if dest is None:
+                self.walk(fd, rel + "/")
             else:
-                # Sockets, fifos and devices are not sent by Docker either; their presence still
-                # counts so that a changed tree changes the key.
-                self._add(b"o", rel, st, b"")
+                self._walk_staged(fd, rel, name, st, dest, excluded)
+        elif excluded:
+            return  # readdir said directory (kept for its exceptions); it is not one now
+        elif stat.S_ISREG(st.st_mode):
+            if not self.caller.may(st, 4):
+                raise self.denied(rel)
+            digest = _hash_file(fd, name, st, self.cache, dest)
+            self.result.files += 1
+            self.result.bytes += st.st_size
+            self._add(b"f", rel, st, digest.encode())
+        else:  # a link, as an O_PATH fd of the link itself
+            target = os.readlink("", dir_fd=fd)
+            if dest is not None:
+                os.symlink(target, name, dir_fd=dest)
+                _set_times(dest, name, st)
+            self._add(b"l", rel, st, os.fsencode(target))
 
     def _walk_staged(
         self, sub: int, rel: str, name: str, st: os.stat_result, dest: int, excluded: bool
@@ -388,10 +430,12 @@ def hash_context(
     if not caller.may(st, 5):
         raise Forbidden(f"the context directory is not readable by uid {caller.uid}")
     df_path = resolve_dockerfile(root_fd, dockerfile)
-    df_bytes = _read_small(root_fd, df_path, caller, _MAX_DOCKERFILE)
+    df_bytes = _read_small(root_fd, df_path, caller, _MAX_DOCKERFILE, "the Dockerfile")
     ignore_bytes: bytes | None = None
     with contextlib.suppress(FileNotFoundError):
-        ignore_bytes = _read_small(root_fd, ".dockerignore", caller, _MAX_DOCKERFILE)
+        ignore_bytes = _read_small(
+            root_fd, ".dockerignore", caller, _MAX_DOCKERIGNORE, "the ignore file"
+        )
     ignore_text = (ignore_bytes or b"").decode("utf-8", "replace")
     walker = _Walker(
         Matcher.from_text(ignore_text), caller, cache, keep_entries, staging=dest_fd is not None

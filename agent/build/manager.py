@@ -27,8 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.build import ownership
 from agent.build import records as rec
 from agent.build._metrics import BuildMetrics
+from agent.build.buildargs import secret_values
 from agent.build.buildlog import BuildLog, SecretScrub
 from agent.build.context import HashCache
 from agent.build.flow import Flow, Plan
@@ -205,6 +207,7 @@ class BuildManager:
             _close(plan.context_fd)
             existing.pinned = existing.pinned or detach
             existing.record["callers"] = existing.record.get("callers", 1) + 1
+            self._add_owner(existing, record)
             self.metrics.dedupe_joins.inc()
             existing.log.line(f"[build-agent] another request for {key} joined this build")
             log.info("build %s: a request joined (dedupe)", existing.id)
@@ -219,7 +222,8 @@ class BuildManager:
             )
         build_log: BuildLog | None = None
         try:
-            scrub = SecretScrub(self.scrub, plan.secrets.values()) if plan.secrets else self.scrub
+            masked = [*plan.secrets.values(), *secret_values(plan.build_args)]
+            scrub = SecretScrub(self.scrub, masked) if masked else self.scrub
             build_log = BuildLog(self.store.log_path(record["id"]), scrub)
             record = self.store.create(record)
         except OSError as exc:  # ENOSPC, EROFS, EIO: the caller gets why, not an internal error
@@ -249,6 +253,16 @@ class BuildManager:
         log.info("build %s queued for %s", build.id, self.scrub(key))
         self._pump()
         return build, False
+
+    def _add_owner(self, build: Build, request_record: dict[str, Any]) -> None:
+        """Whoever joins a build owns it too (agent.build.ownership); recorded at once so that
+        it holds after a restart."""
+        uid = (request_record.get("peer") or {}).get("uid")
+        if isinstance(uid, int) and ownership.add_owner(build.record, uid):
+            try:
+                self.store.save(build.record)
+            except OSError as exc:  # kept in memory; the next transition writes it again
+                log.error("build %s: cannot record a new owner: %s", build.id, exc)
 
     def attach(self, build: Build) -> None:
         build.waiters += 1

@@ -4,6 +4,9 @@
 stream: one ``build`` event ``{id, joined, state}`` as soon as the build is known, ``state``
 events ``{id, state, phase}`` on every change, ``log`` events ``{offset, data}`` with the log as it
 grows (text, whole lines); then the result, or the build's error.
+
+Every build belongs to the uids that submitted or joined it; ``status``, ``logs``, ``list`` and
+``cancel`` apply :mod:`agent.build.ownership` on top of the op-level access check.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import os
 from typing import Any
 
+from agent.build import ownership
 from agent.build import records as rec
 from agent.build.buildlog import follow_file, read_file
 from agent.build.context import Caller, check_dockerfile_path, hash_context
@@ -102,7 +106,7 @@ async def _submit(
     target_repo = _repo(target_repo_text, "target_repo") if target_repo_text else None
     base_text = args.string("base_ref")
     secrets = _secrets(args)
-    build_args = args.str_map("build_args")
+    build_args = _build_args(args)
     stage = args.string("target")
     platform = args.string("platform")
     timeout = args.number("timeout", cfg.timeout)
@@ -118,6 +122,7 @@ async def _submit(
         "id": new_id(),
         "labels": labels,
         "peer": {"uid": ctx.peer.uid, "gid": ctx.peer.gid, "pid": ctx.peer.pid},
+        "owners": [ctx.peer.uid],  # joiners are added (agent.build.ownership)
         "toolchain": getattr(manager.toolchain, "name", ""),
         "request": {
             "dockerfile": dockerfile,
@@ -223,6 +228,25 @@ async def _submit(
     return build, joined, detach
 
 
+def _build_args(args: Args) -> dict[str, str]:
+    """``args.build_args`` checked: names a builder can take (no ``=``, no NUL, not empty),
+    values without NUL. Messages name the arg, never its value."""
+    out = args.str_map("build_args")
+    for name, value in out.items():
+        if not name or "=" in name or "\0" in name:
+            raise BadRequest(
+                f"build arg name {name!r} is not valid: give NAME=value with a NAME that is not "
+                "empty and holds no '=' or NUL",
+                details={"field": "build_args"},
+            )
+        if "\0" in value:
+            raise BadRequest(
+                f"build arg {name!r}: the value holds a NUL byte, which no builder can take",
+                details={"field": "build_args"},
+            )
+    return out
+
+
 def _secrets(args: Args) -> dict[str, bytes]:
     """``args.secrets`` checked: a map id -> value (str or bin) within the limits of
     agent.build.secretfds. Messages name ids and sizes, never a value."""
@@ -311,12 +335,19 @@ async def _follow_build(ctx: RequestContext, build: Build, joined: bool) -> Any:
     return result_of(build.record)
 
 
+def _record(manager: BuildManager, build_id: str) -> dict[str, Any]:
+    """The live record (it has the joiners) or the stored one; NotFound when unknown."""
+    live = manager.live(build_id)
+    return live.record if live is not None else manager.store.get(build_id)
+
+
 @ops.register("status", access=Access.READ)
 async def status(ctx: RequestContext, args: Args) -> Any:
     args.only("id")
     build_id = args.string("id", required=True)
     manager = _manager(ctx)
-    record = manager.store.get(build_id)
+    record = _record(manager, build_id)
+    ownership.check_read(ctx.app.config, record, ctx.peer, "status")
     out = result_of(record)
     live = manager.live(build_id)
     out["phase"] = live.phase if live else record["state"]
@@ -326,10 +357,21 @@ async def status(ctx: RequestContext, args: Args) -> Any:
     return out
 
 
-def _summary(record: dict[str, Any]) -> dict[str, Any]:
+def _summary(record: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    mine = ownership.is_owner(record, ctx.peer)
+    if not (mine or ownership.reads_every_build(ctx.app.config, ctx.peer)):
+        # Someone else's build: that it exists, its state and times; not what or for whom.
+        return {
+            "id": record["id"],
+            "state": record["state"],
+            "created": record.get("created"),
+            "finished": record.get("finished"),
+            "mine": False,
+        }
     return {
         "id": record["id"],
         "state": record["state"],
+        "mine": mine,
         "target_ref": record.get("target_ref", ""),
         "digest": record.get("digest", ""),
         "created": record.get("created"),
@@ -350,7 +392,7 @@ async def list_builds(ctx: RequestContext, args: Args) -> Any:
     if state:
         records = [r for r in records if r["state"] == state]
     records = records[::-1][: max(0, limit)]
-    return {"builds": [_summary(r) for r in records]}
+    return {"builds": [_summary(r, ctx) for r in records]}
 
 
 @ops.register("logs", access=Access.READ)
@@ -361,9 +403,12 @@ async def logs(ctx: RequestContext, args: Args) -> Any:
     if offset < 0:
         raise BadRequest("offset must be 0 or greater", details={"field": "offset"})
     limit = min(args.integer("limit", _LOG_CHUNK), _LOG_CHUNK)
+    if limit < 0:  # os.pread refuses it: an internal error before
+        raise BadRequest("limit must be 0 or greater", details={"field": "limit"})
     follow = args.flag("follow")
     manager = _manager(ctx)
-    record = manager.store.get(build_id)
+    record = _record(manager, build_id)
+    ownership.check_read(ctx.app.config, record, ctx.peer, "log")
     path = manager.store.log_path(build_id)
     live = manager.live(build_id)
     if not follow:
@@ -412,4 +457,6 @@ def _size(path: os.PathLike[str] | str) -> int:
 async def cancel(ctx: RequestContext, args: Args) -> Any:
     args.only("id")
     build_id = args.string("id", required=True)
-    return _manager(ctx).cancel(build_id, who=f"uid {ctx.peer.uid}")
+    manager = _manager(ctx)
+    ownership.check_cancel(_record(manager, build_id), ctx.peer)
+    return manager.cancel(build_id, who=f"uid {ctx.peer.uid}")

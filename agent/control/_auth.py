@@ -3,7 +3,8 @@
 The kernel's SO_PEERCRED gives pid, uid and gid; supplementary groups come from
 ``/proc/<pid>/status`` (only read when a gid list could make the difference). Root may run every
 op; admin ops are root's alone; ``daemon.allowed_uids/gids`` may build and read;
-``daemon.read_uids/gids`` may only read.
+``daemon.read_uids/gids`` may only read. Which builds a reader may read is the per-build rule of
+``agent.build.ownership`` (owners, root and ``daemon.read_uids/gids``).
 """
 
 from __future__ import annotations
@@ -47,10 +48,17 @@ class Authorizer:
         self.build_gids = frozenset(d.allowed_gids)
         self.read_uids = self.build_uids | frozenset(d.read_uids)
         self.read_gids = self.build_gids | frozenset(d.read_gids)
+        self._config_read_uids = frozenset(d.read_uids)
+        self._config_read_gids = frozenset(d.read_gids)
         self.socket_group = d.socket_group
 
     def needs_groups(self, uid: int) -> bool:
-        return uid != 0 and uid not in self.read_uids and bool(self.read_gids)
+        if uid == 0:
+            return False
+        # The op check, and reading every build's log (agent.build.ownership): a builder in
+        # allowed_uids may still read every build through a group of daemon.read_gids.
+        every = bool(self._config_read_gids) and uid not in self._config_read_uids
+        return every or (uid not in self.read_uids and bool(self.read_gids))
 
     def allowed(self, access: Access, peer: Peer) -> bool:
         if peer.uid == 0:

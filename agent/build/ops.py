@@ -338,7 +338,15 @@ async def status(ctx: RequestContext, args: Args) -> Any:
     live = manager.live(build_id)
     out["phase"] = live.phase if live else record["state"]
     for k in (
-        "created", "started", "finished", "labels", "transitions", "request", "context", "inputs"
+        "created",
+        "started",
+        "finished",
+        "labels",
+        "transitions",
+        "request",
+        "context",
+        "inputs",
+        "base_miss",
     ):
         if k in record:
             out[k] = record[k]

@@ -75,12 +75,14 @@ def node_secret(state_dir: str | Path) -> bytes:
     if key in _SECRETS:
         return _SECRETS[key]
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        data = secrets.token_bytes(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        data = path.read_bytes()
+    else:
+        data = secrets.token_bytes(32)
         try:
             os.write(fd, data)
+            os.fsync(fd)
         finally:
             os.close(fd)
     if len(data) < 16:

@@ -106,9 +106,17 @@ class RecordStore:
         """The per-entry summary of a build's context, beside its record (read only by
         explain/diff, so the record itself stays small). A failure to write it is logged: the
         build goes on, explain then lists no paths."""
+        # Not fsynced (a build's cache-hit path should not wait for the disk): a crash may
+        # leave a truncated summary, which explain reads as none.
+        path = self.entries_path(build_id)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            atomic_write(self.entries_path(build_id), blob, durable=False)
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.rename(tmp, path)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             log.warning("build %s: cannot write its key inputs: %s", build_id, exc)
 
     def load_entries(self, build_id: str) -> bytes | None:

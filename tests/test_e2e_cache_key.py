@@ -357,7 +357,7 @@ def test_explain_after_a_one_file_change_names_exactly_that_path(
         "context": {"added": [], "removed": [], "changed": ["src/f7.txt"]}
     }
     text = daemon.ctl("explain", second["id"]).stdout
-    assert "changed src/f7.txt" in text and "f8" not in text, text
+    assert "changed src/f7.txt" in text and "src/f8" not in text, text
     first_explained = ctl_json(daemon, "explain", first["id"])
     assert first_explained["reasons"] == ["first"] and first_explained["compared_to"] is None
 

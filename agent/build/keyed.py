@@ -70,7 +70,7 @@ def make_lookup(resolver: Any, proxy: RegistryPort) -> Lookup:
 
 def node_secret(state_dir: str | Path) -> bytes:
     """The HMAC key of build-arg digests: made once per state directory, mode 0600."""
-    path = Path(state_dir) / "keyinputs.secret"
+    path = Path(state_dir) / "builds" / "keyinputs.secret"  # hidden from children with builds/
     key = str(path)
     if key in _SECRETS:
         return _SECRETS[key]

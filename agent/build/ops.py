@@ -162,7 +162,8 @@ async def _submit(
             caller=caller,
             cache=manager.hash_cache,
         )
-        manager.metrics.phase.labels("context").observe(loop.time() - t0)
+        hashed = loop.time() - t0
+        manager.metrics.phase.labels("context").observe(hashed)
         keyed = await key_build(
             digest,
             lookup=make_lookup(ctx.app.resolver, manager.proxy),
@@ -183,7 +184,8 @@ async def _submit(
             "files": digest.files,
             "bytes": digest.bytes,
             "excluded": digest.excluded,
-            "seconds": round(loop.time() - t0, 4),
+            "seconds": round(hashed, 4),
+            "resolve_seconds": round(loop.time() - t0 - hashed, 4),  # the external images
         }
         record["inputs"] = keyed.inputs
         plan = Plan(

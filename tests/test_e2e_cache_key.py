@@ -405,3 +405,39 @@ def test_an_unknown_key_rebuilds_and_says_why(
         text = c.call("logs", {"id": build_id})["data"]
     assert "content key unknown: line 2" in text and "rebuilding" in text, text
     assert rec.get("base_miss") == ["unknown"]
+
+
+def test_buildkit_standin_rebuilds_a_moved_from_and_gets_the_pinned_dockerfile(
+    registry: Registry, images: Path, short_tmp: Path
+) -> None:
+    """The BuildKit flow (buildkitd/buildctl/crane stand-ins: the pushed image is the FROM
+    image, pulled through the proxy's mirror as the staged Dockerfile names it)."""
+    from tests.infra.builds import build_sections
+    from tests.standins import install
+
+    standins = install(short_tmp / "bin")
+    d = DaemonProcess(
+        short_tmp / "d", build_sections([registry], {"build": {"toolchain": "buildkit"}}),
+        env=standins.env(),
+    )  # fmt: skip
+    try:
+        d.start(timeout=30)
+        base = repo(registry, "bk-moving") + ":latest"
+        old = push_marked(images, base, "old")
+        ctx = write_context(short_tmp / "c", {"Dockerfile": f"FROM {base}\nRUN true\n"})
+        target = repo(registry, "bk-ws")
+        first = ok(build(d, ctx, "--target-repo", target))
+        assert first["digest"] == old  # the stand-in pushes the FROM image as it is
+        assert ok(build(d, ctx, "--target-repo", target))["cache"]["base"] is True
+        new = push_marked(images, base, "new")
+        moved = ok(build(d, ctx, "--target-repo", target))
+        assert moved["cache"]["base"] is False
+        assert read_from_image(moved["target_ref"], "/marker.txt") == b"new"
+        assert read_from_image(first["target_ref"], "/marker.txt") == b"old"
+        with d.client() as c:
+            text = c.call("logs", {"id": moved["id"]})["data"]
+        name = base.rsplit(":", 1)[0]
+        assert f"FROM {name}@{new}" in text, text  # what buildctl was given
+    finally:
+        d.stop()
+        d.cleanup()

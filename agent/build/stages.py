@@ -164,7 +164,7 @@ def _variable(word: str, i: int, env: dict[str, str], escape: str, strict: bool)
     return m.end(), _lookup(m.group(0), env, strict) or ""
 
 
-def _arg_pairs(inst: Instruction, escape: str) -> list[tuple[str, str | None]]:
+def _arg_pairs(inst: Instruction) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     for word in inst.args:
         name, eq, value = word.partition("=")
@@ -180,7 +180,7 @@ def _env_pairs(inst: Instruction) -> list[tuple[str, str]]:
     return [(w.partition("=")[0], w.partition("=")[2]) for w in words]
 
 
-def _mount_from(flag: str, escape: str) -> str | None:
+def _mount_from(flag: str) -> str | None:
     """The ``from=`` of a ``--mount=`` value (CSV of key=value)."""
     value = flag.partition("=")[2]
     for part in csv_fields(value):
@@ -250,7 +250,7 @@ def analyse(
     for inst in df.instructions:
         kw = inst.keyword
         if kw == "ARG":
-            for name, default in _arg_pairs(inst, esc):
+            for name, default in _arg_pairs(inst):
                 try:
                     if cur is None:
                         value = args.get(name)
@@ -337,7 +337,7 @@ def analyse(
             for flag in inst.flags:
                 if not flag.lower().startswith("--mount="):
                     continue
-                raw_from = _mount_from(flag, esc)
+                raw_from = _mount_from(flag)
                 if not raw_from:
                     continue
                 try:
@@ -385,12 +385,6 @@ def analyse(
     order = sorted(needed)
     images = [u for n in order for u in stages[n].uses]
     return Analysis(stages, target_index, order, images, unknown, syntax)
-
-
-def analyse_text(text: str, **kw: object) -> Analysis:
-    from agent.build.dockerfile import parse
-
-    return analyse(parse(text), **kw)  # type: ignore[arg-type]
 
 
 __all__ = [

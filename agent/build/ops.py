@@ -390,6 +390,8 @@ async def logs(ctx: RequestContext, args: Args) -> Any:
     if offset < 0:
         raise BadRequest("offset must be 0 or greater", details={"field": "offset"})
     limit = min(args.integer("limit", _LOG_CHUNK), _LOG_CHUNK)
+    if limit < 0:  # os.pread refuses it: an internal error before
+        raise BadRequest("limit must be 0 or greater", details={"field": "limit"})
     follow = args.flag("follow")
     manager = _manager(ctx)
     record = manager.store.get(build_id)

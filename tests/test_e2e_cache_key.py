@@ -203,7 +203,7 @@ def test_the_builder_gets_the_keyed_digest_not_the_tag(
     target = repo(registry, "ws")
     # Queue behind a slow build, so that the key is computed well before the build runs.
     slow = write_context(
-        short_tmp / "slow", {"Dockerfile": f"FROM {base}\nRUN sleep 3\nRUN echo {uuid.uuid4()}\n"}
+        short_tmp / "slow", {"Dockerfile": f"FROM {base}\nRUN sleep 8\nRUN echo {uuid.uuid4()}\n"}
     )
     blockers = [daemon.ctl("build", "--detach", "--context", str(slow), "--target-repo",
                            repo(registry, f"slow{i}")) for i in range(2)]  # fmt: skip
@@ -213,12 +213,14 @@ def test_the_builder_gets_the_keyed_digest_not_the_tag(
     build_id = queued.stdout.strip()
     assert status(daemon, build_id)["state"] == "queued"
     push_marked(images, base, "moved-too-late")
+    moved_at = time.time()
     deadline = time.monotonic() + 120
     while status(daemon, build_id)["state"] in ("queued", "running"):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     rec = status(daemon, build_id)
     assert rec["state"] == "succeeded", rec
+    assert rec["started"] > moved_at  # the tag had moved before the build ran
     assert read_from_image(rec["target_ref"], "/seen.txt") == b"keyed"
     pinned = read_from_image(rec["target_ref"], "/df").decode()
     assert f"@{rec['inputs']['images'][0]['digest']}" in pinned.splitlines()[0]

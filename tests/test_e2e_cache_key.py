@@ -443,3 +443,31 @@ def test_buildkit_standin_rebuilds_a_moved_from_and_gets_the_pinned_dockerfile(
     finally:
         d.stop()
         d.cleanup()
+
+
+def test_from_max_age_accepts_a_cached_digest_that_young(
+    registry: Registry, images: Path, short_tmp: Path, daemon_factory: Any
+) -> None:
+    """build.from_max_age: the operator's window. Within it a moved tag is not seen (the
+    cached digest is keyed, and built: the pin names it); with the default 0 it is."""
+    d = daemon_factory(
+        {
+            "build": {
+                "base_repo": f"{registry.host}/base",
+                "toolchain": "buildah",
+                "from_max_age": 300,
+                "resolve_ttl": 300,
+            },
+            "proxy": {"registries": [{"host": registry.host, "http": True}]},
+        }
+    )
+    base = repo(registry, "windowed") + ":latest"
+    old = push_marked(images, base, "old")
+    ctx = write_context(short_tmp / "c", {"Dockerfile": f"FROM {base}\nRUN cat /marker.txt >/m\n"})
+    target = repo(registry, "ws")
+    ok(build(d, ctx, "--target-repo", target))
+    push_marked(images, base, "new")
+    second = ok(build(d, ctx, "--target-repo", target))
+    assert second["cache"]["base"] is True
+    (img,) = status(d, second["id"])["inputs"]["images"]
+    assert (img["digest"], img["source"]) == (old, "cache")

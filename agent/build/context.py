@@ -102,7 +102,7 @@ _Item = tuple[bytes, bytes, int, bytes]
 
 @dataclass
 class ContextDigest:
-    key: str  # hex sha256: the base image's content key
+    key: str  # hex sha256: the context key (the content key adds the images: cachekey.py)
     dockerfile: str  # the Dockerfile's path inside the context after resolving links
     dockerfile_text: str = ""
     files: int = 0

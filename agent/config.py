@@ -215,6 +215,12 @@ class BuildConfig:
     resolve_ttl: float = _key(60.0, "seconds a resolved ref stays cached", _non_negative)
     prefetch_refs: list[str] = _key([], "refs resolved periodically so lookups are warm")
     prefetch_interval: float = _key(300.0, "seconds between prefetch rounds", _positive)
+    from_max_age: float = _key(
+        0.0,
+        "seconds a cached digest of a FROM image may be old to go into a content key (0: ask "
+        "the registry on every build; at most build.resolve_ttl)",
+        _non_negative,
+    )
     cache_repo: str = _key(
         "", "BuildKit registry cache repository (buildkit toolchain only)", _repo_or_empty
     )

@@ -45,6 +45,7 @@ BENCHES = [
         "proxy", "proxy_throughput.py", (), ("--size", "64MiB", "--heads", "300", "--rounds", "1")
     ),
     Bench("build", "build.py", (), ("--quick",)),
+    Bench("cache_key", "cache_key.py", (), ("--quick",)),
     Bench("resolve", "resolve.py", (), (), prints_only=True),
     Bench("sandbox", "sandbox_overhead.py", ("--write-docs",), ("--write-docs", "--runs", "10")),
     Bench("reliability", "reliability.py", (), ("--quick",)),

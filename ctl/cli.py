@@ -34,7 +34,7 @@ from ctl.client import (
     RequestFailed,
     default_socket_path,
 )
-from ctl.commands import basic, builds, resolve, top
+from ctl.commands import basic, builds, explain, resolve, top
 
 # No typing/dataclasses at run time: agentctl's start-up is measured (bench/control_plane.py).
 TYPE_CHECKING = False
@@ -103,6 +103,7 @@ class Subcommands:
 COMMAND_GROUPS: list[Callable[[Subcommands], None]] = [
     basic.register,
     builds.register,
+    explain.register,
     resolve.register,
     top.register,
 ]

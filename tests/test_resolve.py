@@ -237,3 +237,28 @@ def test_agentctl_resolve_through_the_daemon(
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["error"]["code"] == "bad_request"
     assert "'Not A Ref' is not a valid repository" in bad.stderr
+
+
+async def test_max_age_limits_cached_answers_and_keeps_single_flight() -> None:
+    """build.from_max_age: 0 asks the registry every time (joining a lookup in flight); a
+    larger value takes a cached answer that young, never older than resolve_ttl."""
+    ref = "localhost:5000/a:1"
+    port = ScriptedPort({ref: DIGEST})
+    clock = Clock()
+    r = Resolver(port, ttl=60, clock=clock)  # type: ignore[arg-type]
+    await r.lookup(ref)
+    clock.now += 5
+    assert (await r.lookup(ref, max_age=10)).cached
+    assert len(port.calls) == 1
+    fresh = await r.lookup(ref, max_age=0)
+    assert not fresh.cached and len(port.calls) == 2
+    clock.now += 4
+    assert not (await r.lookup(ref, max_age=3)).cached and len(port.calls) == 3
+    clock.now += 100
+    assert not (await r.lookup(ref, max_age=1000)).cached  # the TTL still bounds it
+    port.gate = asyncio.Event()
+    many = [asyncio.ensure_future(r.lookup(ref, max_age=0)) for _ in range(5)]
+    await port.entered.wait()
+    port.gate.set()
+    got = await asyncio.gather(*many)
+    assert {g.digest for g in got} == {DIGEST} and len(port.calls) == 5

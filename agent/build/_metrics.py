@@ -54,6 +54,18 @@ class BuildMetrics:
             ["kind"],
             registry=registry,
         )
+        self.base_cache = Counter(
+            "build_agent_base_cache",
+            "Dockerfile builds by base cache result (hit, miss) and reason: a hit is 'unchanged'; "
+            "a miss counts once per reason it has (first, forced, unknown, dockerfile, "
+            "from_moved, args, context, other)",
+            ["result", "reason"],
+            registry=registry,
+        )
+        self.base_cache.labels("hit", "unchanged")
+        for reason in ("first", "forced", "unknown", "dockerfile", "from_moved", "args",
+                       "context", "other"):
+            self.base_cache.labels("miss", reason)
         for outcome in ("succeeded", "failed", "cancelled", "timed_out", "interrupted"):
             self.finished.labels(outcome)
         for kind in ("base", "workspace"):

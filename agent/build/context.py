@@ -22,9 +22,10 @@ caller could not read. POSIX ACLs and capabilities are not evaluated (the check 
 the kernel when an ACL grants more, never looser). Doing the whole walk in a child with the caller's
 uid would be exact but costs a process per build; the mode check is the documented trade-off.
 
-The content key (DESIGN section 2) is sha256 over: the process version, the Dockerfile's bytes,
-every entry ``.dockerignore`` keeps (type, path, mode, content hash or link target), the build
-args, the stage and the platform. File content hashes are cached by
+The context key is sha256 over: the process version, the Dockerfile's bytes, every entry
+``.dockerignore`` keeps (type, path, mode, content hash or link target), the build args, the stage
+and the platform. The content key (DESIGN section 2) adds the digests of the external images
+the Dockerfile uses (agent/build/cachekey.py). File content hashes are cached by
 (dev, inode, size, mtime_ns, ctime_ns), so a warm tree costs one stat per entry.
 """
 
@@ -110,15 +111,21 @@ class HashCache:
             self._data.clear()
 
 
+_Item = tuple[bytes, bytes, int, bytes]
+
+
 @dataclass
 class ContextDigest:
-    key: str  # hex sha256: the base image's content key
+    key: str  # hex sha256: the context key (the content key adds the images: cachekey.py)
     dockerfile: str  # the Dockerfile's path inside the context after resolving links
     dockerfile_text: str = ""
     files: int = 0
     bytes: int = 0
     excluded: int = 0
     entries: list[str] = field(default_factory=list)  # only filled when asked (tests, debug)
+    # (kind, path, mode, hash or link target) of every kept entry: the per-file summary the
+    # record keeps for explain (agent/build/keyinputs.py)
+    items: list[_Item] = field(default_factory=list)
 
 
 def check_dockerfile_path(path: str) -> list[str]:
@@ -387,8 +394,10 @@ class _Walker:
         _set_times(dest, name, st)
 
     def _add(self, kind: bytes, rel: str, st: os.stat_result, data: bytes) -> None:
-        line = b"%s %s %o %s\n" % (kind, os.fsencode(rel), st.st_mode, data)
+        path = os.fsencode(rel)
+        line = b"%s %s %o %s\n" % (kind, path, st.st_mode, data)
         self.lines.append(line)
+        self.result.items.append((kind, path, st.st_mode, data))
         if self.keep:
             self.result.entries.append(line.decode("utf-8", "replace").rstrip("\n"))
 

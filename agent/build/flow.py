@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from agent import PROCESS_VERSION
 from agent.build._metrics import BuildMetrics
 from agent.build.context import ROOT, Caller, hash_context
+from agent.build.keyed import Keyed, write_pinned
 from agent.build.secretfds import secret_fds
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink, Toolchain
 from agent.errors import AgentError, BadRequest, BuildFailed, NotFound, UpstreamError
@@ -114,6 +115,10 @@ class Plan:
     secrets: dict[str, bytes] = field(default_factory=dict, repr=False)
     caller: Caller = ROOT  # whose read permission the context walk checks
     limits: Limits = field(default_factory=Limits)  # the node's, lowered by the request
+    # Dockerfile builds: the context part of the key (the staged copy must hash to it) and the
+    # key's images, pins and unknowns (agent/build/keyed.py)
+    context_key: str = ""
+    keyed: Keyed | None = None
 
 
 @dataclass
@@ -124,6 +129,7 @@ class Outcome:
     base_digest: str = ""
     cache: dict[str, bool | None] = field(default_factory=lambda: {"base": None, "workspace": None})
     timings: dict[str, float] = field(default_factory=dict)
+    base_miss: list[str] = field(default_factory=list)  # why the base was rebuilt
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -133,6 +139,7 @@ class Outcome:
             "base_digest": self.base_digest,
             "cache": dict(self.cache),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            **({"base_miss": list(self.base_miss)} if self.base_miss else {}),
         }
 
 
@@ -246,14 +253,32 @@ class Flow:
     async def _base(self, plan: Plan) -> str:
         ref = plan.base_ref
         out = self.outcome
-        if not plan.force:
+        keyed = plan.keyed
+        if keyed is not None:
+            for pin in keyed.pins:
+                how = {"digest": "pinned in the Dockerfile", "cache": f"cached {pin.age:g}s"}
+                self._say(
+                    f"line {pin.line}: {pin.ref} is {pin.digest} "
+                    f"({how.get(pin.source, 'asked the registry')})"
+                )
+            for why in keyed.unknown:
+                self._say(f"content key unknown: {why}")
+            if keyed.unknown:
+                self._say("the key cannot be trusted: rebuilding the base instead of risking a "
+                          "stale cache hit")
+        if not plan.force and not (keyed is not None and keyed.unknown):
             found = await self._timed("base_check", self._proxy.manifest_digest(str(ref)))
             if found:
                 out.cache["base"] = True
                 self._metrics.cache_hits.labels("base").inc()
+                self._metrics.base_cache.labels("hit", "unchanged").inc()
                 self._say(f"base image {ref} exists ({found}): cache hit, not rebuilt")
                 return found
         out.cache["base"] = False
+        out.base_miss = list(keyed.miss_reasons) if keyed is not None else ["other"]
+        for reason in out.base_miss:
+            self._metrics.base_cache.labels("miss", reason).inc()
+        self._say(f"base cache miss ({', '.join(out.base_miss)}): 'agentctl explain' says more")
         assert plan.context_fd is not None and plan.dockerfile is not None
         # The thread reads its own duplicate: the manager closes the plan's fd when the build
         # ends, and a cancelled build's thread may still be copying then.
@@ -350,13 +375,17 @@ class Flow:
                 secret_ids=sorted(plan.secrets),
                 caller=plan.caller,
             )
-            if got.key != plan.base_ref.tag:
+            wanted = plan.context_key or plan.base_ref.tag
+            if got.key != wanted:
                 raise BuildFailed(
-                    "the context changed after the build was requested (its content key is "
-                    f"now {got.key}, the request's was {plan.base_ref.tag}); an image built "
+                    "the context changed after the build was requested (its context key is "
+                    f"now {got.key}, the request's was {wanted}); an image built "
                     "now would not match its tag: run the build again",
                     details={"base_ref": str(plan.base_ref)},
                 )
+            if plan.keyed is not None and plan.keyed.pinned_text is not None:
+                # The builder pulls exactly the digests that were keyed (agent/build/cachekey.py)
+                write_pinned(fd, got.dockerfile, plan.keyed.pinned_text)
         except BaseException:
             os.close(fd)
             shutil.rmtree(path, ignore_errors=True)

@@ -21,6 +21,7 @@ from agent.build import records as rec
 from agent.build.buildlog import follow_file, read_file
 from agent.build.context import Caller, check_dockerfile_path, hash_context
 from agent.build.flow import Plan, Ref
+from agent.build.keyed import key_build, make_lookup, node_secret
 from agent.build.manager import Build, BuildManager, error_of, result_of
 from agent.build.records import new_id
 from agent.build.secretfds import ID_PATTERN, MAX_SECRET_BYTES, MAX_SECRETS
@@ -167,15 +168,32 @@ async def _submit(
             caller=caller,
             cache=manager.hash_cache,
         )
-        manager.metrics.phase.labels("context").observe(loop.time() - t0)
-        base_ref = Ref(base_repo, digest.key)
+        hashed = loop.time() - t0
+        manager.metrics.phase.labels("context").observe(hashed)
+        keyed = await key_build(
+            digest,
+            lookup=make_lookup(ctx.app.resolver, manager.proxy),
+            max_age=cfg.from_max_age,
+            build_args=build_args,
+            stage=stage,
+            platform=platform,
+            secret_ids=sorted(secrets),
+            force=force,
+            arg_secret=node_secret(ctx.app.config.daemon.state_dir),
+            records=manager.store.all(),
+            record=record,
+        )
+        base_ref = Ref(base_repo, keyed.key)
         record["context"] = {
-            "key": digest.key,
+            "key": keyed.key,
+            "context_key": digest.key,
             "files": digest.files,
             "bytes": digest.bytes,
             "excluded": digest.excluded,
-            "seconds": round(loop.time() - t0, 4),
+            "seconds": round(hashed, 4),
+            "resolve_seconds": round(loop.time() - t0 - hashed, 4),  # the external images
         }
+        record["inputs"] = keyed.inputs
         plan = Plan(
             target_ref=target_ref,
             target_repo=target_repo,
@@ -189,6 +207,8 @@ async def _submit(
             dockerfile_text=digest.dockerfile_text,
             secrets=secrets,
             caller=caller,
+            context_key=digest.key,
+            keyed=keyed,
         )
     else:
         if not base_text:
@@ -225,6 +245,8 @@ async def _submit(
     build, joined = manager.submit(
         key=key, plan=plan, timeout=timeout, record=record, detach=detach
     )
+    if not joined and plan.keyed is not None:
+        manager.store.save_entries(build.id, plan.keyed.entries)
     return build, joined, detach
 
 
@@ -351,7 +373,17 @@ async def status(ctx: RequestContext, args: Args) -> Any:
     out = result_of(record)
     live = manager.live(build_id)
     out["phase"] = live.phase if live else record["state"]
-    for k in ("created", "started", "finished", "labels", "transitions", "request", "context"):
+    for k in (
+        "created",
+        "started",
+        "finished",
+        "labels",
+        "transitions",
+        "request",
+        "context",
+        "inputs",
+        "base_miss",
+    ):
         if k in record:
             out[k] = record[k]
     return out

@@ -95,6 +95,37 @@ class RecordStore:
     def _path(self, build_id: str) -> Path:
         return self.dir / f"{build_id}.json"
 
+    def entries_path(self, build_id: str) -> Path:
+        if not _valid_id(build_id):
+            raise NotFound(f"no build {build_id!r}")
+        return self.dir / f"{build_id}.inputs"
+
+    # --- key inputs (agent/build/keyinputs.py) --------------------------------------------------
+
+    def save_entries(self, build_id: str, blob: bytes) -> None:
+        """The per-entry summary of a build's context, beside its record (read only by
+        explain/diff, so the record itself stays small). A failure to write it is logged: the
+        build goes on, explain then lists no paths."""
+        # Not fsynced (a build's cache-hit path should not wait for the disk): a crash may
+        # leave a truncated summary, which explain reads as none.
+        path = self.entries_path(build_id)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.rename(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.warning("build %s: cannot write its key inputs: %s", build_id, exc)
+
+    def load_entries(self, build_id: str) -> bytes | None:
+        """None for a build without a summary (older versions, a write that failed)."""
+        try:
+            return self.entries_path(build_id).read_bytes()
+        except FileNotFoundError:
+            return None
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     def load(self) -> list[str]:
@@ -183,7 +214,11 @@ class RecordStore:
             doomed += rest[: len(rest) - max_count]
         for r in doomed:
             self._records.pop(r["id"], None)
-            for path in (self._path(r["id"]), self.dir / f"{r['id']}.log"):
+            for path in (
+                self._path(r["id"]),
+                self.dir / f"{r['id']}.log",
+                self.dir / f"{r['id']}.inputs",
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         if doomed:

@@ -9,7 +9,9 @@ share an entry). Concurrent lookups of one reference share a single upstream req
 background, so lookups of them are answered from the cache.
 
 The build manager uses :meth:`Resolver.resolve` for ref-only builds (``base_ref`` without a
-Dockerfile). The daemon enters :func:`open_resolver` once, which sets ``app.resolver``.
+Dockerfile), and the content key every external image of a Dockerfile (agent/build/keyed.py,
+with ``max_age`` = ``build.from_max_age``). The daemon enters :func:`open_resolver` once,
+which sets ``app.resolver``.
 
 Errors: a malformed reference is ``bad_request``; a reference that does not exist is
 ``not_found``; a registry that refuses or fails passes its own code (``upstream_unauthorized``,
@@ -117,11 +119,16 @@ class Resolver:
         """The manifest digest of ``ref`` (``sha256:...``)."""
         return (await self.lookup(ref)).digest
 
-    async def lookup(self, ref: str, *, fresh: bool = False) -> Resolved:
+    async def lookup(
+        self, ref: str, *, fresh: bool = False, max_age: float | None = None
+    ) -> Resolved:
+        """``max_age``: accept a cached answer only that young (seconds; 0: ask the registry,
+        joining a lookup of the same ref already in flight). Builds pass ``build.from_max_age``."""
         key = normalise(ref)
         now = self._clock()
         hit = self._cache.get(key)
-        if hit is not None and not fresh and now - hit[1] < self.ttl:
+        limit = self.ttl if max_age is None else min(self.ttl, max_age)
+        if hit is not None and not fresh and now - hit[1] < limit:
             self._cache.move_to_end(key)
             self._m.sources["cache"].inc()
             return Resolved(key, hit[0], True, now - hit[1])

@@ -109,6 +109,9 @@ def test_only_owners_readers_and_root_read_and_only_owners_and_root_cancel(
         forbidden(ctl(d, OTHER, "status", running), "only as one of them")
         forbidden(ctl(d, OTHER, "logs", running), "daemon.read_uids")
         forbidden(ctl(d, OTHER, "logs", "-f", running), "daemon.read_uids")
+        # explain and diff show the key's inputs (the context's paths): the same rule.
+        forbidden(ctl(d, OTHER, "explain", running), "may read its key inputs only")
+        forbidden(ctl(d, OTHER, "diff", running, queued), "may read its key inputs only")
         forbidden(ctl(d, OTHER, "cancel", running), "only as one of them or as root")
         forbidden(ctl(d, OTHER, "cancel", queued), "only as one of them or as root")
         row = rows(d, OTHER)[running]

@@ -13,7 +13,7 @@ import asyncio
 import zlib
 from typing import Any
 
-from agent.build import keyinputs
+from agent.build import keyinputs, ownership
 from agent.build.manager import BuildManager
 from agent.build.records import RecordStore
 from agent.control.ops import Access, Args, RequestContext, ops
@@ -74,6 +74,7 @@ async def explain(ctx: RequestContext, args: Args) -> dict[str, Any]:
     args.only("id")
     store = _manager(ctx).store
     record = store.get(args.string("id", required=True))
+    ownership.check_read(ctx.app.config, record, ctx.peer, "key inputs")
     inputs = record.get("inputs")
     out: dict[str, Any] = {
         **_summary(record),
@@ -97,8 +98,11 @@ async def explain(ctx: RequestContext, args: Args) -> dict[str, Any]:
             prev = store.get(prev_id)
         except NotFound:
             prev = None  # pruned since
+    readable = [r for r in store.all() if ownership.may_read(ctx.app.config, r, ctx.peer)]
+    if prev is not None and not ownership.may_read(ctx.app.config, prev, ctx.peer):
+        prev = None  # another caller's build: its files are not this caller's to see
     if prev is None:
-        prev = keyinputs.previous(store.all(), record)
+        prev = keyinputs.previous(readable, record)
     if prev is not None and prev.get("inputs"):
         out["compared_to"] = _summary(prev)
         out["changes"] = await _changes(store, prev, record)
@@ -111,6 +115,8 @@ async def diff(ctx: RequestContext, args: Args) -> dict[str, Any]:
     args.only("a", "b")
     store = _manager(ctx).store
     records = [store.get(args.string(k, required=True)) for k in ("a", "b")]
+    for r in records:
+        ownership.check_read(ctx.app.config, r, ctx.peer, "key inputs")
     for r in records:
         if not r.get("inputs"):
             raise BadRequest(

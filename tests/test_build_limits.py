@@ -154,8 +154,11 @@ def test_limits_are_per_build_and_a_build_within_them_succeeds(
     assert ok["state"] == "succeeded"
     ctx2 = write_context(short_tmp / "many2", {**{"Dockerfile": (ctx / "Dockerfile").read_text()}})
     (ctx2 / "x").write_text("another key")
-    low = _build(daemon, ctx2, f"{registry.host}/limits:low", {"pids_max": 24})
-    assert "pids_max 24" in low["error"]["message"]
+    # As a user asks for it: agentctl's flag (exit 1, the limit named in the error).
+    r = daemon.ctl(
+        "build", "--pids-max", "24", "--context", str(ctx2), "--target", f"{registry.host}/l:low"
+    )
+    assert r.returncode == 1 and "the build hit pids_max 24" in r.stderr, r.stderr
 
 
 def test_a_request_above_the_node_limit_is_a_bad_request(
@@ -186,3 +189,17 @@ def test_without_cgroup_access_the_daemon_says_so_and_still_builds(
     finally:
         d.stop()
         d.cleanup()
+
+
+def test_agentctl_limit_flags_go_with_bobs_environment() -> None:
+    import argparse
+
+    from ctl.commands.builds import _BUILD_FLAGS, request_args
+
+    ns = argparse.Namespace(**dict.fromkeys(_BUILD_FLAGS), secret=None)
+    ns.memory_max, ns.pids_max = "1GiB", 64
+    env = {"BOB_TARGET_REF": "r.example/ws:1", "BOB_BASE_REF": "r.example/base:1"}
+    args, _ = request_args(ns, env)
+    assert args["target_ref"] == "r.example/ws:1" and args["base_ref"] == "r.example/base:1"
+    assert args["limits"] == {"memory_max": "1GiB", "pids_max": 64}
+

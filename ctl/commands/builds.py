@@ -42,7 +42,11 @@ _BUILD_FLAGS = (
     "timeout",
     "platform",
     "stage",
+    "memory_max",
+    "pids_max",
+    "cpu_max",
 )
+_LIMIT_FLAGS = ("memory_max", "pids_max", "cpu_max")
 # The daemon's limits (agent/build/secretfds.py), checked here so a mistake fails before any
 # connection, with the flag in the message.
 _SECRET_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
@@ -75,6 +79,11 @@ def register(sub: Subcommands) -> None:
         help="a build secret for RUN --mount=type=secret,id=ID: read from file PATH, from "
         "environment variable VAR, or (bare id=ID) from the environment variable ID; repeatable",
     )
+    p.add_argument(
+        "--memory-max", metavar="SIZE", help="lower memory limit for this build (e.g. 2GiB)"
+    )
+    p.add_argument("--pids-max", metavar="N", type=int, help="lower process limit for this build")
+    p.add_argument("--cpu-max", metavar="CPUS", type=float, help="lower CPU limit (e.g. 1.5)")
     p.add_argument("--force", action="store_true", default=None, help="rebuild even if cached")
     p.add_argument("--detach", action="store_true", help="print the build id and return")
     p.set_defaults(run=_build)
@@ -217,13 +226,16 @@ def request_args(
     """The build request's args and the context directory to open (None for ref-only)."""
     # --secret is not a "build flag" here: with bob's environment it adds secrets to bob's build.
     secret_specs = getattr(opts, "secret", None)
+    # Neither are --timeout and the limits: they apply to bob's build as well.
+    keep = ("timeout", *_LIMIT_FLAGS)
     given = any(
-        getattr(opts, k, None) not in (None, [], False) for k in _BUILD_FLAGS if k != "timeout"
+        getattr(opts, k, None) not in (None, [], False) for k in _BUILD_FLAGS if k not in keep
     )
     if not given:
         bob = _from_bob(env)
         if bob is not None:
-            bob.timeout = getattr(opts, "timeout", None)
+            for k in keep:
+                setattr(bob, k, getattr(opts, k, None))
             opts = bob
     if not opts.target and not opts.target_repo:
         raise UsageError("give --target REF or --target-repo REPO (or set BOB_TARGET_REF)")
@@ -262,6 +274,18 @@ def request_args(
         args["target"] = opts.stage
     if opts.force:
         args["force"] = True
+    # Limits are checked by the daemon: a request may only lower the node's (build.*_max).
+    limits = {
+        k: v
+        for k, v in (
+            ("memory_max", getattr(opts, "memory_max", None)),
+            ("pids_max", getattr(opts, "pids_max", None)),
+            ("cpu_max", getattr(opts, "cpu_max", None)),
+        )
+        if v is not None
+    }
+    if limits:
+        args["limits"] = limits
     timeout = getattr(opts, "timeout", None)
     if timeout is not None:
         if timeout <= 0:

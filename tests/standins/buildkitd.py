@@ -175,8 +175,9 @@ class Daemon:
         for ln in ok_lines[:at_from]:
             emit(ln.replace(_FIXTURE_BASE, base))
         resolved = next(x for x in ok_lines if x.startswith(f"{from_vertex} resolve "))
-        emit(f"{from_vertex} [1/{total}] FROM {base}@{base_digest}")
-        emit(re.sub(r"resolve \S+", f"resolve {base}@{base_digest}", resolved))
+        pinned = base if "@" in base else f"{base}@{base_digest}"
+        emit(f"{from_vertex} [1/{total}] FROM {pinned}")
+        emit(re.sub(r"resolve \S+", f"resolve {pinned}", resolved))
         emit(f"{from_vertex} DONE 0.0s")
         emit("")
         vertex = int(next(x for x in ok_lines if "] RUN " in x).split()[0][1:])
@@ -303,7 +304,13 @@ class Daemon:
 
 
 def _split_ref(ref: str) -> tuple[str, str, str]:
-    """(registry, repository, tag) of a FROM reference, with Docker's defaults."""
+    """(registry, repository, tag or digest) of a FROM reference, with Docker's defaults; a ref
+    pinned by digest (``name[:tag]@sha256:...``) is asked for by its digest, as BuildKit does."""
+    name, at, digest = ref.partition("@")
+    if at:
+        name = name.rpartition(":")[0] if ":" in name.rsplit("/", 1)[-1] else name
+        host, path, _ = _split_ref(name)
+        return host, path, digest
     name, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "latest")
     host, _, path = name.partition("/")
     if not path or ("." not in host and ":" not in host and host != "localhost"):

@@ -1,9 +1,21 @@
 """The buildah toolchain: ``buildah bud`` + ``buildah push`` for Dockerfiles, ``skopeo copy`` for
 copies (DESIGN section 2). Daemonless, so it has nothing to supervise.
 
+- RUN steps run in a real container: ``--isolation oci`` with ``runc`` (Debian package; another
+  OCI runtime with ``AGENT_RUNC``): pivot_root into the image's rootfs, own mount, PID, IPC and
+  UTS namespaces, the default capability set (no ``CAP_SYS_ADMIN``), masked ``/proc`` paths. A
+  step shares the builder's network namespace (``--network host``: the sandbox's), so with the
+  sandbox on it reaches the proxy and, with ``egress = "nat"``, the internet, and nothing else.
+  ``--isolation chroot`` is no boundary: a root step keeps ``CAP_SYS_CHROOT`` and leaves the
+  chroot (tests/fixtures/attacks/escape.c).
 - Storage (vfs: works everywhere, also inside containers) lives under
   ``<state_dir>/buildah``; a built image is pushed and then removed from it, so only the images
-  FROM lines pulled stay as a cache.
+  FROM lines pulled stay as a cache. Only buildah itself writes it: a RUN step sees its own
+  container's rootfs (a copy of the layers, vfs) and nothing else of the store.
+- Each build (and copy) has a work directory ``<state_dir>/buildah/tmp/<bud|copy>-*`` holding
+  its registries.conf, push login, digest file, and HOME/TMPDIR (buildah's own temp files and
+  ``RUN --mount=type=cache`` directories, so no cache is shared between builds). Its children are
+  started with it ``visible``; the sandbox hides every other build's.
 - Registry traffic goes to the proxy only, over plain HTTP (``--tls-verify=false``). FROM lines
   reach their registries through a generated ``registries.conf``: each upstream host the proxy
   mirrors gets a ``[[registry.mirror]]`` entry at ``<proxy child address>/<mirror prefix>``.
@@ -26,6 +38,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent.build import _runc
 from agent.build.child import (
     child_env,
     describe_exit,
@@ -184,6 +197,7 @@ class BuildahToolchain:
         log_tail_lines: int = 20,
         buildah: str | None = None,
         skopeo: str | None = None,
+        runtime: str | None = None,
         insecure_hosts: Sequence[str] = (),
     ) -> None:
         self._insecure = list(insecure_hosts)
@@ -192,6 +206,7 @@ class BuildahToolchain:
         self._tail_n = log_tail_lines
         self._buildah = buildah or os.environ.get("AGENT_BUILDAH") or "buildah"
         self._skopeo = skopeo or os.environ.get("AGENT_SKOPEO") or "skopeo"
+        self._runtime = runtime or os.environ.get("AGENT_RUNC") or "runc"
         self._state = "stopped"
         self.runs: dict[str, int] = {"build": 0, "copy": 0}
         self._buds = 0  # builds in progress (bud or push)
@@ -208,6 +223,14 @@ class BuildahToolchain:
                     f"toolchain buildah: {prog!r} not found on PATH; install the buildah and "
                     "skopeo packages (dev/install.sh) or set build.toolchain"
                 )
+        runtime = shutil.which(self._runtime)
+        if runtime is None:
+            raise StartupError(
+                f"toolchain buildah: the OCI runtime {self._runtime!r} is not on PATH; RUN steps "
+                "run in a container under it: install the runc package (dev/install.sh), or "
+                "name another runtime with AGENT_RUNC"
+            )
+        self._runtime = runtime
         for sub in ("storage", "run", "home", "tmp"):
             (self._root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._kill_leftovers()
@@ -230,6 +253,7 @@ class BuildahToolchain:
                 log.warning("killing pid %d left behind by an earlier daemon", pid)
                 kill_tree(pid)
         for leftover in (self._root / "tmp").iterdir():
+            _runc.delete_leftovers_now(self._runtime, leftover, self._sandbox, self._env())
             shutil.rmtree(leftover, ignore_errors=True)
         self._sweep_secret_copies()
 
@@ -256,8 +280,11 @@ class BuildahToolchain:
             argv += ["--registries-conf", str(conf)]
         return argv
 
-    def _env(self) -> dict[str, str]:
-        return child_env(self._root / "home", {"BUILDAH_ISOLATION": "chroot"})
+    def _env(self, work: Path | None = None) -> dict[str, str]:
+        # A build's children get HOME and TMPDIR in its own work directory: buildah's temp files
+        # (the hosts and resolv.conf a RUN step mounts) and cache mounts stay that build's.
+        home = work / "home" if work is not None else self._root / "home"
+        return child_env(home, {"BUILDAH_ISOLATION": "oci", "BUILDAH_RUNTIME": self._runtime})
 
     async def build(self, spec: BuildSpec, log_sink: LogSink) -> BuildOutput:
         self.runs["build"] += 1
@@ -272,7 +299,13 @@ class BuildahToolchain:
                 *self._base(conf),
                 "bud",
                 "--isolation",
-                "chroot",
+                "oci",
+                "--runtime",
+                self._runtime,
+                "--network",
+                "host",
+                "--runtime-flag",
+                f"root={_runc.state_dir(work)}",
                 "--pull=true",
                 "--format",
                 "oci",
@@ -296,10 +329,11 @@ class BuildahToolchain:
                 "buildah bud",
                 argv,
                 sandbox=self._sandbox,
-                env=self._env(),
+                env=self._env(work),
                 sink=tail,
                 pass_fds=(spec.context_fd, *(fd for _, fd in spec.secrets)),
                 cwd=str(work),
+                visible=(str(work),),
             )
             if code != 0:
                 raise _diagnose("buildah bud", code, tail.last(), describe_exit(code))
@@ -318,7 +352,12 @@ class BuildahToolchain:
             ]
             tail = _Tail(log_sink, self._tail_n)
             code = await run(
-                "buildah push", argv, sandbox=self._sandbox, env=self._env(), sink=tail
+                "buildah push",
+                argv,
+                sandbox=self._sandbox,
+                env=self._env(work),
+                sink=tail,
+                visible=(str(work),),
             )
             if code != 0:
                 raise _diagnose("pushing the built image", code, tail.last(), describe_exit(code))
@@ -335,6 +374,8 @@ class BuildahToolchain:
 
     async def _cleanup(self, image: str, work: Path) -> None:
         # The pushed image is upstream now; keeping it would only grow the storage.
+        with contextlib.suppress(Exception):
+            await _runc.delete_leftovers(self._runtime, work, self._sandbox, self._env())
         with contextlib.suppress(Exception):
             argv = [*self._base(), "rmi", "-f", image]
             child = await popen("buildah rmi", argv, env=self._env(), stdout=subprocess.DEVNULL)
@@ -362,7 +403,14 @@ class BuildahToolchain:
                 f"docker://{dst}",
             ]
             tail = _Tail(log_sink, self._tail_n)
-            code = await run("skopeo copy", argv, sandbox=self._sandbox, env=self._env(), sink=tail)
+            code = await run(
+                "skopeo copy",
+                argv,
+                sandbox=self._sandbox,
+                env=self._env(work),
+                sink=tail,
+                visible=(str(work),),
+            )
             if code != 0:
                 raise _diagnose("copying the image", code, tail.last(), describe_exit(code))
             return digest_file.read_text().strip() if digest_file.exists() else None

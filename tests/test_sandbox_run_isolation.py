@@ -249,3 +249,43 @@ def test_a_cancelled_run_step_leaves_no_process_cgroup_or_runtime_state(
     finally:
         d.stop()
         d.cleanup()
+
+
+def test_a_cache_mount_is_not_shared_with_a_later_build(
+    registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    """``RUN --mount=type=cache`` is writable by the step: shared between builds it would carry
+    one build's planted file into another's RUN step. Each build gets its own."""
+    sandbox = {"mode": "on", "netns": unique_netns()}
+    d = DaemonProcess(short_tmp / "d", build_sections([registry], {"sandbox": sandbox})).start()
+    planted = uuid.uuid4().hex
+    try:
+        first = write_context(
+            short_tmp / "first",
+            {
+                "Dockerfile": (
+                    f"FROM {base_image}\n"
+                    f"RUN --mount=type=cache,target=/cache echo {planted} > /cache/planted\n"
+                )
+            },
+        )
+        r = d.ctl("build", "--context", str(first), "--target", f"{registry.host}/plant:1")
+        assert r.returncode == 0, r.stderr + d.log()[-3000:]
+        second = write_context(
+            short_tmp / "second",
+            {
+                "Dockerfile": (
+                    f"FROM {base_image}\nRUN --mount=type=cache,target=/cache "
+                    "cat /cache/planted > /seen 2>/dev/null; echo end >> /seen\n"
+                )
+            },
+        )
+        target = f"{registry.host}/victim:1"
+        r = d.ctl("build", "--context", str(second), "--target", target)
+        assert r.returncode == 0, r.stderr + d.log()[-3000:]
+        seen = read_from_image(target, "/seen").decode()
+    finally:
+        d.stop()
+        d.cleanup()
+    assert planted not in seen, seen
+    assert seen == "end\n"

@@ -1,0 +1,138 @@
+"""The per-build cost of running buildah RUN steps in a runc container (``bench/sandbox_overhead.py
+--build``): a forced few-KiB build through the real daemon (sandbox on, real proxy, agentctl)
+beside the same ``buildah bud`` + ``buildah push`` + ``skopeo copy`` by hand, once with
+``--isolation oci`` (runc: what the agent runs now) and once with ``--isolation chroot`` (what
+it ran before), all interleaved so they see the same load."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from agent.build.buildah import registries_conf
+from agent.devmode import buildah_cmd, make_busybox_image
+from bench._common import machine
+from tests.infra.builds import build_sections, write_context
+from tests.infra.daemon import AGENTCTL, REPO, DaemonProcess
+from tests.infra.registry import Registry, start_registry
+from tests.infra.sandbox_env import unique_netns
+
+START, END = "<!-- bench:isolation -->", "<!-- /bench:isolation -->"
+
+
+def _context(root: Path, base: str) -> Path:
+    return write_context(
+        root / uuid.uuid4().hex[:12],
+        {
+            "Dockerfile": (
+                f"FROM {base}\nCOPY hello.txt /hello.txt\n"
+                "RUN echo built-$(cat /hello.txt) > /out.txt\n"
+            ),
+            "hello.txt": uuid.uuid4().hex,
+        },
+    )
+
+
+def _by_hand(tmp: Path, ctx: Path, reg: Registry, isolation: str) -> float:
+    storage = tmp / "hand"
+    conf = tmp / "hand-registries.conf"
+    conf.write_text(registries_conf("", [], [reg.host]))
+    b = [*buildah_cmd(storage), "--registries-conf", str(conf)]
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp), "BUILDAH_ISOLATION": isolation}
+    iso = ["--isolation", isolation]
+    if isolation == "oci":
+        iso += ["--runtime", shutil.which("runc") or "runc", "--network", "host"]
+    image = f"localhost/bench/{uuid.uuid4().hex[:12]}"
+    tag = uuid.uuid4().hex[:12]
+    t0 = time.perf_counter()
+    for argv in (
+        [*b, "bud", *iso, "--pull=true", "--format", "oci", "-f", str(ctx / "Dockerfile"),
+         "-t", image, str(ctx)],
+        [*b, "push", "--tls-verify=false", "--retry", "0", image,
+         f"docker://{reg.host}/bench-iso-base:{tag}"],
+        ["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
+         "--retry-times", "0", f"docker://{reg.host}/bench-iso-base:{tag}",
+         f"docker://{reg.host}/bench-iso:{tag}"],
+    ):  # fmt: skip
+        subprocess.run(argv, check=True, capture_output=True, env=env)
+    took = time.perf_counter() - t0
+    subprocess.run([*b, "rmi", "-f", image], capture_output=True, env=env)
+    return took
+
+
+def _agent(d: DaemonProcess, ctx: Path, target: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(
+        [*AGENTCTL, "--socket", d.socket_path, "build", "--force", "--context", str(ctx),
+         "--target", target],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    return time.perf_counter() - t0
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) * 1000
+
+
+def measure_builds(runs: int) -> str:
+    where = machine()
+    tmp = Path(tempfile.mkdtemp(prefix="ba-bench-iso-", dir="/tmp"))
+    reg = start_registry(tmp / "reg")
+    d: DaemonProcess | None = None
+    try:
+        base = f"{reg.host}/busybox:latest"
+        make_busybox_image(tmp / "base", base)
+        sandbox = {"sandbox": {"mode": "on", "netns": unique_netns()}}
+        d = DaemonProcess(tmp / "d", build_sections([reg], sandbox)).start()
+        times: dict[str, list[float]] = {"agent": [], "oci": [], "chroot": []}
+        for i in range(runs + 1):  # the first round warms the storages (FROM pulled) and caches
+            got = {
+                "agent": _agent(d, _context(tmp, base), f"{reg.host}/bench-iso-agent:{i}"),
+                "oci": _by_hand(tmp, _context(tmp, base), reg, "oci"),
+                "chroot": _by_hand(tmp, _context(tmp, base), reg, "chroot"),
+            }
+            if i:
+                for k, v in got.items():
+                    times[k].append(v)
+    finally:
+        if d is not None:
+            d.stop()
+            d.cleanup()
+        reg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    agent, oci, chroot = _med(times["agent"]), _med(times["oci"]), _med(times["chroot"])
+    return "\n".join(
+        [
+            START,
+            "## buildah RUN isolation: per-build cost",
+            "",
+            f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {where}. "
+            f"Forced few-KiB build (FROM busybox, COPY, one RUN), {runs} rounds interleaved "
+            "after one warm-up: `agentctl build --force` through the daemon (sandbox on, "
+            "proxy, buildah with `--isolation oci` under runc), and the same bud + push + "
+            "skopeo copy by hand against the registry directly.",
+            "",
+            "| how | median ms |",
+            "| --- | ---: |",
+            f"| agent (sandbox on, runc) | {agent:.0f} |",
+            f"| by hand, `--isolation oci` (runc) | {oci:.0f} |",
+            f"| by hand, `--isolation chroot` (before) | {chroot:.0f} |",
+            "",
+            f"runc costs **{oci - chroot:.0f} ms** per build with one RUN step over chroot "
+            f"(by hand, {oci / chroot:.2f}x); agent vs by hand with the same isolation: "
+            f"**{agent / oci:.3f}** (goal <= 1.10). Measured by "
+            f"`bench/sandbox_overhead.py --build --runs {runs}`.",
+            END,
+        ]
+    )
+
+
+__all__ = ["measure_builds"]

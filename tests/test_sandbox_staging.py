@@ -16,8 +16,7 @@ import pytest
 
 from agent import config as config_mod
 from agent.build import child as children
-from agent.sandbox import Sandbox, _netns, hide_plan, open_sandbox
-from agent.sandbox._wrap import code_dirs
+from agent.sandbox import Sandbox, _netns, code_dirs, hide_plan, open_sandbox
 from tests.infra.daemon import REPO
 from tests.infra.sandbox_env import make_app
 

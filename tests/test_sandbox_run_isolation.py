@@ -255,7 +255,8 @@ def test_a_cache_mount_is_not_shared_with_a_later_build(
     registry: Registry, base_image: str, short_tmp: Path
 ) -> None:
     """``RUN --mount=type=cache`` is writable by the step: shared between builds it would carry
-    one build's planted file into another's RUN step. Each build gets its own."""
+    one build's planted file into another's RUN step. Each build gets its own. (A bind mount of
+    the build's own context still works.)"""
     sandbox = {"mode": "on", "netns": unique_netns()}
     d = DaemonProcess(short_tmp / "d", build_sections([registry], {"sandbox": sandbox})).start()
     planted = uuid.uuid4().hex
@@ -277,7 +278,10 @@ def test_a_cache_mount_is_not_shared_with_a_later_build(
                 "Dockerfile": (
                     f"FROM {base_image}\nRUN --mount=type=cache,target=/cache "
                     "cat /cache/planted > /seen 2>/dev/null; echo end >> /seen\n"
-                )
+                    # Its own context is there to bind (the staging of its build is visible).
+                    "RUN --mount=type=bind,target=/ctx cat /ctx/hello >> /seen\n"
+                ),
+                "hello": "own context\n",
             },
         )
         target = f"{registry.host}/victim:1"
@@ -288,4 +292,38 @@ def test_a_cache_mount_is_not_shared_with_a_later_build(
         d.stop()
         d.cleanup()
     assert planted not in seen, seen
-    assert seen == "end\n"
+    assert seen == "end\nown context\n"
+
+
+def test_a_daemon_killed_mid_step_with_the_sandbox_off_leaves_nothing_after_restart(
+    registry: Registry, base_image: str, short_tmp: Path
+) -> None:
+    """Without the sandbox's PID namespace a SIGKILLed daemon's buildah and its container go on
+    running; the next start kills them and deletes the container's cgroup and runc state."""
+    sections = build_sections([registry], {"sandbox": {"mode": "off"}})
+    marker = f"36{uuid.uuid4().int % 10**6}"
+    ctx = write_context(
+        short_tmp / "ctx",
+        {"Dockerfile": f"FROM {base_image}\nRUN echo started-{marker} && sleep {marker}\n"},
+    )
+    d = DaemonProcess(short_tmp / "d", sections).start()
+    try:
+        build_id = detach(d, ctx, f"{registry.host}/killed-off-{marker}:1")
+        wait_for(lambda: f"started-{marker}" in log_of(d, build_id), 60, "the RUN step")
+        (step,) = wait_for(lambda: processes_matching(f"sleep {marker}", start=True), 10, "sleep")
+        cgroup = _cgroup_of(step)
+        work = Path(d.sections["daemon"]["state_dir"]) / "buildah" / "tmp"
+        (state,) = [p for p in work.glob("bud-*/runc/*") if p.is_dir()]
+        d.kill()
+    finally:
+        d.cleanup()
+    assert processes_matching(f"sleep {marker}", start=True) == [step]  # still running
+    again = DaemonProcess(short_tmp / "d", sections).start()
+    try:
+        assert not processes_matching(f"sleep {marker}", start=True)
+        assert not cgroup.exists()
+        assert not state.exists()
+        assert status(again, build_id)["state"] == "interrupted"
+    finally:
+        again.stop()
+        again.cleanup()

@@ -29,9 +29,13 @@ def _dir_with(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("state_link", [False, True], ids=["state", "symlinked-state"])
 async def test_a_child_sees_only_its_own_builds_staging_and_not_the_daemons_code_writable(
-    short_tmp: Path,
+    short_tmp: Path, state_link: bool
 ) -> None:
+    if state_link:  # daemon.state_dir names a symlink: children name their dirs by real paths
+        (short_tmp / "real-state").mkdir()
+        (short_tmp / "state").symlink_to(short_tmp / "real-state")
     app = make_app(short_tmp)
     state = Path(app.config.daemon.state_dir)
     planted = [REPO / f"planted-{uuid.uuid4().hex[:8]}", Path(sys.prefix) / "planted-by-child"]

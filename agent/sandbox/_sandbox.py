@@ -153,9 +153,11 @@ def _prepare_dirs(plan: HidePlan, app: App) -> None:
     for d in plan.keeps:
         os.makedirs(d, mode=0o700, exist_ok=True)
     state = os.path.abspath(app.config.daemon.state_dir)
-    for d in [*plan.dirs, *plan.private]:
-        if d.startswith(state + "/"):
+    for d in plan.dirs:
+        if os.path.dirname(d) == state:
             os.makedirs(d, mode=0o700, exist_ok=True)
+    for d in plan.private:  # per-build staging roots: hidden even before the first build
+        os.makedirs(d, mode=0o700, exist_ok=True)
 
 
 @asynccontextmanager

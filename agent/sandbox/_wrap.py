@@ -126,7 +126,8 @@ def hide_plan(config: Config, code: list[str] | None = None) -> HidePlan:
             "directory of its own, e.g. /run/build-agent"
         )
     keeps = [os.path.join(runtime, k) for k in RUNTIME_VISIBLE]
-    private = [os.path.join(state, p) for p in STATE_PRIVATE]
+    # Real paths: a child's directories are named by resolved paths (/proc/self/fd links).
+    private = [os.path.join(os.path.realpath(state), p) for p in STATE_PRIVATE]
     dirs = [runtime, *(os.path.join(state, h) for h in STATE_HIDDEN), *private]
     needed = [state, *keeps]
     files: list[str] = []
@@ -184,7 +185,7 @@ class Wrapper:
             raise ValueError("wrap() needs a command")
         keeps: list[str] = []
         for v in visible:
-            path = os.path.abspath(v)
+            path = os.path.realpath(v)
             if any(_within(path, p) and path != p for p in self._private):
                 keeps += ["--keep", path]
         return [*self._prefix, *keeps, "--", *argv]

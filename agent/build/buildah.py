@@ -64,6 +64,8 @@ log = logging.getLogger("agent.build")
 _STEP_FAIL = re.compile(r'building at STEP "(?P<step>.*?)": (?P<why>.*)$')
 _EXIT = re.compile(r"exit status (\d+)")
 _UNKNOWN = re.compile(r'Unknown instruction: "?(?P<word>[^"\s]+)"?', re.IGNORECASE)
+# buildah's line when the runtime failed to create a step's container (buildah 1.28).
+_RUNTIME_FAIL = re.compile(r"^error running container: from \S+ creating container for \[.*?\]: ")
 _REGISTRY_IN = re.compile(r"(?:docker://|in |registry )(?P<host>[A-Za-z0-9.-]+(?::\d+)?)")
 
 
@@ -120,6 +122,18 @@ def _diagnose(what: str, code: int, tail: list[str], exit_words: str) -> AgentEr
     # Only the tool's own error line is classified: a RUN step's output may say anything.
     low = last_error.lower()
     m = _STEP_FAIL.search(last_error)
+    refusal = next((ln for ln in tail if _RUNTIME_FAIL.match(ln)), None)
+    if m and refusal is not None and "while running runtime" in m.group("why"):
+        # The step's container never started: the runtime said why (cgroups, namespaces, a
+        # missing program), which the step's exit status would hide. (A step printing such a
+        # line only rewords its own build's error.)
+        step = m.group("step")
+        reason = _RUNTIME_FAIL.sub("", refusal)
+        return BuildFailed(
+            f"{step} could not start its container: {_short(reason)} (the OCI runtime refused; "
+            "if every RUN step fails so, check that runc works on this node: cgroups, namespaces)",
+            details={**details, "step": step},
+        )
     if m:
         step, why = m.group("step"), m.group("why")
         unknown = _UNKNOWN.search(why)

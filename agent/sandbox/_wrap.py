@@ -25,9 +25,9 @@ The rule (toolchain code must follow it; ``agent/sandbox/__init__.py`` repeats i
   of its own.
 
 Every child gets its own network namespace (the sandbox's), mount namespace (private propagation)
-and PID namespace with a fresh ``/proc``. The PID namespace is not only for buildkitd: a RUN step
-under buildah's chroot isolation sees the ``/proc`` of the namespace buildah runs in, and other
-children's command lines there carry other builds' proxy routes.
+and PID namespace with a fresh ``/proc``. The PID namespace is not only for buildkitd: RUN steps
+now run in containers of their own on both toolchains, but whatever gets out of one (a runtime
+bug) should find only its own build's tree in ``/proc``.
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def test_run_step_cannot_read_a_concurrent_builds_context_secret_or_login(
                 "Dockerfile": (
                     f"FROM {base_image}\nCOPY {peer_marker} /m\n"
                     "RUN --mount=type=secret,id=tok cat /run/secrets/tok > /dev/null "
-                    f"&& echo {running} && sleep 15\n"
+                    f"&& echo {running} && sleep 25\n"
                 ),
                 peer_marker: "the peer's context",
             },

@@ -92,6 +92,34 @@ def _agent(d: DaemonProcess, ctx: Path, target: str) -> tuple[float, float]:
     return took, _children_cpu() - c0 + _daemon_cpu(d.pid) - d0
 
 
+STEPS = 10
+
+
+def _steps_bud(tmp: Path, base: str, isolation: str) -> tuple[float, float]:
+    """One ``buildah bud`` of FROM + :data:`STEPS` ``RUN true`` (no push): the steps' own cost."""
+    ctx = write_context(
+        tmp / uuid.uuid4().hex[:12],
+        {"Dockerfile": f"FROM {base}\n" + "".join(f"RUN true {i}\n" for i in range(STEPS))},
+    )
+    conf = tmp / "hand-registries.conf"
+    iso = ["--isolation", isolation]
+    if isolation == "oci":
+        iso += ["--runtime", shutil.which("runc") or "runc", "--network", "host"]
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp), "TMPDIR": str(tmp)}
+    b = [*buildah_cmd(tmp / "hand"), "--registries-conf", str(conf)]
+    image = f"localhost/bench/{uuid.uuid4().hex[:12]}"
+    t0, c0 = time.perf_counter(), _children_cpu()
+    subprocess.run(
+        [*b, "bud", *iso, "--pull=true", "--layers=false", "-t", image, str(ctx)],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    took = time.perf_counter() - t0, _children_cpu() - c0
+    subprocess.run([*b, "rmi", "-f", image], capture_output=True, env=env)
+    return took
+
+
 def _med(xs: list[float]) -> float:
     return statistics.median(xs) * 1000
 
@@ -112,12 +140,15 @@ def measure_builds(runs: int) -> str:
         d = DaemonProcess(tmp / "d", build_sections([reg], sandbox)).start()
         times: dict[str, list[float]] = {"agent": [], "oci": [], "chroot": []}
         cpu: dict[str, list[float]] = {"agent": [], "oci": [], "chroot": []}
+        steps: dict[str, list[tuple[float, float]]] = {"oci": [], "chroot": []}
         for i in range(runs + 1):  # the first round warms the storages (FROM pulled) and caches
             got = {
                 "agent": _agent(d, _context(tmp, base), f"{reg.host}/bench-iso-agent:{i}"),
                 "oci": _by_hand(tmp, _context(tmp, base), reg, "oci"),
                 "chroot": _by_hand(tmp, _context(tmp, base), reg, "chroot"),
             }
+            for iso, out in steps.items():
+                out.append(_steps_bud(tmp, base, iso))
             if i:
                 for k, (wall, used) in got.items():
                     times[k].append(wall)
@@ -130,6 +161,10 @@ def measure_builds(runs: int) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     agent, oci, chroot = _med(times["agent"]), _med(times["oci"]), _med(times["chroot"])
     c_agent, c_oci, c_chroot = _med(cpu["agent"]), _med(cpu["oci"]), _med(cpu["chroot"])
+    per_step = {  # (wall, CPU) ms per RUN step, warm-up round left out
+        iso: tuple(_med([r[k] for r in out[1:]]) / STEPS for k in (0, 1))
+        for iso, out in steps.items()
+    }
     return "\n".join(
         [
             START,
@@ -157,6 +192,12 @@ def measure_builds(runs: int) -> str:
             f"hand with the same isolation: **{agent / oci:.3f}** wall, {c_agent / c_oci:.3f} "
             "CPU (goal <= 1.10 wall). Measured by "
             f"`bench/sandbox_overhead.py --build --runs {runs}`.",
+            "",
+            f"Per RUN step (`buildah bud` by hand of FROM + {STEPS} `RUN true`, no push, "
+            f"median of {runs} / {STEPS}): runc **{per_step['oci'][0]:.0f} ms** wall, "
+            f"{per_step['oci'][1]:.0f} ms CPU; chroot {per_step['chroot'][0]:.0f} ms wall, "
+            f"{per_step['chroot'][1]:.0f} ms CPU (buildah's chroot isolation re-executes "
+            "buildah itself for every step; runc is the lighter program).",
             END,
         ]
     )

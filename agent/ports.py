@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -114,11 +115,16 @@ class SandboxPort(Protocol):
         """ "on" or "off"."""
         ...
 
-    def wrap(self, argv: list[str], *, pid_namespace: bool = False) -> list[str]:
+    def wrap(
+        self, argv: list[str], *, pid_namespace: bool = False, visible: Sequence[str] = ()
+    ) -> list[str]:
         """argv that runs ``argv`` inside the sandbox (network + private mount namespace, and a
         PID namespace when asked: agent.sandbox gives every child one, because a RUN step sees
-        the /proc of its toolchain's PID namespace). With the sandbox off it returns ``argv``
-        unchanged. Exec the result directly from the daemon process (it dies with its parent)."""
+        the /proc of its toolchain's PID namespace). ``visible``: this build's own directories
+        under the per-build staging roots (``<state_dir>/contexts``, ``<state_dir>/buildah/tmp``),
+        which are hidden from every child except the ones that name them here. With the sandbox
+        off it returns ``argv`` unchanged. Exec the result directly from the daemon process (it
+        dies with its parent)."""
         ...
 
     def listen(self, port: int) -> socket.socket:
@@ -132,7 +138,9 @@ class NoSandbox:
 
     mode = "off"
 
-    def wrap(self, argv: list[str], *, pid_namespace: bool = False) -> list[str]:
+    def wrap(
+        self, argv: list[str], *, pid_namespace: bool = False, visible: Sequence[str] = ()
+    ) -> list[str]:
         return list(argv)
 
     def listen(self, port: int) -> socket.socket:

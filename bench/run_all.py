@@ -48,6 +48,12 @@ BENCHES = [
     Bench("cache_key", "cache_key.py", (), ("--quick",)),
     Bench("resolve", "resolve.py", (), (), prints_only=True),
     Bench("sandbox", "sandbox_overhead.py", ("--write-docs",), ("--write-docs", "--runs", "10")),
+    Bench(
+        "isolation",
+        "sandbox_overhead.py",
+        ("--build", "--write-docs"),
+        ("--build", "--write-docs", "--runs", "3"),
+    ),
     Bench("reliability", "reliability.py", (), ("--quick",)),
     Bench("profile", "profile.py", (), ("--seconds", "4")),
 ]

@@ -1,11 +1,18 @@
-"""Per-child cost of the sandbox: ``true`` run plainly vs through ``sandbox.wrap()``.
+"""Per-child cost of the sandbox: ``true`` run plainly vs through ``sandbox.wrap()``; with
+``--build``, the per-build cost of RUN steps in a real container.
 
     sudo .venv/bin/python bench/sandbox_overhead.py [--runs 50] [--write-docs]
+    sudo .venv/bin/python bench/sandbox_overhead.py --build [--runs 7] [--write-docs]
 
 Creates a sandbox of its own (a unique network namespace, removed at the end), then starts
 ``true`` ``--runs`` times each way, one after another, the way the daemon starts a child
 (fork+exec, wait). Prints a Markdown table; ``--write-docs`` also puts it into
 docs/performance.md between ``<!-- bench:sandbox -->`` and ``<!-- /bench:sandbox -->``.
+
+``--build`` (bench/_isolation.py): a forced few-KiB buildah build (FROM busybox, COPY, one RUN)
+through the real daemon with the sandbox on, beside the same bud + push + copy run by hand
+with ``--isolation oci`` (runc, what the agent runs) and ``--isolation chroot`` (what it ran
+before), interleaved. Its section is ``<!-- bench:isolation -->``.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from agent import config as config_mod  # noqa: E402
 from agent.app import App  # noqa: E402
 from agent.ports import SandboxPort  # noqa: E402
 from agent.sandbox import open_sandbox  # noqa: E402
-from bench._common import DOC, replace_section  # noqa: E402
+from bench._common import DOC, replace_section, write_section  # noqa: E402
 
 START, END = "<!-- bench:sandbox -->", "<!-- /bench:sandbox -->"
 
@@ -117,10 +124,19 @@ def write_docs(section: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--build", action="store_true", help="the per-build cost of runc isolation")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
-    section = asyncio.run(measure(args.runs))
+    if args.build:
+        from bench._isolation import measure_builds
+
+        section = measure_builds(args.runs or 7)
+        print(section)
+        if args.write_docs:
+            write_section(section)
+        return
+    section = asyncio.run(measure(args.runs or 50))
     print(section)
     if args.write_docs:
         write_docs(section)

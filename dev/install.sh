@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(docker-registry buildah skopeo busybox-static iproute2 nftables apache2-utils nginx
-      prometheus systemd util-linux procps curl python3-venv)
+PKGS=(docker-registry buildah skopeo runc busybox-static iproute2 nftables apache2-utils nginx
+      prometheus systemd util-linux procps curl python3-venv gcc libc6-dev)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -105,8 +105,11 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
             "credentials (only plain-HTTP proxy.registries work); development only"
         )
     store = RecordStore(cfg.daemon.state_dir)
-    # Context copies of builds a stopped daemon was running (flow.Flow._stage makes them).
-    shutil.rmtree(Path(cfg.daemon.state_dir) / "contexts", ignore_errors=True)
+    # Context copies of builds a stopped daemon was running (flow.Flow._stage makes them). The
+    # directory itself stays: the sandbox hides it from children that start from now on.
+    contexts = Path(cfg.daemon.state_dir) / "contexts"
+    for leftover in contexts.iterdir() if contexts.is_dir() else ():
+        shutil.rmtree(leftover, ignore_errors=True)
     interrupted = store.load()
     if interrupted:
         log.warning("marked %d builds interrupted: %s", len(interrupted), ", ".join(interrupted))

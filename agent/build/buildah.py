@@ -1,9 +1,21 @@
 """The buildah toolchain: ``buildah bud`` + ``buildah push`` for Dockerfiles, ``skopeo copy`` for
 copies (DESIGN section 2). Daemonless, so it has nothing to supervise.
 
+- RUN steps run in a real container: ``--isolation oci`` with ``runc`` (Debian package; another
+  OCI runtime with ``AGENT_RUNC``): pivot_root into the image's rootfs, own mount, PID, IPC and
+  UTS namespaces, the default capability set (no ``CAP_SYS_ADMIN``), masked ``/proc`` paths. A
+  step shares the builder's network namespace (``--network host``: the sandbox's), so with the
+  sandbox on it reaches the proxy and, with ``egress = "nat"``, the internet, and nothing else.
+  ``--isolation chroot`` is no boundary: a root step keeps ``CAP_SYS_CHROOT`` and leaves the
+  chroot (tests/fixtures/attacks/escape.c).
 - Storage (vfs: works everywhere, also inside containers) lives under
   ``<state_dir>/buildah``; a built image is pushed and then removed from it, so only the images
-  FROM lines pulled stay as a cache.
+  FROM lines pulled stay as a cache. Only buildah itself writes it: a RUN step sees its own
+  container's rootfs (a copy of the layers, vfs) and nothing else of the store.
+- Each build (and copy) has a work directory ``<state_dir>/buildah/tmp/<bud|copy>-*`` holding
+  its registries.conf, push login, digest file, and HOME/TMPDIR (buildah's own temp files and
+  ``RUN --mount=type=cache`` directories, so no cache is shared between builds). Its children are
+  started with it ``visible``; the sandbox hides every other build's.
 - Registry traffic goes to the proxy only, over plain HTTP (``--tls-verify=false``). FROM lines
   reach their registries through a generated ``registries.conf``: each upstream host the proxy
   mirrors gets a ``[[registry.mirror]]`` entry at ``<proxy child address>/<mirror prefix>``.
@@ -28,6 +40,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent.build import _runc
 from agent.build._sources import missing_source, missing_source_message
 from agent.build.buildargs import split_for_env
 from agent.build.child import (
@@ -55,6 +68,8 @@ log = logging.getLogger("agent.build")
 _STEP_FAIL = re.compile(r'building at STEP "(?P<step>.*?)": (?P<why>.*)$')
 _EXIT = re.compile(r"exit status (\d+)")
 _UNKNOWN = re.compile(r'Unknown instruction: "?(?P<word>[^"\s]+)"?', re.IGNORECASE)
+# buildah's line when the runtime failed to create a step's container (buildah 1.28).
+_RUNTIME_FAIL = re.compile(r"^error running container: from \S+ creating container for \[.*?\]: ")
 _REGISTRY_IN = re.compile(r"(?:docker://|in |registry )(?P<host>[A-Za-z0-9.-]+(?::\d+)?)")
 
 
@@ -111,6 +126,18 @@ def _diagnose(what: str, code: int, tail: list[str], exit_words: str) -> AgentEr
     # Only the tool's own error line is classified: a RUN step's output may say anything.
     low = last_error.lower()
     m = _STEP_FAIL.search(last_error)
+    refusal = next((ln for ln in tail if _RUNTIME_FAIL.match(ln)), None)
+    if m and refusal is not None and "while running runtime" in m.group("why"):
+        # The step's container never started: the runtime said why (cgroups, namespaces, a
+        # missing program), which the step's exit status would hide. (A step printing such a
+        # line only rewords its own build's error.)
+        step = m.group("step")
+        reason = _RUNTIME_FAIL.sub("", refusal)
+        return BuildFailed(
+            f"{step} could not start its container: {_short(reason)} (the OCI runtime refused; "
+            "if every RUN step fails so, check that runc works on this node: cgroups, namespaces)",
+            details={**details, "step": step},
+        )
     if m:
         step, why = m.group("step"), m.group("why")
         unknown = _UNKNOWN.search(why)
@@ -195,6 +222,7 @@ class BuildahToolchain:
         log_tail_lines: int = 20,
         buildah: str | None = None,
         skopeo: str | None = None,
+        runtime: str | None = None,
         insecure_hosts: Sequence[str] = (),
     ) -> None:
         self._insecure = list(insecure_hosts)
@@ -203,6 +231,7 @@ class BuildahToolchain:
         self._tail_n = log_tail_lines
         self._buildah = buildah or os.environ.get("AGENT_BUILDAH") or "buildah"
         self._skopeo = skopeo or os.environ.get("AGENT_SKOPEO") or "skopeo"
+        self._runtime = runtime or os.environ.get("AGENT_RUNC") or "runc"
         self._state = "stopped"
         self.runs: dict[str, int] = {"build": 0, "copy": 0}
         self._buds = 0  # builds in progress (bud or push)
@@ -219,6 +248,14 @@ class BuildahToolchain:
                     f"toolchain buildah: {prog!r} not found on PATH; install the buildah and "
                     "skopeo packages (dev/install.sh) or set build.toolchain"
                 )
+        runtime = shutil.which(self._runtime)
+        if runtime is None:
+            raise StartupError(
+                f"toolchain buildah: the OCI runtime {self._runtime!r} is not on PATH; RUN steps "
+                "run in a container under it: install the runc package (dev/install.sh), or "
+                "name another runtime with AGENT_RUNC"
+            )
+        self._runtime = runtime
         for sub in ("storage", "run", "home", "tmp"):
             (self._root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._kill_leftovers()
@@ -241,6 +278,7 @@ class BuildahToolchain:
                 log.warning("killing pid %d left behind by an earlier daemon", pid)
                 kill_tree(pid)
         for leftover in (self._root / "tmp").iterdir():
+            _runc.delete_leftovers_now(self._runtime, leftover, self._sandbox, self._env())
             shutil.rmtree(leftover, ignore_errors=True)
         self._sweep_secret_copies()
 
@@ -267,8 +305,11 @@ class BuildahToolchain:
             argv += ["--registries-conf", str(conf)]
         return argv
 
-    def _env(self) -> dict[str, str]:
-        return child_env(self._root / "home", {"BUILDAH_ISOLATION": "chroot"})
+    def _env(self, work: Path | None = None) -> dict[str, str]:
+        # A build's children get HOME and TMPDIR in its own work directory: buildah's temp files
+        # (the hosts and resolv.conf a RUN step mounts) and cache mounts stay that build's.
+        home = work / "home" if work is not None else self._root / "home"
+        return child_env(home, {"BUILDAH_ISOLATION": "oci", "BUILDAH_RUNTIME": self._runtime})
 
     async def build(self, spec: BuildSpec, log_sink: LogSink) -> BuildOutput:
         self.runs["build"] += 1
@@ -283,7 +324,13 @@ class BuildahToolchain:
                 *self._base(conf),
                 "bud",
                 "--isolation",
-                "chroot",
+                "oci",
+                "--runtime",
+                self._runtime,
+                "--network",
+                "host",
+                "--runtime-flag",
+                f"root={_runc.state_dir(work)}",
                 "--pull=true",
                 "--format",
                 "oci",
@@ -311,10 +358,11 @@ class BuildahToolchain:
                 "buildah bud",
                 argv,
                 sandbox=self._sandbox,
-                env={**self._env(), **env_args},
+                env={**self._env(work), **env_args},
                 sink=tail,
                 pass_fds=(spec.context_fd, *(fd for _, fd in spec.secrets)),
                 cwd=str(work),
+                visible=(str(work),),
                 cgroup=spec.cgroup,
             )
             if code != 0:
@@ -337,8 +385,9 @@ class BuildahToolchain:
                 "buildah push",
                 argv,
                 sandbox=self._sandbox,
-                env=self._env(),
+                env=self._env(work),
                 sink=tail,
+                visible=(str(work),),
                 cgroup=spec.cgroup,
             )
             if code != 0:
@@ -356,6 +405,8 @@ class BuildahToolchain:
 
     async def _cleanup(self, image: str, work: Path) -> None:
         # The pushed image is upstream now; keeping it would only grow the storage.
+        with contextlib.suppress(Exception):
+            await _runc.delete_leftovers(self._runtime, work, self._sandbox, self._env())
         with contextlib.suppress(Exception):
             argv = [*self._base(), "rmi", "-f", image]
             child = await popen("buildah rmi", argv, env=self._env(), stdout=subprocess.DEVNULL)
@@ -392,8 +443,9 @@ class BuildahToolchain:
                 "skopeo copy",
                 argv,
                 sandbox=self._sandbox,
-                env=self._env(),
+                env=self._env(work),
                 sink=tail,
+                visible=(str(work),),
                 cgroup=cgroup,
             )
             if code != 0:

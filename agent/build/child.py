@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat as stat_mod
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -235,16 +236,33 @@ async def spawn(
     cwd: str | None = None,
     pid_namespace: bool = False,
     stdout: int | None = subprocess.PIPE,
+    visible: Sequence[str] = (),
     cgroup: CgroupPort | None = None,
 ) -> Child:
     """Start ``argv`` inside the sandbox in a new session (so it is its own process group), and
-    inside the build's ``cgroup`` from before its first instruction when there is one."""
-    full = sandbox.wrap(list(argv), pid_namespace=pid_namespace)
+    inside the build's ``cgroup`` from before its first instruction when there is one.
+
+    ``visible``: this build's directories under the sandbox's per-build staging roots (its work
+    directory); every directory passed in ``pass_fds`` (its context copy) is added, so a tool
+    that turns ``/dev/fd/N`` back into a path finds it. No other build's are visible."""
+    fds = tuple(pass_fds)
+    full = sandbox.wrap(
+        list(argv), pid_namespace=pid_namespace, visible=[*visible, *_dir_paths(fds)]
+    )
     if cgroup is not None:
         full = cgroup.join_argv(full)
-    child = await popen(name, full, env=env, pass_fds=pass_fds, cwd=cwd, stdout=stdout)
+    child = await popen(name, full, env=env, pass_fds=fds, cwd=cwd, stdout=stdout)
     log.info("%s started (pid %d)", name, child.pid)
     return child
+
+
+def _dir_paths(fds: Sequence[int]) -> list[str]:
+    out: list[str] = []
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if stat_mod.S_ISDIR(os.fstat(fd).st_mode):
+                out.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return out
 
 
 async def run(
@@ -256,12 +274,20 @@ async def run(
     sink: LogSink,
     pass_fds: Iterable[int] = (),
     cwd: str | None = None,
+    visible: Sequence[str] = (),
     cgroup: CgroupPort | None = None,
 ) -> int:
     """Run a child to completion, sending each output line to ``sink``; return its exit code.
     If the calling task is cancelled, the child's whole tree is killed before re-raising."""
     child = await spawn(
-        name, argv, sandbox=sandbox, env=env, pass_fds=pass_fds, cwd=cwd, cgroup=cgroup
+        name,
+        argv,
+        sandbox=sandbox,
+        env=env,
+        pass_fds=pass_fds,
+        cwd=cwd,
+        visible=visible,
+        cgroup=cgroup,
     )
     try:
         assert child.stdout is not None

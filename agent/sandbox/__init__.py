@@ -27,6 +27,9 @@ What children can see (the rule the toolchains follow; details in ``_wrap.py``):
   ``<state_dir>`` subdirectories (toolchain storage: ``buildah/``, ``buildkit/``) are visible.
 - The config file, ``build.docker_config`` and the control socket are hidden with their
   directories (only the files, with a start-up warning, when a directory is shared).
+- ``<state_dir>/contexts/`` and ``<state_dir>/buildah/tmp/`` (per-build staging) are hidden; a
+  child sees in them only the directories passed as ``wrap(..., visible=...)``: its own build's.
+- The daemon's code and Python environment are read-only.
 
 Orphans: ``cleanup_buildkitd(pidfile: Path, root: Path) -> None`` (blocking, bounded) kills the
 process tree a previous daemon's buildkitd left (the pid in ``pidfile`` if its command line still
@@ -48,12 +51,20 @@ from agent.sandbox._cgroup import detect as detect_cgroups
 from agent.sandbox._cgroup import sweep as sweep_cgroups
 from agent.sandbox._orphans import cleanup_buildkitd
 from agent.sandbox._sandbox import OffSandbox, Sandbox, open_sandbox
-from agent.sandbox._wrap import RUNTIME_VISIBLE, STATE_HIDDEN, HidePlan, hide_plan
+from agent.sandbox._wrap import (
+    RUNTIME_VISIBLE,
+    STATE_HIDDEN,
+    STATE_PRIVATE,
+    HidePlan,
+    code_dirs,
+    hide_plan,
+)
 
 __all__ = [
     "RUNTIME_VISIBLE",
     "STATE_HIDDEN",
     "BuildCgroup",
+    "STATE_PRIVATE",
     "HidePlan",
     "OffSandbox",
     "Sandbox",
@@ -61,6 +72,7 @@ __all__ = [
     "cleanup_buildkitd",
     "create_cgroup",
     "detect_cgroups",
+    "code_dirs",
     "hide_plan",
     "open_sandbox",
     "sweep_cgroups",

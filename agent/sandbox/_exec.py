@@ -11,7 +11,9 @@ does its work with a handful of system calls:
    When PID 1 dies the kernel kills everything else in the namespace.
 4. ``unshare(CLONE_NEWNS)`` + private propagation: mounts made from here on (ours and the
    child's) never reach the host and vanish with the last process of the namespace.
-5. ``--keep DIR`` (taken before hiding, with ``open_tree``), ``--hide DIR`` (an empty read-only
+5. ``--readonly DIR`` (a read-only copy of its mount tree over it, submounts included:
+   ``open_tree`` + ``mount_setattr``; a plain bind remounted read-only on kernels before 5.12),
+   ``--keep DIR`` (taken before hiding, with ``open_tree``), ``--hide DIR`` (an empty read-only
    tmpfs over it, then each kept directory under it moved back in), ``--hide-file FILE``
    (``/dev/null`` bound over it, read-only).
 6. Capabilities no builder needs (loading kernel modules, raw I/O, reboot, setting the clock...)
@@ -58,6 +60,12 @@ OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 SYS_OPEN_TREE = 428  # the same number on every architecture (new syscall table, Linux 5.2)
 SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+AT_EMPTY_PATH = 0x1000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+ENOSYS = 38
 FAILED = 125
 EINVAL = 22
 # Signals forwarded to the namespace's PID 1 (the rest are not meant for it, or cannot be caught).
@@ -99,7 +107,7 @@ def mount(src: str | None, target: str, fstype: str | None, flags: int, data: st
 
 
 def parse(args: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    opts: dict[str, list[str]] = {"--hide": [], "--hide-file": [], "--keep": []}
+    opts: dict[str, list[str]] = {"--hide": [], "--hide-file": [], "--keep": [], "--readonly": []}
     i = 0
     while i < len(args):
         a = args[i]
@@ -109,7 +117,8 @@ def parse(args: list[str]) -> tuple[dict[str, list[str]], list[str]]:
             opts["--pid"] = []
             i += 1
             continue
-        if a in ("--netns", "--parent", "--hide", "--hide-file", "--keep") and i + 1 < len(args):
+        takes_value = ("--netns", "--parent", "--hide", "--hide-file", "--keep", "--readonly")
+        if a in takes_value and i + 1 < len(args):
             opts.setdefault(a, []).append(args[i + 1])
             i += 2
             continue
@@ -134,9 +143,55 @@ def enter_netns(path: str) -> None:
         os.close(fd)
 
 
-def hide(dirs: list[str], files: list[str], keeps: list[str]) -> None:
+class MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def make_readonly(path: str) -> None:
+    """A read-only copy of the mount tree at ``path`` (every submount too) over ``path``."""
+    fd = check(
+        libc.syscall(
+            SYS_OPEN_TREE,
+            AT_FDCWD,
+            path.encode(),
+            ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE),
+        ),
+        f"open_tree {path}",
+    )
+    try:
+        attr = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
+        rc = libc.syscall(
+            SYS_MOUNT_SETATTR,
+            fd,
+            b"",
+            ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        )
+        if rc < 0 and ctypes.get_errno() == ENOSYS:  # before Linux 5.12: the top mount only
+            mount(path, path, None, MS_BIND | MS_REC, None)
+            mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+            return
+        check(rc, f"mount_setattr read-only {path}")
+        rc = libc.syscall(
+            SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, path.encode(), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)
+        )
+        check(rc, f"move_mount onto {path}")
+    finally:
+        os.close(fd)
+
+
+def hide(dirs: list[str], files: list[str], keeps: list[str], readonly: list[str]) -> None:
     check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     mount(None, "/", None, MS_REC | MS_PRIVATE, None)
+    for r in readonly:
+        if os.path.isdir(r):
+            make_readonly(r)
     kept: list[tuple[str, int]] = []
     for k in keeps:
         if os.path.isdir(k):
@@ -246,7 +301,7 @@ def start(opts: dict[str, list[str]], argv: list[str]) -> None:
         check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
         if select.select([alive_r], [], [], 0)[0]:  # the supervisor died before prctl took hold
             os._exit(FAILED)
-    hide(opts["--hide"], opts["--hide-file"], opts["--keep"])
+    hide(opts["--hide"], opts["--hide-file"], opts["--keep"], opts["--readonly"])
     drop_caps()
     if pid_ns:
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)

@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -46,10 +46,13 @@ class Sandbox:
             "netns": self.netns,
             "egress": "nat" if self.egress else "none",
             "hidden": list(self.plan.dirs),
+            "read_only": list(self.plan.readonly),
         }
 
-    def wrap(self, argv: list[str], *, pid_namespace: bool = False) -> list[str]:
-        return self._wrapper.wrap(argv, pid_namespace=pid_namespace)
+    def wrap(
+        self, argv: list[str], *, pid_namespace: bool = False, visible: Sequence[str] = ()
+    ) -> list[str]:
+        return self._wrapper.wrap(argv, pid_namespace=pid_namespace, visible=visible)
 
     def listen(self, port: int) -> socket.socket:
         return listen_inside(self.netns, port)
@@ -153,6 +156,8 @@ def _prepare_dirs(plan: HidePlan, app: App) -> None:
     for d in plan.dirs:
         if os.path.dirname(d) == state:
             os.makedirs(d, mode=0o700, exist_ok=True)
+    for d in plan.private:  # per-build staging roots: hidden even before the first build
+        os.makedirs(d, mode=0o700, exist_ok=True)
 
 
 @asynccontextmanager

@@ -10,6 +10,14 @@ The rule (toolchain code must follow it; ``agent/sandbox/__init__.py`` repeats i
 - In ``daemon.state_dir`` the directories named in :data:`STATE_HIDDEN` (``builds/``,
   ``records/``, ``logs/``: build records and logs) are hidden; everything else (toolchain storage
   such as ``buildah/``, ``buildkit/``, ``toolchain/``) stays visible.
+- The per-build staging roots in :data:`STATE_PRIVATE` (``contexts/``: the context copies,
+  ``buildah/tmp/``: each build's work directory with its push login) are hidden too, and each
+  child sees in them only the directories its start names (``wrap(..., visible=...)``): its own
+  build's. So no child of one build reads another build's context, login or temp files.
+- The daemon's code (the directory holding the ``agent`` package: the project for an editable
+  install, ``site-packages`` otherwise) and its Python environment (``sys.prefix``, unless that is
+  a system directory) are read-only (:func:`code_dirs`), unless one holds the state or runtime
+  directory (then a warning).
 - The daemon's config file, ``build.docker_config`` and the control socket are hidden with their
   directories, when a directory can be hidden: not a shared system directory (``/etc``, ``/run``,
   ``/tmp``...) and not holding the state or runtime directory. Otherwise only the file itself is
@@ -17,15 +25,16 @@ The rule (toolchain code must follow it; ``agent/sandbox/__init__.py`` repeats i
   of its own.
 
 Every child gets its own network namespace (the sandbox's), mount namespace (private propagation)
-and PID namespace with a fresh ``/proc``. The PID namespace is not only for buildkitd: a RUN step
-under buildah's chroot isolation sees the ``/proc`` of the namespace buildah runs in, and other
-children's command lines there carry other builds' proxy routes.
+and PID namespace with a fresh ``/proc``. The PID namespace is not only for buildkitd: RUN steps
+now run in containers of their own on both toolchains, but whatever gets out of one (a runtime
+bug) should find only its own build's tree in ``/proc``.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +44,8 @@ from agent.errors import StartupError
 EXEC = str(Path(__file__).with_name("_exec.py"))
 RUNTIME_VISIBLE = ("children", "buildkit")
 STATE_HIDDEN = ("builds", "records", "logs")
+STATE_PRIVATE = ("contexts", "buildah/tmp")
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
 # Hiding one of these would break the children (or the system's view of itself).
 _SHARED = {
     "/",
@@ -65,15 +76,20 @@ _SHARED = {
 @dataclass(frozen=True)
 class HidePlan:
     """Directories to cover with an empty tmpfs, files to cover with /dev/null, directories under
-    hidden ones to keep visible, and warnings for the start log."""
+    hidden ones to keep visible, directories made read-only, the per-build staging roots (hidden;
+    a child is shown its own build's directories in them), and warnings for the start log."""
 
     dirs: tuple[str, ...]
     files: tuple[str, ...]
     keeps: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
+    readonly: tuple[str, ...] = field(default=())
+    private: tuple[str, ...] = field(default=())
 
     def args(self) -> list[str]:
         out: list[str] = []
+        for r in self.readonly:
+            out += ["--readonly", r]
         for k in self.keeps:
             out += ["--keep", k]
         for d in self.dirs:
@@ -87,7 +103,18 @@ def _within(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def hide_plan(config: Config) -> HidePlan:
+def code_dirs() -> list[str]:
+    """The daemon's code and its Python environment: what a child must not be able to change."""
+    out: list[str] = []
+    for raw in (_PACKAGE_PARENT, sys.prefix):
+        d = os.path.realpath(raw)
+        if d in _SHARED or any(_within(d, o) for o in out):
+            continue
+        out = [o for o in out if not _within(o, d)] + [d]
+    return out
+
+
+def hide_plan(config: Config, code: list[str] | None = None) -> HidePlan:
     """The hiding rule above, applied to ``config``."""
     d = config.daemon
     state = os.path.abspath(d.state_dir)
@@ -99,10 +126,21 @@ def hide_plan(config: Config) -> HidePlan:
             "directory of its own, e.g. /run/build-agent"
         )
     keeps = [os.path.join(runtime, k) for k in RUNTIME_VISIBLE]
-    dirs = [runtime, *(os.path.join(state, h) for h in STATE_HIDDEN)]
+    # Real paths: a child's directories are named by resolved paths (/proc/self/fd links).
+    private = [os.path.join(os.path.realpath(state), p) for p in STATE_PRIVATE]
+    dirs = [runtime, *(os.path.join(state, h) for h in STATE_HIDDEN), *private]
     needed = [state, *keeps]
     files: list[str] = []
     warnings: list[str] = []
+    readonly: list[str] = []
+    for c in code_dirs() if code is None else code:
+        if _within(state, c) or _within(runtime, c):
+            warnings.append(
+                f"the daemon's code or environment {c} holds daemon.state_dir or "
+                "daemon.runtime_dir, so it stays writable for build children: keep them apart"
+            )
+        else:
+            readonly.append(c)
     secrets = [("build.docker_config", config.build.docker_config), ("daemon.socket", d.socket)]
     if config.source and os.path.isabs(config.source):
         secrets.insert(0, ("the config file", config.source))
@@ -119,7 +157,14 @@ def hide_plan(config: Config) -> HidePlan:
             )
         elif parent not in dirs:
             dirs.append(parent)
-    return HidePlan(tuple(dirs), tuple(files), tuple(keeps), tuple(warnings))
+    return HidePlan(
+        tuple(dirs),
+        tuple(files),
+        tuple(keeps),
+        tuple(warnings),
+        readonly=tuple(readonly),
+        private=tuple(private),
+    )
 
 
 class Wrapper:
@@ -130,9 +175,17 @@ class Wrapper:
         if parent is not None:
             self._prefix += ["--parent", str(parent)]
         self._prefix += ["--netns", netns_path, "--pid", *plan.args()]
+        self._private = plan.private
 
-    def wrap(self, argv: list[str], *, pid_namespace: bool = False) -> list[str]:
+    def wrap(
+        self, argv: list[str], *, pid_namespace: bool = False, visible: Sequence[str] = ()
+    ) -> list[str]:
         # pid_namespace is part of the contract; every child gets a PID namespace (see above).
         if not argv:
             raise ValueError("wrap() needs a command")
-        return [*self._prefix, "--", *argv]
+        keeps: list[str] = []
+        for v in visible:
+            path = os.path.realpath(v)
+            if any(_within(path, p) and path != p for p in self._private):
+                keeps += ["--keep", path]
+        return [*self._prefix, *keeps, "--", *argv]

@@ -29,9 +29,11 @@ def _dir_with(path: Path, text: str) -> Path:
     return path
 
 
+# Work directories: buildah's (bud/push/copy) and BuildKit's (buildctl, crane: their logins).
+@pytest.mark.parametrize("work_root", ["buildah/tmp", "buildkit-tmp"])
 @pytest.mark.parametrize("state_link", [False, True], ids=["state", "symlinked-state"])
 async def test_a_child_sees_only_its_own_builds_staging_and_not_the_daemons_code_writable(
-    short_tmp: Path, state_link: bool
+    short_tmp: Path, state_link: bool, work_root: str
 ) -> None:
     if state_link:  # daemon.state_dir names a symlink: children name their dirs by real paths
         (short_tmp / "real-state").mkdir()
@@ -41,7 +43,7 @@ async def test_a_child_sees_only_its_own_builds_staging_and_not_the_daemons_code
     planted = [REPO / f"planted-{uuid.uuid4().hex[:8]}", Path(sys.prefix) / "planted-by-child"]
     async with open_sandbox(app) as sb:
         assert isinstance(sb, Sandbox)
-        contexts, tmp = state / "contexts", state / "buildah" / "tmp"
+        contexts, tmp = state / "contexts", state / work_root
         mine_ctx = _dir_with(contexts / "ctx-mine", "my context")
         other_ctx = _dir_with(contexts / "ctx-other", "other context")
         mine_work = _dir_with(tmp / "bud-mine", "my login")

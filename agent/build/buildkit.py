@@ -219,6 +219,10 @@ class BuildkitToolchain:
         self.config_path = self.run_dir / "buildkitd.toml"
         self.pidfile = self.run_dir / "buildkitd.pid"
         self.home = self.run_dir / "home"
+        # Each build's and copy's temp dir (its login, buildctl's metadata file): a per-build
+        # staging root of the sandbox, so only that child sees it (agent/sandbox/_wrap.py).
+        # A real path: the sandbox names a child's visible directories by their real paths.
+        self.tmp_root = Path(os.path.realpath(Path(app.config.daemon.state_dir) / "buildkit-tmp"))
         self.addr = f"unix://{self.socket}"
         self._cleanup = cleanup if cleanup is not None else _default_cleanup()
         self.supervisor = Supervisor(
@@ -417,7 +421,8 @@ class BuildkitToolchain:
                 f"({', '.join(exposed)}); pass secret values with --secret"
             )
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with tempfile.TemporaryDirectory(prefix="build-", dir=self.run_dir) as tmp:
+        self.tmp_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.TemporaryDirectory(prefix="build-", dir=self.tmp_root) as tmp:
             metadata = os.path.join(tmp, "metadata.json")
             transcript = Transcript(log_sink)
             code = await children.run(
@@ -428,6 +433,7 @@ class BuildkitToolchain:
                 sink=transcript,
                 pass_fds=(spec.context_fd, *(fd for _, fd in spec.secrets)),
                 cgroup=spec.cgroup,
+                visible=(tmp,),
             )
             if code != 0:
                 raise build_error(
@@ -460,10 +466,17 @@ class BuildkitToolchain:
         transcript = Transcript(log_sink)
         # The proxy speaks plain HTTP to children: --insecure lets crane use it.
         argv = [self.bins.crane, "copy", src, dst, "--insecure"]
-        with tempfile.TemporaryDirectory(prefix="copy-", dir=self.run_dir) as tmp:
+        self.tmp_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.TemporaryDirectory(prefix="copy-", dir=self.tmp_root) as tmp:
             env = self._env(children.write_login(Path(tmp), login))
             code = await children.run(
-                "crane", argv, sandbox=self.sandbox, env=env, sink=transcript, cgroup=cgroup
+                "crane",
+                argv,
+                sandbox=self.sandbox,
+                env=env,
+                sink=transcript,
+                cgroup=cgroup,
+                visible=(tmp,),
             )
         lines = list(transcript.lines)
         if code != 0:

@@ -11,7 +11,8 @@ The rule (toolchain code must follow it; ``agent/sandbox/__init__.py`` repeats i
   ``records/``, ``logs/``: build records and logs) are hidden; everything else (toolchain storage
   such as ``buildah/``, ``buildkit/``, ``toolchain/``) stays visible.
 - The per-build staging roots in :data:`STATE_PRIVATE` (``contexts/``: the context copies,
-  ``buildah/tmp/``: each build's work directory with its push login) are hidden too, and each
+  ``buildah/tmp/`` and ``buildkit-tmp/``: each build's work directory with its push login and
+  metadata file) are hidden too, and each
   child sees in them only the directories its start names (``wrap(..., visible=...)``): its own
   build's. So no child of one build reads another build's context, login or temp files.
 - The daemon's code (the directory holding the ``agent`` package: the project for an editable
@@ -44,7 +45,7 @@ from agent.errors import StartupError
 EXEC = str(Path(__file__).with_name("_exec.py"))
 RUNTIME_VISIBLE = ("children", "buildkit")
 STATE_HIDDEN = ("builds", "records", "logs")
-STATE_PRIVATE = ("contexts", "buildah/tmp")
+STATE_PRIVATE = ("contexts", "buildah/tmp", "buildkit-tmp")
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
 # Hiding one of these would break the children (or the system's view of itself).
 _SHARED = {

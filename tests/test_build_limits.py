@@ -6,6 +6,7 @@ fails with a message that names the limit, leaves nothing running, and the daemo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -21,7 +22,9 @@ from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry
 from tests.standins import install
 
-SUPPORT = detect_cgroups()
+SUPPORT = detect_cgroups(f"probe-{os.getpid()}")
+for _base in SUPPORT.base:  # what the probe made, not a daemon's
+    _base.rmdir()
 needs_cgroups = pytest.mark.skipif(
     SUPPORT.version == 0, reason=f"no usable cgroups here: {SUPPORT.reason}"
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -130,7 +131,7 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
         log_tail_lines=cfg.build.log_tail_lines,
         scrub=proxy.scrub,
         limits=Limits.from_config(cfg.build.memory_max, cfg.build.pids_max, cfg.build.cpu_max),
-        cgroups=await _cgroups(),
+        cgroups=await _cgroups(cgroup_instance(cfg.daemon.state_dir)),
     )
 
     async def prune_forever() -> None:
@@ -154,10 +155,16 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
 __all__ = ["buildkit_available", "choose_toolchain", "open_builds"]
 
 
-async def _cgroups() -> Support:
+def cgroup_instance(state_dir: str) -> str:
+    """This daemon's name among the build cgroups of the host: two daemons (two state dirs) never
+    sweep or kill each other's builds."""
+    return "d-" + hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:12]
+
+
+async def _cgroups(instance: str) -> Support:
     """The node's cgroups for per-build limits, a crashed daemon's build cgroups removed; loud
     when there are none (builds still run, unlimited)."""
-    support = await asyncio.to_thread(detect_cgroups)
+    support = await asyncio.to_thread(detect_cgroups, instance)
     if support.version == 0:
         log.warning(
             "per-build limits are NOT applied (%s): builds run without memory, process or CPU "

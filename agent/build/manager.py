@@ -501,7 +501,7 @@ def _limited(exc: AgentError, cgroup: BuildCgroup | None) -> AgentError:
     if hit is None:
         return exc
     return BuildFailed(
-        f"{hit}; the step was killed ({exc.message.splitlines()[0]}). Lower what the build "
-        "needs, or ask the node's operator for a higher limit (build.memory_max, build.pids_max)",
+        f"{hit} ({exc.message.splitlines()[0]}); lower what the build needs, or ask the "
+        "node's operator for a higher limit (build.memory_max, build.pids_max)",
         details={**exc.details, "limit": hit},
     )

@@ -1,6 +1,10 @@
 """Per-build cgroups: memory, process and CPU limits for every process of one build.
 
-Layout: ``<the daemon's own cgroup>/build-agent/<build id>`` in every controller this uses.
+Layout, in every controller this uses: ``<the daemon's own cgroup>/build-agent/<instance>/<build
+id>`` holds the build's limits; the build's own processes (builder, push, copy) are in its
+``tools`` leaf, and an OCI runtime's containers under its ``run`` leaf (runc takes a cgroup path
+as the container's own and removes it when the container is gone). ``<instance>`` names the
+daemon (from its state directory), so two daemons on one host never touch each other's builds.
 
 - cgroup v2 (one unified hierarchy at /sys/fs/cgroup; production nodes under systemd with
   ``Delegate=yes`` in the unit, so the daemon may create children of its own cgroup):
@@ -37,7 +41,7 @@ log = logging.getLogger("agent.sandbox")
 
 ROOT = Path("/sys/fs/cgroup")
 _PERIOD_US = 100_000
-_FORK_FAILED = "fork: Resource temporarily unavailable"  # EAGAIN, as sh and libc report it
+_FORK_FAILED = "Resource temporarily unavailable"  # EAGAIN from fork/clone, as sh, runc report it
 _KILLED = ("Killed", "status 137", "signal 9", "exit code: 137")
 _V1_CONTROLLERS = ("memory", "pids", "cpu")
 
@@ -70,15 +74,16 @@ def _own(controller: str, proc_cgroup: str) -> str | None:
     return None
 
 
-def detect(root: Path = ROOT) -> Support:
-    """Which cgroup version the daemon can use for builds, with its ``build-agent`` dirs made."""
+def detect(instance: str = "default", root: Path = ROOT) -> Support:
+    """Which cgroup version the daemon can use for builds, with its ``build-agent/<instance>``
+    dirs made."""
     try:
         proc = Path("/proc/self/cgroup").read_text()
     except OSError as exc:
         return Support(0, reason=f"cannot read /proc/self/cgroup ({exc.strerror})")
     if (root / "cgroup.controllers").exists():
         own = _own("", proc) or "/"
-        base = root / own.lstrip("/") / "build-agent"
+        base = root / own.lstrip("/") / "build-agent" / instance
         try:
             available = (root / own.lstrip("/") / "cgroup.controllers").read_text().split()
             missing = [c for c in ("memory", "pids", "cpu") if c not in available]
@@ -88,7 +93,8 @@ def detect(root: Path = ROOT) -> Support:
                     reason=f"the daemon's cgroup {own} is not delegated the "
                     f"{', '.join(missing)} controller(s) (systemd: Delegate=yes in the unit)",
                 )
-            base.mkdir(exist_ok=True)
+            base.mkdir(parents=True, exist_ok=True)
+            _enable_v2(base.parent.parent)
             _enable_v2(base.parent)
             _enable_v2(base)
         except OSError as exc:
@@ -102,7 +108,7 @@ def detect(root: Path = ROOT) -> Support:
         top = root / controller
         if _own(controller, proc) is None or not (top / "cgroup.procs").exists():
             return Support(0, reason=f"no cgroup v1 {controller} hierarchy at {top}")
-        base = top / rel / "build-agent"
+        base = top / rel / "build-agent" / instance
         try:
             base.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -141,15 +147,17 @@ class BuildCgroup:
 
     @property
     def parent(self) -> str:
-        """The cgroup path (from the hierarchy's root) that runc should put containers under."""
+        """The cgroup path (from the hierarchy's root) where an OCI runtime puts containers: the
+        build's ``run`` leaf (buildah's runc uses it as the container's own cgroup, BuildKit's
+        nests one below it per container)."""
         first = self.paths[0]
         depth = len(ROOT.parts) + (0 if self.version == 2 else 1)  # v1: below the controller
-        return "/" + "/".join(first.parts[depth:])
+        return "/" + "/".join((*first.parts[depth:], "run"))
 
     def join_argv(self, argv: list[str]) -> list[str]:
-        """``argv`` run by a shell that first moves itself into this build's cgroup(s): the
-        tool and all it starts are inside from their first instruction."""
-        writes = "; ".join(f'echo $$ > "{p}/cgroup.procs"' for p in self.paths)
+        """``argv`` run by a shell that first moves itself into this build's cgroup(s) (the
+        ``tools`` leaf): the tool and all it starts are inside from their first instruction."""
+        writes = "; ".join(f'echo $$ > "{p}/tools/cgroup.procs"' for p in self.paths)
         return ["/bin/sh", "-c", f'{writes} && exec "$@"', "build-agent-cgroup", *argv]
 
     def _file(self, name: str) -> Path | None:
@@ -174,17 +182,21 @@ class BuildCgroup:
             f = self._file(fname)
             if f is None:
                 continue
-            with contextlib.suppress(OSError, ValueError):
-                for line in f.read_text().splitlines():
-                    k, _, v = line.partition(" ")
-                    if k == key:
-                        out[f"{fname}:{key}"] = int(v)
+            # Summed over the build's cgroup and what is below it (its leaves, a runtime's): v1
+            # counts an event where the failing task is, not where the limit is.
+            for g in f.parent.rglob(fname):
+                with contextlib.suppress(OSError, ValueError):
+                    for line in g.read_text().splitlines():
+                        k, _, v = line.partition(" ")
+                        if k == key:
+                            out[f"{fname}:{key}"] = out.get(f"{fname}:{key}", 0) + int(v)
         singles: tuple[tuple[str, str], ...] = (
             ("memory.failcnt", "memory.failcnt"),
             ("memory.max_usage_in_bytes", "memory.peak"),
+            ("pids.peak", "pids.peak"),  # hierarchical; kernels since 6.x have it in v1 too
         )
         if self.version == 2:
-            singles = (("memory.peak", "memory.peak"),)
+            singles = (("memory.peak", "memory.peak"), ("pids.peak", "pids.peak"))
         for fname, key in singles:
             f = self._file(fname)
             if f is not None:
@@ -216,15 +228,18 @@ class BuildCgroup:
         if self.memory_max and memory:
             return f"the build ran out of memory: memory_max {format_bytes(self.memory_max)}"
         forked = any(_FORK_FAILED in line for line in output[-40:])
-        if self.pids_max and (grew("pids.events:max") or forked):
+        full = bool(self.pids_max) and now.get("pids.peak", 0) >= (self.pids_max or 0)
+        if self.pids_max and (grew("pids.events:max") or forked or full):
             return f"the build hit pids_max {self.pids_max} (too many processes at once)"
         return None
 
     def pids(self) -> list[int]:
+        """Every process in the build's cgroups, its leaves and a runtime's cgroups below."""
         out: set[int] = set()
         for p in self.paths:
-            with contextlib.suppress(OSError, ValueError):
-                out.update(int(x) for x in (p / "cgroup.procs").read_text().split())
+            for procs in p.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    out.update(int(x) for x in procs.read_text().split())
         return sorted(out)
 
     def remove(self, timeout: float = 5.0) -> list[int]:
@@ -278,6 +293,10 @@ def create(
     cg = BuildCgroup(support.version, paths, memory_max, pids_max, cpu_max)
     try:
         _write_limits(cg)
+        if support.version == 2:
+            _enable_v2(paths[0])  # for the leaves and the runtime's containers below
+        for p in paths:
+            (p / "tools").mkdir()
     except OSError:
         cg.remove()
         raise

@@ -4,7 +4,8 @@ Measures
   1. whole-process ``agentctl build`` of an already-built target (both cache hits), target
      <= 100 ms;
   2. a forced build through the agent (``agentctl build --force``) beside the same
-     ``buildah bud`` + ``buildah push`` + ``skopeo copy`` run by hand, target ratio <= 1.05;
+     ``buildah bud --isolation oci`` (runc, as the agent) + ``buildah push`` + ``skopeo copy``
+     run by hand, target ratio <= 1.05 (issue 11 asks <= 1.10);
   3. 50 identical concurrent builds beside one build, target ratio <= 1.1 with one builder run;
   4. context hashing of a 10,000-file tree, cold (empty hash cache) and warm.
 
@@ -20,6 +21,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,12 +91,14 @@ def by_hand(tmp: Path, ctx: Path, reg: Registry) -> float:
     conf = tmp / "hand-registries.conf"
     conf.write_text(registries_conf("", [], [reg.host]))
     b = [*buildah_cmd(storage), "--registries-conf", str(conf)]
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp), "BUILDAH_ISOLATION": "chroot"}
+    # RUN steps in runc, as the agent runs them (agent/build/buildah.py).
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp), "BUILDAH_ISOLATION": "oci"}
+    iso = ["--isolation", "oci", "--runtime", shutil.which("runc") or "runc", "--network", "host"]
     image = f"localhost/bench/{uuid.uuid4().hex[:12]}"
     tag = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
     for argv in (
-        [*b, "bud", "--isolation", "chroot", "--pull=true", "--format", "oci", "-f",
+        [*b, "bud", *iso, "--pull=true", "--format", "oci", "-f",
          str(ctx / "Dockerfile"), "-t", image, str(ctx)],
         [*b, "push", "--tls-verify=false", "--retry", "0", image,
          f"docker://{reg.host}/bench-hand-base:{tag}"],

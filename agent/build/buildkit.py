@@ -389,10 +389,10 @@ class BuildkitToolchain:
         argv += secret_flags(spec.secrets)
         if spec.no_cache:
             argv.append("--no-cache")
-        if spec.cgroup is not None:
-            # buildkitd (shared by every build) runs RUN steps under runc: their containers go
-            # under this build's cgroup, so its limits hold them.
-            argv += ["--opt", f"cgroup-parent={spec.cgroup.parent}"]
+        # No "--opt cgroup-parent=<the build's cgroup>": BuildKit hashes ExecOp.Meta.CgroupParent
+        # into every RUN step's cache key (solver/llbsolver/ops/exec.go CacheMap), so a per-build
+        # parent would make every step a miss, locally and in the fleet's registry cache. RUN
+        # steps therefore run in buildkitd's own cgroups; buildctl and crane are in the build's.
         if spec.cache_ref:
             # Through the build's own route, like the push: its login is the only way to write
             # the cache, so a RUN step (which has none) cannot poison it for the fleet.

@@ -20,7 +20,8 @@ daemon (from its state directory), so two daemons on one host never touch each o
 A child joins by writing its pid to ``cgroup.procs`` of each hierarchy before it execs the tool
 (:meth:`BuildCgroup.join_argv`): every process it starts is then inside. An OCI runtime that
 makes its own cgroups for a RUN step is told the build's cgroup as its parent
-(:attr:`BuildCgroup.parent`: buildah ``--cgroup-parent``, BuildKit's ``cgroup-parent`` option).
+(:attr:`BuildCgroup.parent`: buildah ``--cgroup-parent``). BuildKit is not given it: it hashes a
+step's cgroup parent into the step's cache key, so its RUN steps stay in buildkitd's cgroups.
 """
 
 from __future__ import annotations

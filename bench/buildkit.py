@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from agent.devmode import make_busybox_image  # noqa: E402
 from bench._common import machine, write_section  # noqa: E402
+from bench.build import agentctl  # noqa: E402
 from tests.infra.builds import build_sections, write_context  # noqa: E402
 from tests.infra.daemon import AGENTCTL, DaemonProcess  # noqa: E402
 from tests.infra.registry import Registry, start_registry  # noqa: E402
@@ -65,18 +66,6 @@ def context(root: Path, base: str, extra: str = "", layer_mib: int = 0) -> Path:
             "hello.txt": uuid.uuid4().hex,
         },
     )
-
-
-def agentctl(d: DaemonProcess, *args: str) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(
-        [*AGENTCTL, "--socket", d.socket_path, *args],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=600,
-    )
-    return time.perf_counter() - t0
 
 
 def version_of(bkdir: Path) -> str:

@@ -157,8 +157,9 @@ class BuildCgroup:
 
     def join_argv(self, argv: list[str]) -> list[str]:
         """``argv`` run by a shell that first moves itself into this build's cgroup(s) (the
-        ``tools`` leaf): the tool and all it starts are inside from their first instruction."""
-        writes = "; ".join(f'echo $$ > "{p}/tools/cgroup.procs"' for p in self.paths)
+        ``tools`` leaf): the tool and all it starts are inside from their first instruction. A
+        write that fails stops the child (it never runs outside its limits)."""
+        writes = " && ".join(f'echo $$ > "{p}/tools/cgroup.procs"' for p in self.paths)
         return ["/bin/sh", "-c", f'{writes} && exec "$@"', "build-agent-cgroup", *argv]
 
     def _file(self, name: str) -> Path | None:

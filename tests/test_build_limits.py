@@ -213,3 +213,42 @@ def test_agentctl_limit_flags_go_with_bobs_environment() -> None:
     assert args["target_ref"] == "r.example/ws:1" and args["base_ref"] == "r.example/base:1"
     assert args["limits"] == {"memory_max": "1GiB", "pids_max": 64}
 
+
+
+@needs_cgroups
+@pytest.mark.buildkit
+def test_buildkit_run_steps_share_a_node_wide_limit(
+    short_tmp: Path, registry: Registry, base_image: str
+) -> None:
+    """BuildKit's RUN steps run in one cgroup for all its builds (``defaultCgroupParent`` in
+    buildkitd.toml), limited to the per-build limits times ``max_concurrent_builds``: a fork loop
+    past it fails, naming that shared limit, and nothing of it is left running."""
+    if REAL is None:
+        pytest.skip("real buildkitd/buildctl/crane not installed")
+    env = {"AGENT_BUILDKITD": REAL.buildkitd, "AGENT_BUILDCTL": REAL.buildctl,
+           "AGENT_CRANE": REAL.crane}  # fmt: skip
+    build = {"toolchain": "buildkit", "pids_max": 40, "max_concurrent_builds": 2}
+    d = DaemonProcess(short_tmp / "d", build_sections([registry], {"build": build}), env=env)
+    d.start(timeout=30)
+    try:
+        conf = (Path(d.sections["daemon"]["runtime_dir"]) / "buildkit" / "buildkitd.toml")
+        assert "defaultCgroupParent" in conf.read_text()
+        marker = f"9{uuid.uuid4().int % 10**6}"
+        ctx = write_context(
+            short_tmp / "fork",
+            {
+                "Dockerfile": f"FROM {base_image}\n"
+                f"RUN i=0; while [ $i -lt 200 ]; do sleep {marker} & i=$((i+1)); done; wait\n"
+            },
+        )
+        out = _build(d, ctx, f"{registry.host}/limits:bk")
+        err = out["error"]
+        assert err["code"] == "build_failed", err
+        assert "BuildKit's RUN steps (all builds on the node together) hit pids_max 80" in (
+            err["message"]
+        ), err["message"]
+        assert not _pgrep(f"sleep {marker}")
+        assert d.ctl("ping").returncode == 0
+    finally:
+        d.stop()
+        d.cleanup()

@@ -26,7 +26,7 @@ from agent.app import App
 from agent.errors import StartupError
 from agent.limits import Limits
 from agent.ports import NoSandbox, RegistryPort
-from agent.sandbox import Support, detect_cgroups, sweep_cgroups
+from agent.sandbox import BuildCgroup, Support, create_cgroup, detect_cgroups, sweep_cgroups
 
 log = logging.getLogger("agent.build")
 
@@ -59,7 +59,13 @@ def choose_toolchain(setting: str) -> str:
     return setting
 
 
-def _make_toolchain(app: App, name: str, proxy: RegistryPort, insecure: list[str]) -> Any:
+def _make_toolchain(
+    app: App,
+    name: str,
+    proxy: RegistryPort,
+    insecure: list[str],
+    steps_cgroup: BuildCgroup | None = None,
+) -> Any:
     sandbox = app.sandbox or NoSandbox()
     cfg = app.config
     if name == "buildkit":
@@ -70,7 +76,7 @@ def _make_toolchain(app: App, name: str, proxy: RegistryPort, insecure: list[str
                 'build.toolchain = "buildkit" is not available in this version; '
                 'set build.toolchain = "buildah"'
             ) from exc
-        return buildkit.create(app, proxy)
+        return buildkit.create(app, proxy, steps_cgroup)
     from agent.build.buildah import BuildahToolchain
 
     return BuildahToolchain(
@@ -117,8 +123,16 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
     retention = cfg.build.retention_days * 86400.0
     store.prune(max_age=retention, max_count=cfg.build.retention_count)
     name = choose_toolchain(cfg.build.toolchain)
-    toolchain = _make_toolchain(app, name, proxy, insecure)
-    await toolchain.start()
+    limits = Limits.from_config(cfg.build.memory_max, cfg.build.pids_max, cfg.build.cpu_max)
+    cgroups = await _cgroups(cgroup_instance(cfg.daemon.state_dir))
+    steps = await _steps_cgroup(cgroups, limits, cfg.build.max_concurrent_builds, name)
+    toolchain = _make_toolchain(app, name, proxy, insecure, steps)
+    try:
+        await toolchain.start()
+    except BaseException:
+        if steps is not None:
+            await asyncio.to_thread(steps.remove)
+        raise
     app.toolchain = toolchain
     log.info("toolchain %s (build.toolchain = %s)", name, cfg.build.toolchain)
     manager = BuildManager(
@@ -130,8 +144,8 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
         max_queued=cfg.build.max_queued,
         log_tail_lines=cfg.build.log_tail_lines,
         scrub=proxy.scrub,
-        limits=Limits.from_config(cfg.build.memory_max, cfg.build.pids_max, cfg.build.cpu_max),
-        cgroups=await _cgroups(cgroup_instance(cfg.daemon.state_dir)),
+        limits=limits,
+        cgroups=cgroups,
     )
 
     async def prune_forever() -> None:
@@ -146,6 +160,8 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
         pruner.cancel()
         await manager.drain(cfg.daemon.shutdown_grace)
         await toolchain.close()
+        if steps is not None:  # after buildkitd: whatever of its steps is left dies with it
+            await asyncio.to_thread(steps.remove)
         if direct is not None:
             await direct.close()
         with contextlib.suppress(Exception):
@@ -153,6 +169,40 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
 
 
 __all__ = ["buildkit_available", "choose_toolchain", "open_builds"]
+
+
+async def _steps_cgroup(
+    support: Support, limits: Limits, concurrent: int, toolchain: str
+) -> BuildCgroup | None:
+    """BuildKit's RUN steps, all builds together: one cgroup (``buildkit``) limited to the
+    per-build limits times ``build.max_concurrent_builds``. A per-build one is not possible:
+    BuildKit puts a step's cgroup parent into the step's cache key."""
+    if toolchain != "buildkit" or support.version == 0 or limits == Limits():
+        return None
+
+    def times(v: float | None) -> Any:
+        return None if v is None else type(v)(v * concurrent)
+
+    try:
+        cg = await asyncio.to_thread(
+            create_cgroup,
+            support,
+            "buildkit",
+            memory_max=times(limits.memory_max),
+            pids_max=times(limits.pids_max),
+            cpu_max=times(limits.cpu_max),
+        )
+    except OSError as exc:
+        log.warning("BuildKit's RUN steps run without limits: %s", exc)
+        return None
+    if cg is not None:
+        cg.who = "BuildKit's RUN steps (all builds on the node together)"
+        cg.shared = True
+        log.info(
+            "BuildKit's RUN steps share a cgroup with %s",
+            Limits(cg.memory_max, cg.pids_max, cg.cpu_max).words(),
+        )
+    return cg
 
 
 def cgroup_instance(state_dir: str) -> str:

@@ -213,6 +213,7 @@ class BuildahToolchain:
 
     name = "buildah"
     cache_repo = None  # buildah has no registry cache to share
+    steps_in_build_cgroup = True  # its runc containers go under the build's run leaf
 
     def __init__(
         self,

@@ -53,6 +53,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.app import App
 from agent.build import child as children
@@ -63,6 +64,9 @@ from agent.build.secretfds import secret_flags
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import AgentError, BuildFailed, InternalError, StartupError
 from agent.ports import CgroupPort, Mirror, ProxyLogin, RegistryPort, SandboxPort
+
+if TYPE_CHECKING:
+    from agent.sandbox import BuildCgroup
 
 log = logging.getLogger("agent.build")
 
@@ -100,8 +104,16 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)
 
 
-def render_config(*, root: Path, socket: Path, proxy_address: str, mirrors: list[Mirror]) -> str:
-    """buildkitd.toml: OCI worker only, the proxy as a plain-HTTP registry, mirrors onto it."""
+def render_config(
+    *,
+    root: Path,
+    socket: Path,
+    proxy_address: str,
+    mirrors: list[Mirror],
+    cgroup_parent: str = "",
+) -> str:
+    """buildkitd.toml: OCI worker only (its RUN steps' containers under ``cgroup_parent`` when
+    given), the proxy as a plain-HTTP registry, mirrors onto it."""
     out = [
         "# Written by build-agent at every start; edits are lost.",
         f"root = {_toml_str(str(root))}",
@@ -111,6 +123,7 @@ def render_config(*, root: Path, socket: Path, proxy_address: str, mirrors: list
         "",
         "[worker.oci]",
         "  enabled = true",
+        *([f"  defaultCgroupParent = {_toml_str(cgroup_parent)}"] if cgroup_parent else []),
         "",
         "[worker.containerd]",
         "  enabled = false",
@@ -189,6 +202,9 @@ class BuildkitToolchain:
     """The ``buildkit`` toolchain (:class:`agent.build.toolchain.Toolchain`)."""
 
     name = "buildkit"
+    # RUN steps run in the node-wide ``steps_cgroup`` (not the build's): BuildKit hashes a step's
+    # cgroup parent into its cache key, so it must be the same for every build.
+    steps_in_build_cgroup = False
 
     def __init__(
         self,
@@ -200,6 +216,7 @@ class BuildkitToolchain:
         policy: Policy | None = None,
         cleanup: Cleanup | None = None,
         cache_repo: str | None = None,
+        steps_cgroup: BuildCgroup | None = None,
     ) -> None:
         bins = binaries or buildkit_binaries()
         if bins is None:
@@ -212,6 +229,9 @@ class BuildkitToolchain:
         self.sandbox = sandbox
         self.proxy = proxy
         self.cache_repo = cache_repo or None
+        # One cgroup for the RUN steps of every BuildKit build on the node, limited to the
+        # per-build limits times build.max_concurrent_builds (agent/build/__init__.py).
+        self.steps_cgroup = steps_cgroup
         self.tail_lines = app.config.build.log_tail_lines
         self.run_dir = Path(app.config.daemon.runtime_dir) / "buildkit"
         self.root = Path(app.config.daemon.state_dir) / "buildkit"
@@ -267,7 +287,11 @@ class BuildkitToolchain:
         address = self.proxy.child_address if self.proxy is not None else ""
         mirrors = self.proxy.mirrors() if self.proxy is not None else []
         text = render_config(
-            root=self.root, socket=self.socket, proxy_address=address, mirrors=mirrors
+            root=self.root,
+            socket=self.socket,
+            proxy_address=address,
+            mirrors=mirrors,
+            cgroup_parent=self.steps_cgroup.parent if self.steps_cgroup is not None else "",
         )
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(text)
@@ -436,13 +460,14 @@ class BuildkitToolchain:
                 visible=(tmp,),
             )
             if code != 0:
-                raise build_error(
+                err = build_error(
                     list(transcript.lines),
                     code,
                     tail_lines=self.tail_lines,
                     scrub=self._scrub,
                     exit_words=children.describe_exit(code),
                 )
+                raise self._steps_limited(err, list(transcript.lines))
             try:
                 data = _read_json(metadata)
             except (OSError, ValueError) as exc:
@@ -452,6 +477,18 @@ class BuildkitToolchain:
                 ) from exc
         digest = data.get("containerimage.digest") if isinstance(data, dict) else None
         return BuildOutput(digest=digest if isinstance(digest, str) else None)
+
+    def _steps_limited(self, err: AgentError, lines: list[str]) -> AgentError:
+        """``err``, or one naming the node-wide limit of BuildKit's RUN steps when the step's
+        output says it ran into it (their cgroup is shared: its counters are not this build's)."""
+        hit = self.steps_cgroup.limit_hit(lines) if self.steps_cgroup is not None else None
+        if hit is None:
+            return err
+        return BuildFailed(
+            f"{hit} ({err.message.splitlines()[0]}); the RUN steps of all BuildKit builds on "
+            "this node share that limit (build.*_max x build.max_concurrent_builds)",
+            details={**err.details, "limit": hit},
+        )
 
     async def copy(
         self,
@@ -492,7 +529,9 @@ class BuildkitToolchain:
         return copied_digest(lines)
 
 
-def create(app: App, proxy: RegistryPort | None) -> BuildkitToolchain:
+def create(
+    app: App, proxy: RegistryPort | None, steps_cgroup: BuildCgroup | None = None
+) -> BuildkitToolchain:
     """The toolchain as the daemon runs it: ``app.sandbox`` (or no sandbox when it is off), the
     binaries of :func:`buildkit_binaries` (StartupError when one is missing), the registry cache
     of ``build.cache_repo`` (on each build's own route: flow.py)."""
@@ -503,6 +542,7 @@ def create(app: App, proxy: RegistryPort | None) -> BuildkitToolchain:
         sandbox=app.sandbox or NoSandbox(),
         proxy=proxy,
         cache_repo=app.config.build.cache_repo if proxy is not None else None,
+        steps_cgroup=steps_cgroup,
     )
 
 

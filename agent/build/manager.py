@@ -367,7 +367,7 @@ class BuildManager:
             try:
                 outcome = await flow.run(build.plan)
             except AgentError as exc:
-                raise _limited(exc, cgroup) from exc
+                raise _limited(exc, cgroup, self.toolchain.steps_in_build_cgroup) from exc
             finally:
                 if cgroup is not None:  # kills what is left of the build's processes
                     await asyncio.shield(asyncio.to_thread(cgroup.remove))
@@ -493,10 +493,15 @@ def _close(fd: int | None) -> None:
 __all__ = ["Build", "BuildManager", "error_of", "result_of"]
 
 
-def _limited(exc: AgentError, cgroup: BuildCgroup | None) -> AgentError:
-    """``exc``, or a BuildFailed naming the limit the build ran into (its cgroup's counters)."""
+def _limited(exc: AgentError, cgroup: BuildCgroup | None, steps_inside: bool) -> AgentError:
+    """``exc``, or a BuildFailed naming the limit the build ran into (its cgroup's counters;
+    the build's output too when its RUN steps run inside that cgroup)."""
+    if cgroup is None or "limit" in exc.details:  # the toolchain named one already
+        return exc
     tail = exc.details.get("log_tail")
     output = [*(tail if isinstance(tail, list) else []), *exc.message.splitlines()]
+    if not steps_inside:
+        output = []
     hit = cgroup.limit_hit([str(x) for x in output]) if cgroup is not None else None
     if hit is None:
         return exc

@@ -62,6 +62,9 @@ class Toolchain(Protocol):
     # The upstream repository of the layer cache the builder shares with other nodes
     # (build.cache_repo, BuildKit only), or None: the flow puts it on the build's route.
     cache_repo: str | None
+    # Whether RUN steps run inside the build's own cgroup (buildah), so that the build's output
+    # may tell which of its limits it hit; BuildKit's run in a node-wide one of their own.
+    steps_in_build_cgroup: bool
 
     @property
     def state(self) -> str:

@@ -145,6 +145,10 @@ class BuildCgroup:
     pids_max: int | None
     cpu_max: float | None
     _before: dict[str, int] = field(default_factory=dict)
+    # Who the limits are for, in messages: "the build", or for BuildKit's node-wide cgroup of RUN
+    # steps, the words that say they are shared.
+    who: str = "the build"
+    shared: bool = False  # counters and peaks are not this build's alone: trust output only
 
     @property
     def parent(self) -> str:
@@ -213,7 +217,7 @@ class BuildCgroup:
         last ``output`` lines, since a runtime's container cgroup below this one (BuildKit's
         runc) counts that event itself under cgroup v1 and is gone by now. Only this build's
         own error message depends on that output."""
-        now = self._read_counters()
+        now = {} if self.shared else self._read_counters()
 
         def grew(key: str) -> bool:
             return now.get(key, 0) > self._before.get(key, 0)
@@ -227,12 +231,14 @@ class BuildCgroup:
             self.memory_max or 0
         )
         memory = any(grew(k) for k in oom) or (killed and (grew("memory.failcnt") or at_limit))
+        if self.shared:
+            memory = killed
         if self.memory_max and memory:
-            return f"the build ran out of memory: memory_max {format_bytes(self.memory_max)}"
+            return f"{self.who} ran out of memory: memory_max {format_bytes(self.memory_max)}"
         forked = any(_FORK_FAILED in line for line in output[-40:])
         full = bool(self.pids_max) and now.get("pids.peak", 0) >= (self.pids_max or 0)
         if self.pids_max and (grew("pids.events:max") or forked or full):
-            return f"the build hit pids_max {self.pids_max} (too many processes at once)"
+            return f"{self.who} hit pids_max {self.pids_max} (too many processes at once)"
         return None
 
     def pids(self) -> list[int]:

@@ -216,7 +216,7 @@ def render(results: list[dict[str, Any]], machine_line: str) -> str:
         "## BuildKit toolchain (bench/buildkit.py)",
         "",
         f"Run {datetime.date.today().isoformat()} on {machine_line}. Real buildkitd/buildctl "
-        "(built from each tag) and crane v0.20.2, docker-registry on loopback, sandbox off.",
+        "of each version and crane v0.20.2, docker-registry on loopback, sandbox off.",
         "",
         "| measure | " + " | ".join(r["version"] for r in results) + " | goal |",
         "| --- | " + " | ".join("---" for _ in results) + " | --- |",

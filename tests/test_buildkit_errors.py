@@ -127,6 +127,10 @@ def test_scrub_applies_to_messages_and_tails() -> None:
 def test_recorded_crane_outputs() -> None:
     ok, _ = recorded("crane-copy-ok.txt")
     assert copied_digest(ok) == (FIXTURES_DIR / "crane-digest-ok.txt").read_text().split()[0]
+    again, _ = recorded("crane-copy-existing.txt")  # a repeated copy names the digest otherwise
+    assert copied_digest(again) == (
+        "sha256:42665d22767fb9848ffff8bd47aaed855d2cd6970d73858a89b0024b99df2609"
+    )
     lines, rc = recorded("crane-copy-notfound.txt")
     missing = copy_error(lines, rc, "localhost:5000/nope:1", "localhost:5000/x:2", tail_lines=5)
     assert isinstance(missing, NotFound)

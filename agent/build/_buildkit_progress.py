@@ -40,7 +40,9 @@ _PUSH = re.compile(r"failed to push (?P<ref>\S+): (?P<why>.*)")
 _STATUS = re.compile(r"\b(?P<status>[1-5]\d\d) (?P<text>[A-Z][A-Za-z ]+)")
 _METADATA = re.compile(r"^#\d+ \[internal\] load metadata for (?P<ref>\S+)$")
 _URL_HOST = re.compile(r"https?://(?P<host>[^/\s\"]+)/")
-_DIGEST = re.compile(r"digest: (?P<digest>sha256:[0-9a-f]{64})")
+# "<dst>: digest: sha256:... size: N", or, when the destination already holds that manifest,
+# "existing manifest: <tag>@sha256:..." (crane v0.20.2, fixtures crane-copy-ok/-existing.txt).
+_DIGEST = re.compile(r"(?:digest: |existing manifest: \S*@)(?P<digest>sha256:[0-9a-f]{64})")
 
 
 @dataclass
@@ -267,7 +269,8 @@ def copy_error(
 
 
 def copied_digest(lines: list[str]) -> str | None:
-    """``sha256:...`` from crane's ``<dst>: digest: sha256:... size: N`` line."""
+    """``sha256:...`` from crane's ``<dst>: digest: sha256:... size: N`` line, or from its
+    ``existing manifest: <tag>@sha256:...`` line when the destination had it already."""
     for ln in reversed(lines):
         m = _DIGEST.search(ln)
         if m:

@@ -102,6 +102,14 @@ def copy(args: list[str], insecure: bool) -> int:
             file=sys.stderr,
         )
         return 1
+    manifest = probe.stdout
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    there = _skopeo("inspect", "--raw", f"--tls-verify={str(not dp).lower()}", f"docker://{dst}")
+    if there.returncode == 0 and hashlib.sha256(there.stdout).hexdigest() == digest[7:]:
+        # As recorded (crane-copy-existing.txt): nothing is copied, the digest is named.
+        tag = dst.rsplit("/", 1)[-1].partition(":")[2] or "latest"
+        print(f"{_stamp()} existing manifest: {tag}@{digest}", file=sys.stderr)
+        return 0
     done = _skopeo(
         "copy",
         "--quiet",
@@ -117,8 +125,6 @@ def copy(args: list[str], insecure: bool) -> int:
             file=sys.stderr,
         )
         return 1
-    manifest = probe.stdout
-    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
     print(f"{_stamp()} {dst}: digest: {digest} size: {len(manifest)}", file=sys.stderr)
     return 0
 

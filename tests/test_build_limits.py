@@ -122,6 +122,14 @@ def test_fork_past_pids_max_fails_with_the_pids_message(
     with daemon.client() as c:
         record = c.call("status", {"id": err["details"]["id"]})
     assert record["state"] == "failed" and "pids_max 48" in record["error"]["message"]
+    # The build's cgroup is gone; the daemon's own goes when it stops.
+    from agent.build import cgroup_instance
+
+    instance = cgroup_instance(daemon.sections["daemon"]["state_dir"])
+    mine = [b.parent / instance for b in SUPPORT.base]
+    assert all(d.is_dir() and not list(d.glob("2*")) for d in mine), mine
+    daemon.stop()
+    assert not any(d.exists() for d in mine), mine
 
 
 @needs_cgroups

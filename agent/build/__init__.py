@@ -26,7 +26,14 @@ from agent.app import App
 from agent.errors import StartupError
 from agent.limits import Limits
 from agent.ports import NoSandbox, RegistryPort
-from agent.sandbox import BuildCgroup, Support, create_cgroup, detect_cgroups, sweep_cgroups
+from agent.sandbox import (
+    BuildCgroup,
+    Support,
+    create_cgroup,
+    detect_cgroups,
+    release_cgroups,
+    sweep_cgroups,
+)
 
 log = logging.getLogger("agent.build")
 
@@ -162,6 +169,7 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
         await toolchain.close()
         if steps is not None:  # after buildkitd: whatever of its steps is left dies with it
             await asyncio.to_thread(steps.remove)
+        await asyncio.to_thread(release_cgroups, cgroups)
         if direct is not None:
             await direct.close()
         with contextlib.suppress(Exception):

@@ -48,6 +48,7 @@ from __future__ import annotations
 from agent.sandbox._cgroup import BuildCgroup, Support
 from agent.sandbox._cgroup import create as create_cgroup
 from agent.sandbox._cgroup import detect as detect_cgroups
+from agent.sandbox._cgroup import release as release_cgroups
 from agent.sandbox._cgroup import sweep as sweep_cgroups
 from agent.sandbox._orphans import cleanup_buildkitd
 from agent.sandbox._sandbox import OffSandbox, Sandbox, open_sandbox
@@ -75,5 +76,6 @@ __all__ = [
     "detect_cgroups",
     "hide_plan",
     "open_sandbox",
+    "release_cgroups",
     "sweep_cgroups",
 ]

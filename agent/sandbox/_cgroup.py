@@ -340,6 +340,12 @@ def _write_limits(cg: BuildCgroup) -> None:
         put("cpu.cfs_quota_us", str(int(cg.cpu_max * _PERIOD_US)))
 
 
+def release(support: Support) -> None:
+    """Remove the daemon's own ``build-agent/<instance>`` dirs at stop (their builds are gone)."""
+    for base in support.base:
+        _rmtree(base)
+
+
 def sweep(support: Support) -> int:
     """Remove the build cgroups an earlier daemon left (at start); returns how many."""
     count = 0
@@ -351,4 +357,4 @@ def sweep(support: Support) -> int:
     return count
 
 
-__all__ = ["BuildCgroup", "Support", "create", "detect", "sweep"]
+__all__ = ["BuildCgroup", "Support", "create", "detect", "release", "sweep"]

@@ -138,7 +138,7 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
         await toolchain.start()
     except BaseException:
         if steps is not None:
-            await asyncio.to_thread(steps.remove)
+            steps.remove()
         raise
     app.toolchain = toolchain
     log.info("toolchain %s (build.toolchain = %s)", name, cfg.build.toolchain)
@@ -168,8 +168,10 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
         await manager.drain(cfg.daemon.shutdown_grace)
         await toolchain.close()
         if steps is not None:  # after buildkitd: whatever of its steps is left dies with it
-            await asyncio.to_thread(steps.remove)
-        await asyncio.to_thread(release_cgroups, cgroups)
+            steps.remove()  # blocking, bounded; inline like the release below
+        # A few rmdirs, done inline: no await point in the stop path (a second signal cancels
+        # the wait in progress, and the daemon must then exit at once).
+        release_cgroups(cgroups)
         if direct is not None:
             await direct.close()
         with contextlib.suppress(Exception):

@@ -20,7 +20,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 BUSYBOX_APPLETS = [
@@ -41,9 +42,16 @@ def buildah_cmd(storage: Path) -> list[str]:
     ]
 
 
-def make_busybox_image(storage: Path, dest_ref: str) -> str:
+def make_busybox_image(
+    storage: Path,
+    dest_ref: str,
+    *,
+    files: Mapping[str, str] | None = None,
+    creds: str | None = None,
+) -> str:
     """Make a busybox-static image from scratch with buildah and push it (plain HTTP) to
-    ``dest_ref``; return its digest. Nothing comes from the internet."""
+    ``dest_ref``; return its digest. Nothing comes from the internet. ``files`` (path in the
+    image -> text) are added to it; ``creds`` (``user:password``) log the push in."""
     busybox = shutil.which("busybox") or "/bin/busybox"
     b = buildah_cmd(storage)
     env = {**os.environ, "BUILDAH_ISOLATION": "chroot"}
@@ -62,20 +70,18 @@ def make_busybox_image(storage: Path, dest_ref: str) -> str:
             (mnt / "bin" / applet).symlink_to("busybox")
         (mnt / "tmp").mkdir(mode=0o1777, exist_ok=True)
         (mnt / "etc").mkdir(exist_ok=True)
+        for path, text in (files or {}).items():
+            (mnt / path.lstrip("/")).write_text(text)
         run("config", "--env", "PATH=/bin", "--cmd", "/bin/sh", ctr)
-        image = run("commit", "--rm", ctr, "busybox-test-base")
+        image = run("commit", "--rm", ctr, f"busybox-test-base-{uuid.uuid4().hex[:8]}")
     except BaseException:
         subprocess.run([*b, "rm", ctr], capture_output=True)
         raise
-    digest_file = storage / "digest"
-    run(
-        "push",
-        "--tls-verify=false",
-        "--digestfile",
-        str(digest_file),
-        image,
-        f"docker://{dest_ref}",
-    )
+    digest_file = storage / f"digest-{uuid.uuid4().hex[:8]}"
+    login = ["--creds", creds] if creds else []
+    run("push", "--tls-verify=false", *login, "--digestfile", str(digest_file), image,
+        f"docker://{dest_ref}")  # fmt: skip
+    run("rmi", image)
     return digest_file.read_text().strip()
 
 

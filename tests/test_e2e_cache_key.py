@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent.devmode import buildah_cmd
+from agent.devmode import make_busybox_image
 from tests.infra.builds import (
     metrics,
     read_from_image,
@@ -53,33 +51,7 @@ def images(session_tmp: Path) -> Iterator[Path]:
 
 def push_marked(storage: Path, dest: str, marker: str, creds: str | None = None) -> str:
     """busybox + /marker.txt, from scratch, pushed to ``dest`` (plain HTTP); its digest."""
-    b = buildah_cmd(storage)
-    env = {**os.environ, "BUILDAH_ISOLATION": "chroot"}
-
-    def run(*args: str) -> str:
-        return subprocess.run(
-            [*b, *args], check=True, capture_output=True, text=True, env=env
-        ).stdout.strip()
-
-    ctr = run("from", "scratch")
-    try:
-        mnt = Path(run("mount", ctr))
-        (mnt / "bin").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(shutil.which("busybox") or "/bin/busybox", mnt / "bin" / "busybox")
-        for applet in ("sh", "cat", "echo", "true", "sleep"):
-            (mnt / "bin" / applet).symlink_to("busybox")
-        (mnt / "marker.txt").write_text(marker)
-        run("config", "--env", "PATH=/bin", "--cmd", "/bin/sh", ctr)
-        image = run("commit", "--rm", ctr, f"marked-{uuid.uuid4().hex[:8]}")
-    except BaseException:
-        subprocess.run([*b, "rm", ctr], capture_output=True)
-        raise
-    digest_file = storage / f"digest-{uuid.uuid4().hex[:8]}"
-    extra = ["--creds", creds] if creds else []
-    run("push", "--tls-verify=false", *extra, "--digestfile", str(digest_file), image,
-        f"docker://{dest}")  # fmt: skip
-    run("rmi", image)
-    return digest_file.read_text().strip()
+    return make_busybox_image(storage, dest, files={"marker.txt": marker}, creds=creds)
 
 
 @pytest.fixture(scope="module")

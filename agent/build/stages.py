@@ -247,6 +247,23 @@ def analyse(
             return int(text)
         return None
 
+    def source(
+        kind: str, raw: str, word: str, inst: Instruction, cur: Stage, env: dict[str, str]
+    ) -> None:
+        """An image a COPY --from or RUN --mount from= names: a stage of this file, scratch, or
+        an external image the key must resolve."""
+        try:
+            src = expand(raw, env, esc)
+        except Unknown as exc:
+            label = f"COPY --from={raw}" if kind == "copy" else f"RUN --mount from={raw}"
+            note(inst, f"{label}: {exc}")
+            return
+        dep = stage_ref(src, numeric=True)
+        if dep is not None:
+            cur.deps.add(dep)
+        elif src.lower() != "scratch":
+            cur.uses.append(ImageUse(kind, src, inst.line, cur.index, None, word, inst))
+
     for inst in df.instructions:
         kw = inst.keyword
         if kw == "ARG":
@@ -322,34 +339,13 @@ def analyse(
         if kw == "COPY":
             raw = inst.flag("from")
             if raw:
-                try:
-                    src = expand(raw, env, esc)
-                except Unknown as exc:
-                    note(inst, f"COPY --from={raw}: {exc}")
-                    continue
-                dep = stage_ref(src, numeric=True)
-                if dep is not None:
-                    cur.deps.add(dep)
-                elif src.lower() != "scratch":
-                    flag = next(f for f in reversed(inst.flags) if f.lower().startswith("--from="))
-                    cur.uses.append(ImageUse("copy", src, inst.line, cur.index, None, flag, inst))
+                flag = next(f for f in reversed(inst.flags) if f.lower().startswith("--from="))
+                source("copy", raw, flag, inst, cur, env)
         elif kw == "RUN":
             for flag in inst.flags:
-                if not flag.lower().startswith("--mount="):
-                    continue
-                raw_from = _mount_from(flag)
-                if not raw_from:
-                    continue
-                try:
-                    src = expand(raw_from, env, esc)
-                except Unknown as exc:
-                    note(inst, f"RUN --mount from={raw_from}: {exc}")
-                    continue
-                dep = stage_ref(src, numeric=True)
-                if dep is not None:
-                    cur.deps.add(dep)
-                elif src.lower() != "scratch":
-                    cur.uses.append(ImageUse("mount", src, inst.line, cur.index, None, flag, inst))
+                raw_from = _mount_from(flag) if flag.lower().startswith("--mount=") else None
+                if raw_from:
+                    source("mount", raw_from, flag, inst, cur, env)
         elif kw == "ADD" and inst.flag("checksum") is None:
             sources = [w for w in inst.args[:-1] if not w.startswith("<<")]
             if any(_REMOTE.match(w.strip("\"'")) for w in sources):

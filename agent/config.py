@@ -241,6 +241,18 @@ class BuildConfig:
         "CPUs one build may use, fractional (0: no limit); a request may ask for less",
         _non_negative,
     )
+    storage_max: str = _key(
+        "20GiB",
+        "disk the toolchain's local storage may keep (buildah's image store, BuildKit's cache; "
+        'bytes or e.g. 20GiB; "0": no budget): pruned back under it, least recently used first',
+        _size,
+    )
+    buildah_driver: str = _key(
+        "auto",
+        "buildah's storage driver: auto (overlay where a native overlay mount works, else vfs), "
+        "overlay, vfs",
+        _one_of("auto", "overlay", "vfs"),
+    )
 
 
 @dataclass(frozen=True)

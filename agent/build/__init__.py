@@ -24,7 +24,7 @@ from typing import Any
 
 from agent.app import App
 from agent.errors import StartupError
-from agent.limits import Limits
+from agent.limits import Limits, parse_bytes
 from agent.ports import NoSandbox, RegistryPort
 from agent.sandbox import (
     BuildCgroup,
@@ -91,6 +91,8 @@ def _make_toolchain(
         sandbox=sandbox,
         log_tail_lines=cfg.build.log_tail_lines,
         insecure_hosts=insecure,
+        storage_max=parse_bytes(cfg.build.storage_max),
+        driver=cfg.build.buildah_driver,
     )
 
 

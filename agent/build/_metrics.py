@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent.build.storage import StorageReport
 
 _PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 
 class BuildMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
         self.started = Counter(
             "build_agent_builds_started",
             "Builds that left the queue and started running",
@@ -72,3 +79,37 @@ class BuildMetrics:
             self.cache_hits.labels(kind)
         for kind in ("build", "copy"):
             self.tool_runs.labels(kind)
+
+    def watch_storage(self, report: Callable[[], StorageReport]) -> None:
+        """Expose the toolchain's storage (read from ``report`` at each scrape)."""
+        self._registry.register(StorageCollector(report))
+
+
+class StorageCollector(Collector):
+    """The toolchain's storage, read at scrape time from its StorageReport."""
+
+    def __init__(self, report: Callable[[], StorageReport]) -> None:
+        self._report = report
+
+    def collect(self) -> Iterator[Metric]:
+        r = self._report()
+        labels = ["driver"]
+        used = GaugeMetricFamily(
+            "build_agent_storage_used_bytes",
+            "Disk the toolchain's local storage uses now (buildah's image store, BuildKit's root)",
+            labels=labels,
+        )
+        used.add_metric([r.driver], r.used_bytes)
+        budget = GaugeMetricFamily(
+            "build_agent_storage_max_bytes",
+            "The storage budget, build.storage_max (0: none)",
+            labels=labels,
+        )
+        budget.add_metric([r.driver], r.max_bytes)
+        freed = CounterMetricFamily(
+            "build_agent_storage_reclaimed_bytes",
+            "Disk the toolchain's storage upkeep freed (removed images, prunes)",
+            labels=labels,
+        )
+        freed.add_metric([r.driver], r.reclaimed_bytes)
+        yield from (used, budget, freed)

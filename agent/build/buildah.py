@@ -35,24 +35,24 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from agent.build import _runc
 from agent.build._sources import missing_source, missing_source_message
+from agent.build.buildah_store import BuildahStore
 from agent.build.buildargs import split_for_env
 from agent.build.child import (
     child_env,
     describe_exit,
     kill_tree,
-    popen,
     proc_read,
     run,
     write_login,
 )
 from agent.build.secretfds import secret_flags
+from agent.build.storage import StorageReport
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import (
     AgentError,
@@ -80,10 +80,13 @@ class _Tail:
         self._sink = sink
         self._n = max(n, 1)
         self.lines: list[str] = []
+        self.steps: list[str] = []  # bud's "STEP n/m: ..." lines (which images FROM named)
 
     def line(self, text: str) -> None:
         self._sink.line(text)
         self.lines.append(text)
+        if text.startswith("STEP "):
+            self.steps.append(text)
         if len(self.lines) > self._n * 4:
             del self.lines[: len(self.lines) - self._n]
 
@@ -225,6 +228,8 @@ class BuildahToolchain:
         skopeo: str | None = None,
         runtime: str | None = None,
         insecure_hosts: Sequence[str] = (),
+        storage_max: int = 0,
+        driver: str = "auto",
     ) -> None:
         self._insecure = list(insecure_hosts)
         self._root = Path(state_dir) / "buildah"
@@ -237,6 +242,19 @@ class BuildahToolchain:
         self.runs: dict[str, int] = {"build": 0, "copy": 0}
         self._buds = 0  # builds in progress (bud or push)
         self._cleanups: set[asyncio.Task[None]] = set()
+        self.store = BuildahStore(
+            self._root, max_bytes=storage_max, driver=driver, argv=self._base, env=self._env
+        )
+
+    @property
+    def storage(self) -> StorageReport:
+        return self.store.report
+
+    def after_build(self, *, failed: bool, disk_full: bool = False) -> None:
+        # What each build made is handed to the store by build() itself; a full disk makes the
+        # next upkeep urgent (new builds wait for it).
+        if disk_full:
+            self.store.maintain(urgent=True)
 
     @property
     def state(self) -> str:
@@ -260,12 +278,20 @@ class BuildahToolchain:
         for sub in ("storage", "run", "home", "tmp"):
             (self._root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._kill_leftovers()
+        await asyncio.to_thread(self.store.start)
         self._state = "ready"
-        log.info("toolchain buildah ready (storage %s)", self._root / "storage")
+        log.info(
+            "toolchain buildah ready (storage %s, %s driver, %s)",
+            self._root / "storage",
+            self.store.driver,
+            self.storage.words()["max"],
+        )
+        self.store.maintain()  # a store over its budget from an earlier run is pruned now
 
     async def close(self) -> None:
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
+        await self.store.wait()
         self._state = "stopped"
 
     def _kill_leftovers(self) -> None:
@@ -300,7 +326,7 @@ class BuildahToolchain:
             "--runroot",
             str(self._root / "run"),
             "--storage-driver",
-            "vfs",
+            self.store.driver,
         ]
         if conf is not None:
             argv += ["--registries-conf", str(conf)]
@@ -314,9 +340,24 @@ class BuildahToolchain:
 
     async def build(self, spec: BuildSpec, log_sink: LogSink) -> BuildOutput:
         self.runs["build"] += 1
-        self._buds += 1
         work = Path(tempfile.mkdtemp(prefix="bud-", dir=self._root / "tmp"))
         image = f"localhost/build-agent/bud-{secrets.token_hex(8)}"  # lower case: a valid name
+        ok = False
+        try:
+            async with self.store.gate.use():
+                output = await self._bud_and_push(spec, log_sink, work, image)
+            ok = True
+            return output
+        finally:
+            self.store.made(image, failed=not ok)
+            task = asyncio.get_running_loop().create_task(self._cleanup(work))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+
+    async def _bud_and_push(
+        self, spec: BuildSpec, log_sink: LogSink, work: Path, image: str
+    ) -> BuildOutput:
+        self._buds += 1
         try:
             conf = work / "registries.conf"
             conf.write_text(registries_conf(spec.proxy_address, spec.mirrors, self._insecure))
@@ -366,6 +407,7 @@ class BuildahToolchain:
                 visible=(str(work),),
                 cgroup=spec.cgroup,
             )
+            self.store.used(tail.steps)
             if code != 0:
                 raise _diagnose("buildah bud", code, tail.last(), describe_exit(code))
             digest_file = work / "digest"
@@ -399,19 +441,12 @@ class BuildahToolchain:
             self._buds -= 1
             if spec.secrets and self._buds == 0:
                 self._sweep_secret_copies()
-            # Removing the local image is not part of the build: the result is upstream already.
-            task = asyncio.get_running_loop().create_task(self._cleanup(image, work))
-            self._cleanups.add(task)
-            task.add_done_callback(self._cleanups.discard)
 
-    async def _cleanup(self, image: str, work: Path) -> None:
-        # The pushed image is upstream now; keeping it would only grow the storage.
+    async def _cleanup(self, work: Path) -> None:
+        # Not part of the build: the image is upstream already (the store removes its local
+        # copy once no build uses the store).
         with contextlib.suppress(Exception):
             await _runc.delete_leftovers(self._runtime, work, self._sandbox, self._env())
-        with contextlib.suppress(Exception):
-            argv = [*self._base(), "rmi", "-f", image]
-            child = await popen("buildah rmi", argv, env=self._env(), stdout=subprocess.DEVNULL)
-            await asyncio.shield(child.wait())
         shutil.rmtree(work, ignore_errors=True)
 
     async def copy(

@@ -60,9 +60,12 @@ from agent.build import child as children
 from agent.build._buildkit_progress import Transcript, build_error, copied_digest, copy_error
 from agent.build._supervisor import Policy, State, Supervisor
 from agent.build.buildargs import looks_secret
+from agent.build.buildkit_store import BuildkitStore
 from agent.build.secretfds import secret_flags
+from agent.build.storage import StorageReport
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import AgentError, BuildFailed, InternalError, StartupError
+from agent.limits import parse_bytes
 from agent.ports import CgroupPort, Mirror, ProxyLogin, RegistryPort, SandboxPort
 
 if TYPE_CHECKING:
@@ -111,6 +114,7 @@ def render_config(
     proxy_address: str,
     mirrors: list[Mirror],
     cgroup_parent: str = "",
+    keep_bytes: int = 0,
 ) -> str:
     """buildkitd.toml: OCI worker only (its RUN steps' containers under ``cgroup_parent`` when
     given), the proxy as a plain-HTTP registry, mirrors onto it."""
@@ -124,6 +128,8 @@ def render_config(
         "[worker.oci]",
         "  enabled = true",
         *([f"  defaultCgroupParent = {_toml_str(cgroup_parent)}"] if cgroup_parent else []),
+        # The budget (build.storage_max): v0.11 reads bytes, v0.24 its reserved space.
+        *(["  gc = true", f"  gckeepstorage = {keep_bytes}"] if keep_bytes else []),
         "",
         "[worker.containerd]",
         "  enabled = false",
@@ -244,6 +250,9 @@ class BuildkitToolchain:
         # A real path: the sandbox names a child's visible directories by their real paths.
         self.tmp_root = Path(os.path.realpath(Path(app.config.daemon.state_dir) / "buildkit-tmp"))
         self.addr = f"unix://{self.socket}"
+        self.store = BuildkitStore(
+            self.root, max_bytes=parse_bytes(app.config.build.storage_max), prune=self._prune
+        )
         self._cleanup = cleanup if cleanup is not None else _default_cleanup()
         self.supervisor = Supervisor(
             "buildkitd",
@@ -258,6 +267,23 @@ class BuildkitToolchain:
     @property
     def state(self) -> str:
         return self.supervisor.state.value
+
+    @property
+    def storage(self) -> StorageReport:
+        return self.store.report
+
+    def after_build(self, *, failed: bool, disk_full: bool = False) -> None:
+        self.store.after_build(failed=failed, disk_full=disk_full)
+
+    async def _prune(self, keep_mb: int) -> int:
+        argv = [self.bins.buildctl, "--addr", self.addr, "prune", "--keep-storage", str(keep_mb)]
+        sink = _Collect()
+        code = await children.run(
+            "buildctl prune", argv, sandbox=self.sandbox, env=self._env(), sink=sink
+        )
+        if code != 0:
+            log.warning("buildctl prune exited %d: %s", code, " | ".join(sink.lines[-3:]))
+        return code
 
     def _env(self, docker_config: Path | None = None) -> dict[str, str]:
         env = children.child_env(self.home)
@@ -282,6 +308,7 @@ class BuildkitToolchain:
         if state is not State.RUNNING:
             await self.supervisor.stop()
             raise StartupError(self._not_running(state))
+        await self.store.start()
 
     def _write_config(self) -> None:
         address = self.proxy.child_address if self.proxy is not None else ""
@@ -292,6 +319,7 @@ class BuildkitToolchain:
             proxy_address=address,
             mirrors=mirrors,
             cgroup_parent=self.steps_cgroup.parent if self.steps_cgroup is not None else "",
+            keep_bytes=self.store.keep_bytes(),
         )
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(text)
@@ -307,6 +335,7 @@ class BuildkitToolchain:
             self.supervisor.start()
 
     async def close(self) -> None:
+        await self.store.wait()
         await self.supervisor.stop()
         await self._after_exit()
 

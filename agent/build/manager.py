@@ -35,6 +35,7 @@ from agent.build.buildlog import BuildLog, SecretScrub
 from agent.build.context import HashCache
 from agent.build.flow import Flow, Plan
 from agent.build.records import RecordStore
+from agent.build.storage import StorageReport, disk_full, free_bytes, full_message
 from agent.build.toolchain import Toolchain
 from agent.errors import (
     AgentError,
@@ -173,6 +174,7 @@ class BuildManager:
         self._queue: deque[Build] = deque()
         self._running: set[str] = set()
         self.state = "running"
+        metrics.watch_storage(lambda: self.toolchain.storage)
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -363,10 +365,15 @@ class BuildManager:
         )
         fields: dict[str, Any] = {}
         state = rec.FAILED
+        disk_full = False
         try:
             try:
                 outcome = await flow.run(build.plan)
             except AgentError as exc:
+                full = _out_of_disk(exc, self.toolchain.storage)
+                if full is not None:
+                    disk_full = True
+                    raise full from exc
                 raise _limited(exc, cgroup, self.toolchain.steps_in_build_cgroup) from exc
             finally:
                 if cgroup is not None:  # kills what is left of the build's processes
@@ -387,6 +394,7 @@ class BuildManager:
             fields["error"] = self._error_dict(build, err)
         finally:
             timer.cancel()
+            self.toolchain.after_build(failed=state != rec.SUCCEEDED, disk_full=disk_full)
         fields.setdefault("timings", {})
         fields["timings"]["queue"] = round(queued_for, 4)
         fields["timings"]["total"] = round(time.monotonic() - t0, 4)
@@ -491,6 +499,17 @@ def _close(fd: int | None) -> None:
 
 
 __all__ = ["Build", "BuildManager", "error_of", "result_of"]
+
+
+def _out_of_disk(exc: AgentError, storage: StorageReport) -> AgentError | None:
+    """A BuildFailed saying that the disk is full, when the build's output says so; None else."""
+    tail = exc.details.get("log_tail")
+    lines = [str(x) for x in tail] if isinstance(tail, list) else []
+    text = "\n".join([*lines, exc.message])
+    if not disk_full(text):
+        return None
+    free = free_bytes(storage.paths[0]) if storage.paths else None
+    return BuildFailed(full_message(storage, free), details={**exc.details, "limit": "storage"})
 
 
 def _limited(exc: AgentError, cgroup: BuildCgroup | None, steps_inside: bool) -> AgentError:

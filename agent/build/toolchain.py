@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from agent.build.storage import StorageReport
 from agent.ports import CgroupPort, Mirror, ProxyLogin
 
 
@@ -69,6 +70,17 @@ class Toolchain(Protocol):
     @property
     def state(self) -> str:
         """For info and metrics, e.g. "ready", or the supervisor state of buildkitd."""
+        ...
+
+    @property
+    def storage(self) -> StorageReport:
+        """Its local storage: driver, size, budget (build.storage_max), bytes reclaimed."""
+        ...
+
+    def after_build(self, *, failed: bool, disk_full: bool = False) -> None:
+        """A build ended: keep the storage under its budget, in the background (``close``
+        waits for it). ``failed``: it failed, was cancelled or timed out; ``disk_full``: it ran
+        out of disk, so reclaim now, before new builds start."""
         ...
 
     async def start(self) -> None: ...

@@ -126,6 +126,7 @@ async def info(ctx: RequestContext, args: Args) -> dict[str, Any]:
             "proxy_port": c.proxy.port,
             "proxy": _proxy_access(app),
             "limits": _limits(app),
+            "storage": app.toolchain.storage.words() if app.toolchain is not None else {},
         },
         "ops": ops.names(),
         "peer": {"uid": ctx.peer.uid, "gid": ctx.peer.gid},

@@ -184,6 +184,18 @@ def build(addr: str, args: list[str]) -> int:
     return 1
 
 
+def prune(args: list[str]) -> int:
+    """``buildctl prune``: the flags the real one takes; it has nothing to free (the stand-in
+    keeps no cache), so it prints what the real one prints then (prune-nothing.txt)."""
+    help_text = fixture("buildctl-prune-help.txt")
+    try:
+        parse_urfave(args, urfave_flags(help_text), stop_at_positional=False)
+    except UsageError as exc:
+        return _usage(exc, help_text)
+    print(fixture("prune-nothing.txt"), end="")
+    return 0
+
+
 def main() -> int:
     record("buildctl")
     help_text = fixture("buildctl-help.txt")
@@ -203,6 +215,8 @@ def main() -> int:
         return build(addr, rest[1:])
     if rest[:2] == ["debug", "workers"]:
         return workers(addr, rest[2:])
+    if rest[0] == "prune":
+        return prune(rest[1:])
     print(f"No help topic for '{rest[0]}'", file=sys.stderr)
     return 3
 

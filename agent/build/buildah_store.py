@@ -1,0 +1,179 @@
+"""buildah's image store under ``<state_dir>/buildah/storage``: its driver, and keeping it under
+``build.storage_max``.
+
+- **Driver.** ``overlay`` where a native overlay mount works on the state directory's file system
+  (root on ext4 or xfs: layers are shared, not copied), ``vfs`` otherwise (every layer copied
+  whole; works everywhere, also inside containers). ``build.buildah_driver`` forces one. Data an
+  earlier start left under the other driver is removed at start: it is a cache no build can use.
+- **What a build made** (its image, and after a failed or killed bud its working containers) is
+  removed once no build uses the store (agent/build/storegate.py says why it must wait).
+- **Over the budget**, images are removed least recently used first (an image's use: the last
+  build whose ``FROM`` named it, as bud's ``STEP n/m: FROM <ref>`` lines say; an image no build
+  of this daemon used counts as oldest) until the store is under 90 % of the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.build.child import popen
+from agent.build.storage import StorageReport, Upkeep, measure, overlay_works
+from agent.build.storegate import StoreGate
+from agent.errors import StartupError
+from agent.limits import format_bytes
+
+log = logging.getLogger("agent.build.buildah")
+
+_FROM = re.compile(r"^STEP \d+/\d+: FROM (\S+)", re.IGNORECASE)
+
+
+def from_refs(lines: list[str]) -> list[str]:
+    """The image references of bud's ``STEP n/m: FROM <ref> [AS name]`` lines."""
+    return [m.group(1) for m in map(_FROM.match, lines) if m]
+
+
+def _names_match(names: list[str], ref: str) -> bool:
+    # buildah stores a pulled image under its full name ("host/repo:tag"); a FROM line may
+    # leave out the tag (":latest") or, for Docker Hub, the host and "library/".
+    want = ref if ":" in ref.rpartition("/")[2] or "@" in ref else f"{ref}:latest"
+    return any(n == want or n.endswith("/" + want) for n in names)
+
+
+class BuildahStore:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bytes: int,
+        driver: str,
+        argv: Callable[[], list[str]],
+        env: Callable[[], dict[str, str]],
+    ) -> None:
+        self.dir = root / "storage"
+        self._choice = driver  # "auto" | "overlay" | "vfs"
+        self._argv = argv
+        self._env = env
+        self.gate = StoreGate()
+        self.report = StorageReport(driver="vfs", paths=(self.dir,), max_bytes=max_bytes)
+        self._made: list[str] = []  # images of finished builds, to remove
+        self._containers = False  # a bud failed or was killed: it may have left containers
+        self._used: dict[str, float] = {}  # FROM ref -> when a build last named it
+        self._upkeep = Upkeep("buildah storage upkeep", self._maintain_once)
+
+    @property
+    def driver(self) -> str:
+        return self.report.driver
+
+    def start(self) -> None:
+        """Choose the driver (blocking: once, at the toolchain's start) and drop the other one's
+        leftovers."""
+        works, why = overlay_works(self.dir.parent / "tmp")
+        if self._choice == "overlay" and not works:
+            raise StartupError(
+                f"build.buildah_driver is overlay, but a native overlay mount fails on "
+                f'{self.dir}: {why}; use build.buildah_driver = "auto" (vfs there)'
+            )
+        driver = "overlay" if works and self._choice != "vfs" else "vfs"
+        if driver == "vfs" and self._choice == "auto":
+            self.report.note = f"native overlay does not mount here ({why}): vfs copies layers"
+        self.report.driver = driver
+        other = "vfs" if driver == "overlay" else "overlay"
+        for stale in self.dir.glob(f"{other}*"):
+            log.info(
+                "removing %s: storage of the %s driver, which this start does not use", stale, other
+            )
+            shutil.rmtree(stale, ignore_errors=True)
+        self.report.used_bytes = measure(self.report.paths)
+
+    def used(self, lines: list[str]) -> None:
+        now = time.time()
+        for ref in from_refs(lines):
+            self._used[ref] = now
+
+    def made(self, image: str, *, failed: bool) -> None:
+        """A build ended: its image (if any) goes, and the store is checked against its budget."""
+        self._made.append(image)
+        self._containers = self._containers or failed
+        self.maintain()
+
+    def maintain(self, *, urgent: bool = False) -> None:
+        """Run the removals in the background (agent.build.storage.Upkeep)."""
+        self._upkeep.request(urgent=urgent or self.report.over())
+
+    async def wait(self) -> None:
+        await self._upkeep.wait()
+
+    async def _maintain_once(self, urgent: bool) -> None:
+        async with self.gate.change(urgent=urgent):
+            before = await asyncio.to_thread(measure, self.report.paths)
+            made, self._made = self._made, []
+            if made:
+                await self._buildah("rmi", "-f", *made)
+            if self._containers:
+                self._containers = False
+                await self._buildah("rm", "--all")
+            self.report.used_bytes = await asyncio.to_thread(measure, self.report.paths)
+            if self.report.over():
+                await self._prune_lru()
+            after = self.report.used_bytes
+            self.report.reclaimed_bytes += max(0, before - after)
+        if self.report.over():
+            log.warning(
+                "buildah storage is %s, over build.storage_max %s, with every image removed",
+                format_bytes(after),
+                format_bytes(self.report.max_bytes),
+            )
+
+    async def _prune_lru(self) -> None:
+        images = await self._images()
+        images.sort(key=lambda im: (self._last_use(im[1]), im[2]))
+        for image_id, names, _ in images:
+            if self.report.used_bytes <= self.report.target():
+                return
+            log.info(
+                "buildah storage over its budget: removing %s", names[0] if names else image_id
+            )
+            await self._buildah("rmi", "-f", image_id)
+            self.report.used_bytes = await asyncio.to_thread(measure, self.report.paths)
+
+    def _last_use(self, names: list[str]) -> float:
+        return max((t for ref, t in self._used.items() if _names_match(names, ref)), default=0.0)
+
+    async def _images(self) -> list[tuple[str, list[str], float]]:
+        """(id, names, created) of every image in the store."""
+        out = await self._buildah("images", "--json", capture=True)
+        try:
+            rows = json.loads(out or "[]")
+        except ValueError:
+            return []
+        images = []
+        for row in rows if isinstance(rows, list) else []:
+            if isinstance(row, dict) and isinstance(row.get("id"), str):
+                names = [n for n in row.get("names") or [] if isinstance(n, str)]
+                created = row.get("created") or 0
+                images.append((row["id"], names, float(created) if isinstance(created, int) else 0))
+        return images
+
+    async def _buildah(self, *args: str, capture: bool = False) -> str:
+        argv = [*self._argv(), *args]
+        child = await popen(
+            f"buildah {args[0]}",
+            argv,
+            env=self._env(),
+            stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+        )
+        out = b""
+        with contextlib.suppress(Exception):
+            if capture and child.stdout is not None:
+                out = await child.stdout.read()
+        await asyncio.shield(child.wait())
+        return out.decode(errors="replace")

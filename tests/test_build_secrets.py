@@ -292,7 +292,8 @@ async def test_secret_copies_a_killed_buildah_left_are_removed_at_start(short_tm
     (ctr / "secrets").mkdir(parents=True)
     (ctr / "secrets" / "tok").write_text("left-behind-value")
     (ctr / "config.json").write_text("{}")  # buildah's own files there are kept
-    tc = BuildahToolchain(state_dir=short_tmp, sandbox=NoSandbox())
+    # vfs: this store's driver (another driver's leftovers are dropped whole at start).
+    tc = BuildahToolchain(state_dir=short_tmp, sandbox=NoSandbox(), driver="vfs")
     await tc.start()
     try:
         assert not (ctr / "secrets").exists()

@@ -375,8 +375,10 @@ def test_buildkit_prunes_after_a_failed_build_not_after_a_good_one(
 def test_real_buildkit_timed_out_run_leaves_no_disk_behind(
     short_tmp: Path, registry: Registry, base_image: str
 ) -> None:
-    """The issue's case: a RUN step writes a lot and times out; BuildKit's own GC does not free
-    its snapshot (no cache record holds it), the prune after the build does."""
+    """The issue's case: a RUN step writes a lot and times out. Its snapshot is no cache record
+    (``buildctl du`` does not list it); buildkitd's collector, which our buildkitd.toml turns on,
+    frees it some 45 s later (measured on v0.24.0), and not at all where gc is off. The prune
+    after the build frees it at once: within 20 s here, build end to disk freed."""
     if REAL is None:
         pytest.skip("real buildkitd/buildctl/crane not installed")
     env = {"AGENT_BUILDKITD": REAL.buildkitd, "AGENT_BUILDCTL": REAL.buildctl,
@@ -397,15 +399,15 @@ def test_real_buildkit_timed_out_run_leaves_no_disk_behind(
                 "RUN dd if=/dev/zero of=/big bs=1M count=300 && sleep 120\n"
             },
         )
-        r = d.ctl("--json", "build", "--timeout", "15", "--target-ref",
-                  f"{registry.host}/bk-big:1", str(ctx), timeout=120)  # fmt: skip
-        assert r.returncode != 0, r.stdout
+        r = d.ctl("--json", "build", "--timeout", "15", "--target", f"{registry.host}/bk-big:1",
+                  "--context", str(ctx), timeout=120)  # fmt: skip
+        assert "timed_out" in r.stdout + r.stderr, (r.stdout, r.stderr)
         wait_for(
-            lambda: measure((root,)) < before + 100 * MiB,
-            60,
-            "the timed-out step's disk to be reclaimed",
+            lambda: measure((root,)) < before + 100 * MiB
+            and _storage(d)["reclaimed_bytes"] >= 200 * MiB,
+            20,
+            "the timed-out step's disk to be reclaimed (and counted)",
         )
-        assert _storage(d)["reclaimed_bytes"] >= 200 * MiB
     finally:
         d.stop()
         d.cleanup()

@@ -20,9 +20,9 @@ from typing import Any
 from agent.build import ownership
 from agent.build import records as rec
 from agent.build.buildlog import follow_file, read_file
-from agent.build.context import Caller, check_dockerfile_path, hash_context
+from agent.build.context import Caller, ContextDigest, check_dockerfile_path, hash_context
 from agent.build.flow import Plan, Ref
-from agent.build.keyed import key_build, make_lookup, node_secret
+from agent.build.keyed import Keyed, key_build, make_lookup, node_secret
 from agent.build.manager import Build, BuildManager, error_of
 from agent.build.records import BuildRecord, new_id
 from agent.build.secretfds import ID_PATTERN, MAX_SECRET_BYTES, MAX_SECRETS
@@ -242,7 +242,6 @@ async def _plan_dockerfile(
     """Hash the context and key the build; the record gets the context summary and the key's
     inputs (``record`` is also what the key is compared with: keyinputs.previous)."""
     cfg = ctx.app.config.build
-    dockerfile = req.dockerfile or "Dockerfile"
     base_repo_text = req.base_repo_text or cfg.base_repo
     if base_repo_text:
         base_repo = _repo(base_repo_text, "base_repo")
@@ -254,7 +253,7 @@ async def _plan_dockerfile(
     digest = await asyncio.to_thread(
         hash_context,
         context_fd,
-        dockerfile,
+        req.dockerfile or "Dockerfile",
         build_args=req.build_args,
         stage=req.stage,
         platform=req.platform,
@@ -264,19 +263,7 @@ async def _plan_dockerfile(
     )
     hashed = loop.time() - t0
     manager.metrics.phase.labels("context").observe(hashed)
-    keyed = await key_build(
-        digest,
-        lookup=make_lookup(ctx.app.resolver, manager.proxy),
-        max_age=cfg.from_max_age,
-        build_args=req.build_args,
-        stage=req.stage,
-        platform=req.platform,
-        secret_ids=sorted(req.secrets),
-        force=req.force,
-        arg_secret=node_secret(ctx.app.config.daemon.state_dir),
-        records=manager.store.all(),
-        record=record,
-    )
+    keyed = await _key(ctx, req, manager, digest, record)
     record.context = {
         "key": keyed.key,
         "context_key": digest.key,
@@ -302,6 +289,29 @@ async def _plan_dockerfile(
         caller=caller,
         context_key=digest.key,
         keyed=keyed,
+    )
+
+
+async def _key(
+    ctx: RequestContext,
+    req: _Request,
+    manager: BuildManager,
+    digest: ContextDigest,
+    record: BuildRecord,
+) -> Keyed:
+    """The content key: the context's, the Dockerfile's external images resolved."""
+    return await key_build(
+        digest,
+        lookup=make_lookup(ctx.app.resolver, manager.proxy),
+        max_age=ctx.app.config.build.from_max_age,
+        build_args=req.build_args,
+        stage=req.stage,
+        platform=req.platform,
+        secret_ids=sorted(req.secrets),
+        force=req.force,
+        arg_secret=node_secret(ctx.app.config.daemon.state_dir),
+        records=manager.store.all(),
+        record=record,
     )
 
 

@@ -13,16 +13,16 @@ import pytest
 
 from agent.build import records as rec
 from agent.build.buildlog import BuildLog, read_file
-from agent.build.records import RecordStore, new_id
+from agent.build.records import BuildRecord, RecordStore, new_id
 from agent.errors import IllegalTransition, NotFound
 
 
 def test_transitions_are_recorded_and_checked(tmp_path: Path) -> None:
     store = RecordStore(tmp_path)
-    r = store.create({"id": new_id()})
+    r = store.create(BuildRecord(id=new_id()))
     store.transition(r, rec.RUNNING)
-    store.transition(r, rec.SUCCEEDED, digest="sha256:x")
-    on_disk = json.loads((tmp_path / "builds" / f"{r['id']}.json").read_text())
+    store.transition(r, rec.SUCCEEDED, outcome={"digest": "sha256:x"})
+    on_disk = json.loads((tmp_path / "builds" / f"{r.id}.json").read_text())
     assert on_disk["state"] == "succeeded" and on_disk["digest"] == "sha256:x"
     assert [t["state"] for t in on_disk["transitions"]] == ["queued", "running", "succeeded"]
     with pytest.raises(IllegalTransition):
@@ -30,21 +30,72 @@ def test_transitions_are_recorded_and_checked(tmp_path: Path) -> None:
     assert not list((tmp_path / "builds").glob(".*.tmp"))
 
 
+def test_a_record_reads_back_as_it_was_written(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path)
+    r = store.create(
+        BuildRecord(
+            id=new_id(),
+            labels={"team": "a"},
+            peer={"uid": 1000, "gid": 1000, "pid": 42},
+            owners=[1000],
+            toolchain="buildah",
+            request={"dockerfile": None, "target_repo": "r/x", "timeout": 60.0},
+            context={"key": "k", "files": 1},
+            limits={"memory_max": None},
+            base_ref="r/base:k",
+        )
+    )
+    store.transition(r, rec.RUNNING)
+    error: Any = {"code": "build_failed", "message": "m", "details": {"step": "RUN x"}}
+    outcome = {"target_ref": "r/x:t", "digest": "", "cache": {"base": False, "workspace": None}}
+    store.transition(r, rec.FAILED, error=error, outcome=outcome)
+    path = tmp_path / "builds" / f"{r.id}.json"
+    written = path.read_bytes()
+    again = RecordStore(tmp_path)
+    assert again.load() == []
+    back = again.get(r.id)
+    assert back.to_json() == r.to_json() and back.owners == [1000] and back.error == error
+    again.save(back)
+    assert path.read_bytes() == written
+    # An illegal move is refused and changes nothing.
+    with pytest.raises(IllegalTransition):
+        again.transition(back, rec.SUCCEEDED, outcome={"digest": "sha256:y"})
+    assert back.state == "failed" and back.digest == "" and len(back.transitions) == 3
+
+
+def test_records_of_older_versions_load(tmp_path: Path) -> None:
+    """No ``owners`` (the submitter owns it), ``error: null``, keys this version does not know
+    (kept as they were), a state it does not know (interrupted like an unfinished one)."""
+    builds = tmp_path / "builds"
+    builds.mkdir()
+    old = {"id": "o1", "state": "succeeded", "created": 1, "peer": {"uid": 7}, "error": None,
+           "transitions": [{"state": "queued", "at": 1}], "someday": [1, 2]}  # fmt: skip
+    (builds / "o1.json").write_text(json.dumps(old))
+    (builds / "o2.json").write_text(json.dumps({"id": "o2", "state": "paused"}))
+    store = RecordStore(tmp_path)
+    assert store.load() == ["o2"]
+    o1 = store.get("o1")
+    assert o1.owners == [7] and o1.error is None and o1.result()["error"] is None
+    assert o1.to_json()["someday"] == [1, 2] and o1.created == 1
+    assert store.get("o2").state == "interrupted"
+    assert "while this build was paused" in store.get("o2").error["message"]  # type: ignore[index]
+
+
 def test_load_marks_unfinished_interrupted_and_survives_junk(tmp_path: Path) -> None:
     store = RecordStore(tmp_path)
-    running = store.create({"id": "a-running"})
+    running = store.create(BuildRecord(id="a-running"))
     store.transition(running, rec.RUNNING)
-    store.create({"id": "b-queued"})
-    done = store.create({"id": "c-done"})
+    store.create(BuildRecord(id="b-queued"))
+    done = store.create(BuildRecord(id="c-done"))
     store.transition(done, rec.RUNNING)
     store.transition(done, rec.FAILED)
     (tmp_path / "builds" / "d-bad.json").write_text("{half")
     (tmp_path / "builds" / ".e.json.1.tmp").write_text("{")
     again = RecordStore(tmp_path)
     assert sorted(again.load()) == ["a-running", "b-queued"]
-    assert again.get("a-running")["state"] == "interrupted"
-    assert again.get("a-running")["error"]["message"].startswith("the daemon stopped")
-    assert again.get("c-done")["state"] == "failed"
+    assert again.get("a-running").state == "interrupted"
+    assert again.get("a-running").error["message"].startswith("the daemon stopped")
+    assert again.get("c-done").state == "failed"
     assert (tmp_path / "builds" / "d-bad.json.bad").exists()
     assert not (tmp_path / "builds" / ".e.json.1.tmp").exists()
     with pytest.raises(NotFound):
@@ -57,20 +108,20 @@ def test_retention_by_age_and_count(tmp_path: Path) -> None:
     store = RecordStore(tmp_path)
     ids = []
     for i in range(6):
-        r = store.create({"id": f"r{i}", "created": 1000.0 + i})
+        r = store.create(BuildRecord(id=f"r{i}", created=1000.0 + i))
         store.transition(r, rec.RUNNING)
         store.transition(r, rec.SUCCEEDED)
-        r["finished"] = 1000.0 + i
+        r.finished = 1000.0 + i
         store.save(r)
         (tmp_path / "builds" / f"r{i}.log").write_text("log\n")
-        ids.append(r["id"])
-    live = store.create({"id": "r9", "created": 0.0})  # unfinished: never pruned
+        ids.append(r.id)
+    live = store.create(BuildRecord(id="r9", created=0.0))  # unfinished: never pruned
     pruned = store.prune(max_age=3.5, max_count=100, now=1005.0)
     assert pruned == ["r0", "r1"]
     assert not (tmp_path / "builds" / "r0.log").exists()
     assert store.prune(max_age=1e9, max_count=2, now=1005.0) == ["r2", "r3"]
-    assert [r["id"] for r in store.all()] == ["r9", "r4", "r5"]
-    assert live["state"] == "queued"
+    assert [r.id for r in store.all()] == ["r9", "r4", "r5"]
+    assert live.state == "queued"
 
 
 async def test_log_scrubs_fans_out_and_a_slow_reader_catches_up(tmp_path: Path) -> None:
@@ -110,11 +161,11 @@ def test_logs_of_a_build_interrupted_before_its_first_line(daemon_factory: Any) 
     nothing and exits 0, with and without ``-f`` (the record says it was interrupted)."""
     d = daemon_factory(start=False)
     store = RecordStore(Path(d.sections["daemon"]["state_dir"]))
-    queued = store.create({"id": new_id()})
-    running = store.create({"id": new_id()})
+    queued = store.create(BuildRecord(id=new_id()))
+    running = store.create(BuildRecord(id=new_id()))
     store.transition(running, rec.RUNNING)
     d.start()
-    for build_id in (queued["id"], running["id"]):
+    for build_id in (queued.id, running.id):
         assert not store.log_path(build_id).exists()
         for args in (["logs", build_id], ["logs", "-f", build_id]):
             out = d.ctl(*args)

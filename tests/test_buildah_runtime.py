@@ -40,7 +40,7 @@ def test_a_runtime_refusal_names_the_runtimes_reason() -> None:
 def test_a_failing_step_is_still_its_exit_status() -> None:
     err = _diagnose("buildah bud", 1, STEP_FAILED, "exited with status 1")
     assert err.message == "RUN exit 3 failed with exit status 3"
-    assert err.details["step_exit_code"] == 3
+    assert err.details["exit_code"] == 3 and err.details["tool_exit_code"] == 1
 
 
 async def test_a_missing_runtime_is_a_startup_error_naming_the_package(tmp_path: Path) -> None:

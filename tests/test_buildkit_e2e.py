@@ -160,3 +160,9 @@ def test_failed_run_step_reports_line_and_exit_code(
     text = json.dumps(out)
     assert "build_failed" in text
     assert "Dockerfile:2" in text and "exited with status 3" in text
+    # The keys buildah's are too (test_e2e_build.py, test_error_details.py).
+    details = out["error"]["details"]
+    assert set(details) == {
+        "id", "log_tail", "tool_exit_code", "reason", "step", "line", "exit_code"
+    }  # fmt: skip
+    assert (details["line"], details["exit_code"]) == (2, 3)

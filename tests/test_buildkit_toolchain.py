@@ -371,19 +371,20 @@ FAILURES = {
         BuildFailed,
         ["Dockerfile:2", "RUN echo about-to-fail && exit 3", "exited with status 3",
          "about-to-fail"],
-        {"reason": "run_failed", "exit_code": 3, "dockerfile_line": 2},
+        {"reason": "run_failed", "exit_code": 3, "line": 2,
+         "step": "RUN echo about-to-fail && exit 3"},
     ),
     "fail-syntax": (
         "FROM BASE\nRUNN echo typo\n",
         BuildFailed,
         ["Dockerfile:2", "syntax error", "unknown instruction: RUNN", "RUNN echo typo"],
-        {"reason": "dockerfile_syntax", "dockerfile_line": 2},
+        {"reason": "dockerfile_syntax", "line": 2},
     ),
     "fail-base": (
         "FROM REGISTRY/does-not-exist:latest\nRUN true\n",
         BuildFailed,
         ["Dockerfile:1", "base image REGISTRY/does-not-exist:latest could not be pulled"],
-        {"reason": "base_image", "dockerfile_line": 1},
+        {"reason": "base_image", "line": 1},
     ),
 }  # fmt: skip
 

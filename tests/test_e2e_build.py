@@ -279,6 +279,11 @@ def test_run_step_failure_names_the_line_and_status(
     assert "line 2" in err["message"] and "exit status 3" in err["message"]
     assert "RUN echo about-to-fail && exit 3" in err["message"]
     assert "about-to-fail" in err["details"]["log_tail"]
+    # The keys BuildKit's are too (test_buildkit_e2e.py, test_error_details.py).
+    assert set(err["details"]) == {
+        "id", "log_tail", "tool_exit_code", "reason", "step", "line", "exit_code"
+    }  # fmt: skip
+    assert (err["details"]["line"], err["details"]["exit_code"]) == (2, 3)
     with daemon.client() as c:
         record = c.call("status", {"id": err["details"]["id"]})
     assert record["state"] == "failed" and record["error"]["code"] == "build_failed"

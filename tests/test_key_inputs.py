@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.build import keyinputs
 from agent.build.context import hash_context
-from agent.build.records import RecordStore
+from agent.build.records import BuildRecord, RecordStore
 from tests.infra.builds import write_context
 from tests.infra.daemon import DaemonProcess
 
@@ -84,29 +84,29 @@ def test_arg_digests_are_keyed() -> None:
 
 def test_previous_is_the_newest_succeeded_build_of_the_same_repo_and_dockerfile() -> None:
     def rec(i: str, state: str = "succeeded", repo: str = "r/x", df: str = "Dockerfile") -> Any:
-        return {"id": i, "state": state, "inputs": {"key": i},
-                "request": {"target_repo": repo, "dockerfile": df}}  # fmt: skip
+        return BuildRecord(id=i, state=state, inputs={"key": i},
+                           request={"target_repo": repo, "dockerfile": df})  # fmt: skip
 
     records = [rec("1"), rec("2"), rec("3", "failed"), rec("4", repo="r/y"),
-               rec("5", df="other/Dockerfile"), {"id": "6", "state": "succeeded",
-               "request": {"target_repo": "r/x"}}]  # fmt: skip
+               rec("5", df="other/Dockerfile"), BuildRecord(id="6", state="succeeded",
+               request={"target_repo": "r/x"})]  # fmt: skip
     now = rec("7")
-    assert keyinputs.previous(records, now)["id"] == "2"  # type: ignore[index]
-    tagged = {"id": "8", "state": "succeeded", "inputs": {}, "target_ref": "r/x:tag",
-              "request": {"target_ref": "r/x:tag", "dockerfile": None}}  # fmt: skip
+    assert keyinputs.previous(records, now).id == "2"  # type: ignore[union-attr]
+    tagged = BuildRecord(id="8", state="succeeded", inputs={}, target_ref="r/x:tag",
+                         request={"target_ref": "r/x:tag", "dockerfile": None})  # fmt: skip
     assert keyinputs.target_repo(tagged) == "r/x"
-    assert keyinputs.previous([*records, now], tagged)["id"] == "7"  # type: ignore[index]
+    assert keyinputs.previous([*records, now], tagged).id == "7"  # type: ignore[union-attr]
 
 
 def test_prune_removes_the_entries_file(short_tmp: Path) -> None:
     store = RecordStore(short_tmp)
-    r = store.create({"id": "20200101-000000-aaaaaa"})
+    r = store.create(BuildRecord(id="20200101-000000-aaaaaa"))
     store.transition(r, "running")
     store.transition(r, "succeeded")
-    store.save_entries(r["id"], b"blob")
-    assert store.load_entries(r["id"]) == b"blob"
+    store.save_entries(r.id, b"blob")
+    assert store.load_entries(r.id) == b"blob"
     store.prune(max_age=0, max_count=0, now=time.time() + 10)
-    assert store.load_entries(r["id"]) is None
+    assert store.load_entries(r.id) is None
     assert list(store.dir.iterdir()) == []
 
 

@@ -23,11 +23,13 @@ from agent.build._sources import missing_source, missing_source_message
 from agent.build.toolchain import LogSink
 from agent.errors import (
     AgentError,
+    BuildErrorDetails,
     BuildFailed,
     InternalError,
     NotFound,
     UpstreamUnauthorized,
     UpstreamUnavailable,
+    build_details,
 )
 
 _SOURCE = re.compile(r"^(?P<file>\S+):(?P<line>\d+)$")
@@ -104,117 +106,185 @@ def build_error(
     exit_words: str = "",
 ) -> AgentError:
     """The error for a ``buildctl build`` that exited non-zero, from its output."""
-    error = next((ln[len("error: ") :] for ln in reversed(lines) if ln.startswith("error: ")), "")
-    body = [ln for ln in lines if not ln.startswith("error: ")]
-    tail = [scrub(ln) for ln in _tail(body, tail_lines)]
-    source = ""
-    marked_line: int | None = None
-    marked_text = ""
-    for i, ln in enumerate(lines):
-        m = _MARKED.match(ln)
-        if m:
-            marked_line, marked_text = int(m.group("line")), m.group("text").strip()
-            for back in reversed(lines[:i]):
-                sm = _SOURCE.match(back.strip())
-                if sm:
-                    source = sm.group("file")
-                    break
-    where = f"{source or 'Dockerfile'}:{marked_line}" if marked_line else ""
-    details: dict[str, object] = {"log_tail": tail, "exit_status": returncode}
-    if where:
-        details["dockerfile_line"] = marked_line
-        details["instruction"] = scrub(marked_text)
-
-    if "failed to receive status" in error or "error reading from server: EOF" in error:
-        details["reason"] = "builder_died"
-        return BuildFailed(
-            _with_tail(
-                "buildkitd stopped during the build (killed or crashed); the daemon restarts it: "
-                "build again",
-                tail,
-            ),
-            details=details,
-        )
-    if "connection error" in error and ("dial unix" in error or "connect:" in error):
-        details["reason"] = "builder_unreachable"
-        return InternalError(
-            "buildctl could not reach buildkitd ("
-            + scrub(error.split("desc = ", 1)[-1].strip('"'))
-            + "); the daemon restarts buildkitd: build again, and check the daemon log if it "
-            "persists",
-            details=details,
-        )
-    push = _PUSH.search(error)
-    if push:
-        ref, why = scrub(push.group("ref")), scrub(push.group("why"))
-        registry = _host_of(ref)
-        status = _STATUS.search(why)
-        details["reason"] = "push_refused"
-        if status and status.group("status") in ("401", "403"):
-            return UpstreamUnauthorized(
-                f"the registry {registry} refused the push of {ref}: {why}; give the agent "
-                "credentials that may push there (build.docker_config)",
-                registry=registry,
-                details=details,
-            )
-        return UpstreamUnavailable(
-            f"pushing {ref} to {registry} failed: {why}; check that the registry is up",
-            registry=registry,
-            details=details,
-        )
-    parse = _PARSE.search(error)
-    if parse:
-        details["reason"] = "dockerfile_syntax"
-        line = where or f"Dockerfile:{parse.group('line')}"
-        shown = f": {scrub(marked_text)}" if marked_text else ""
-        return BuildFailed(
-            _with_tail(f"{line}: syntax error: {parse.group('why')}{shown}", tail),
-            details=details,
-        )
-    proc = _PROCESS.search(error)
-    if proc:
-        details["reason"] = "run_failed"
-        details["exit_code"] = int(proc.group("code"))
-        what = scrub(marked_text) if marked_text else f"RUN {scrub(proc.group('cmd'))}"
-        at = f"{where}: " if where else ""
-        return BuildFailed(
-            _with_tail(
-                f"{at}{what} failed: the command exited with status {proc.group('code')}", tail
-            ),
-            details=details,
-        )
-    missing = missing_source(error)
-    if missing is not None:
-        details["reason"] = "copy_source_missing"
-        details["missing_path"] = missing
-        at = f"{where}: " if where else ""
-        what = scrub(marked_text) if marked_text else "COPY"
-        return BuildFailed(
-            _with_tail(at + missing_source_message(what, missing), tail), details=details
-        )
-    if marked_text.upper().startswith("FROM") or _loads_metadata_failed(lines):
-        details["reason"] = "base_image"
-        image = marked_text.split()[1] if len(marked_text.split()) > 1 else ""
-        image = image or _failed_metadata_ref(lines)
-        why = error.removeprefix("failed to solve: ")
-        why = why.removeprefix(f"{image}: ") if image else why
-        at = f"{where}: " if where else ""
-        return BuildFailed(
-            _with_tail(
-                f"{at}the base image {scrub(image)} could not be pulled: {scrub(why)}; check the "
-                "FROM line and that the image exists",
-                tail,
-            ),
-            details=details,
-        )
-    details["reason"] = "build_failed"
-    at = f"{where}: " if where else ""
+    failure = _Failure.read(lines, returncode, tail_lines, scrub)
+    for classify in _CLASSIFIERS:
+        err = classify(failure)
+        if err is not None:
+            return err
+    error = failure.error
     summary = scrub(error) if error else f"buildctl {exit_words or f'exited with {returncode}'}"
-    return BuildFailed(_with_tail(f"{at}{summary}", tail), details=details)
+    return BuildFailed(failure.message(summary), details=failure.details("build_failed"))
 
 
-def _loads_metadata_failed(lines: list[str]) -> bool:
-    return bool(_failed_metadata_ref(lines))
+@dataclass
+class _Failure:
+    """What a failed ``buildctl build`` printed: its ``error:`` line, the step BuildKit marked
+    in the Dockerfile's source box (``Dockerfile:2`` then ``   2 | >>> RUN ...``), the tail."""
+
+    lines: list[str]
+    returncode: int
+    scrub: Callable[[str], str]
+    error: str  # the last ``error: `` line, without that prefix
+    tail: list[str]  # scrubbed
+    source: str = ""  # the file the source box names
+    line: int | None = None
+    text: str = ""  # the marked instruction, as written (not scrubbed)
+
+    @classmethod
+    def read(
+        cls, lines: list[str], returncode: int, tail_lines: int, scrub: Callable[[str], str]
+    ) -> _Failure:
+        error = next(
+            (ln[len("error: ") :] for ln in reversed(lines) if ln.startswith("error: ")), ""
+        )
+        body = [ln for ln in lines if not ln.startswith("error: ")]
+        out = cls(lines, returncode, scrub, error, [scrub(ln) for ln in _tail(body, tail_lines)])
+        for i, ln in enumerate(lines):
+            m = _MARKED.match(ln)
+            if m:
+                out.line, out.text = int(m.group("line")), m.group("text").strip()
+                back = (_SOURCE.match(b.strip()) for b in reversed(lines[:i]))
+                sm = next((m for m in back if m), None)
+                out.source = sm.group("file") if sm else out.source
+        return out
+
+    @property
+    def at(self) -> str:
+        """``Dockerfile:2: `` when BuildKit marked a line, else nothing."""
+        return f"{self.source or 'Dockerfile'}:{self.line}: " if self.line else ""
+
+    def message(self, text: str) -> str:
+        return _with_tail(f"{self.at}{text}", self.tail)
+
+    def details(
+        self,
+        reason: str,
+        *,
+        step: str | None = None,
+        exit_code: int | None = None,
+        missing_path: str | None = None,
+    ) -> BuildErrorDetails:
+        marked = self.scrub(self.text) if self.line and self.text else None
+        return build_details(
+            log_tail=self.tail,
+            tool_exit_code=self.returncode,
+            reason=reason,
+            step=marked or step,
+            line=self.line,
+            exit_code=exit_code,
+            missing_path=missing_path,
+        )
+
+
+def _builder_died(f: _Failure) -> AgentError | None:
+    if (
+        "failed to receive status" not in f.error
+        and "error reading from server: EOF" not in f.error
+    ):
+        return None
+    return BuildFailed(
+        _with_tail(
+            "buildkitd stopped during the build (killed or crashed); the daemon restarts it: "
+            "build again",
+            f.tail,
+        ),
+        details=f.details("builder_died"),
+    )
+
+
+def _builder_unreachable(f: _Failure) -> AgentError | None:
+    if "connection error" not in f.error or not ("dial unix" in f.error or "connect:" in f.error):
+        return None
+    return InternalError(
+        "buildctl could not reach buildkitd ("
+        + f.scrub(f.error.split("desc = ", 1)[-1].strip('"'))
+        + "); the daemon restarts buildkitd: build again, and check the daemon log if it "
+        "persists",
+        details=f.details("builder_unreachable"),
+    )
+
+
+def _push_refused(f: _Failure) -> AgentError | None:
+    push = _PUSH.search(f.error)
+    if not push:
+        return None
+    ref, why = f.scrub(push.group("ref")), f.scrub(push.group("why"))
+    registry = _host_of(ref)
+    status = _STATUS.search(why)
+    if status and status.group("status") in ("401", "403"):
+        return UpstreamUnauthorized(
+            f"the registry {registry} refused the push of {ref}: {why}; give the agent "
+            "credentials that may push there (build.docker_config)",
+            registry=registry,
+            details=f.details("push_refused"),
+        )
+    return UpstreamUnavailable(
+        f"pushing {ref} to {registry} failed: {why}; check that the registry is up",
+        registry=registry,
+        details=f.details("push_refused"),
+    )
+
+
+def _syntax(f: _Failure) -> AgentError | None:
+    parse = _PARSE.search(f.error)
+    if not parse:
+        return None
+    where = f.at or f"Dockerfile:{parse.group('line')}: "
+    shown = f": {f.scrub(f.text)}" if f.text else ""
+    return BuildFailed(
+        _with_tail(f"{where}syntax error: {parse.group('why')}{shown}", f.tail),
+        details=f.details("dockerfile_syntax"),
+    )
+
+
+def _run_failed(f: _Failure) -> AgentError | None:
+    proc = _PROCESS.search(f.error)
+    if not proc:
+        return None
+    what = f.scrub(f.text) if f.text else f"RUN {f.scrub(proc.group('cmd'))}"
+    return BuildFailed(
+        f.message(f"{what} failed: the command exited with status {proc.group('code')}"),
+        details=f.details("run_failed", step=what, exit_code=int(proc.group("code"))),
+    )
+
+
+def _copy_source_missing(f: _Failure) -> AgentError | None:
+    missing = missing_source(f.error)
+    if missing is None:
+        return None
+    what = f.scrub(f.text) if f.text else "COPY"
+    return BuildFailed(
+        f.message(missing_source_message(what, missing)),
+        details=f.details("copy_source_missing", missing_path=missing),
+    )
+
+
+def _base_image(f: _Failure) -> AgentError | None:
+    if not (f.text.upper().startswith("FROM") or _failed_metadata_ref(f.lines)):
+        return None
+    image = f.text.split()[1] if len(f.text.split()) > 1 else ""
+    image = image or _failed_metadata_ref(f.lines)
+    why = f.error.removeprefix("failed to solve: ")
+    why = why.removeprefix(f"{image}: ") if image else why
+    return BuildFailed(
+        f.message(
+            f"the base image {f.scrub(image)} could not be pulled: {f.scrub(why)}; check the "
+            "FROM line and that the image exists"
+        ),
+        details=f.details("base_image"),
+    )
+
+
+# In this order: the first that recognises the failure words the error.
+_CLASSIFIERS: tuple[Callable[[_Failure], AgentError | None], ...] = (
+    _builder_died,
+    _builder_unreachable,
+    _push_refused,
+    _syntax,
+    _run_failed,
+    _copy_source_missing,
+    _base_image,
+)
 
 
 def _failed_metadata_ref(lines: list[str]) -> str:
@@ -244,12 +314,15 @@ def copy_error(
     """The error for a ``crane copy`` that exited non-zero (crane prints ``Error: ...``)."""
     error = next((ln[len("Error: ") :] for ln in reversed(lines) if ln.startswith("Error: ")), "")
     tail = [scrub(ln) for ln in _tail(lines, tail_lines)]
-    details: dict[str, object] = {"log_tail": tail, "exit_status": returncode}
     shown = scrub(error) or f"crane {exit_words or f'exited with {returncode}'}"
     registry = _host_of(error) if _URL_HOST.search(error) else _host_of(dst)
     if "MANIFEST_UNKNOWN" in error or "NAME_UNKNOWN" in error or "404 Not Found" in error:
-        return NotFound(f"the image {scrub(src)} to copy does not exist: {shown}", details=details)
+        return NotFound(
+            f"the image {scrub(src)} to copy does not exist: {shown}",
+            details=build_details(log_tail=tail, tool_exit_code=returncode, reason="image_missing"),
+        )
     if re.search(r"\b(401|403)\b|UNAUTHORIZED|DENIED", error):
+        details = build_details(log_tail=tail, tool_exit_code=returncode, reason="registry_refused")
         return UpstreamUnauthorized(
             f"the registry {scrub(registry)} refused the copy of {scrub(src)} to {scrub(dst)}: "
             f"{shown}; give the agent credentials for it (build.docker_config)",
@@ -257,6 +330,9 @@ def copy_error(
             details=details,
         )
     if re.search(r"connection refused|no such host|i/o timeout|\b50[0234]\b", error):
+        details = build_details(
+            log_tail=tail, tool_exit_code=returncode, reason="registry_unreachable"
+        )
         return UpstreamUnavailable(
             f"copying {scrub(src)} to {scrub(dst)} failed, {scrub(registry)} is not answering: "
             f"{shown}",
@@ -264,7 +340,8 @@ def copy_error(
             details=details,
         )
     return BuildFailed(
-        _with_tail(f"copying {scrub(src)} to {scrub(dst)} failed: {shown}", tail), details=details
+        _with_tail(f"copying {scrub(src)} to {scrub(dst)} failed: {shown}", tail),
+        details=build_details(log_tail=tail, tool_exit_code=returncode, reason="build_failed"),
     )
 
 

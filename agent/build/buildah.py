@@ -38,6 +38,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent.build import _runc
 from agent.build._sources import missing_source, missing_source_message
@@ -56,10 +57,12 @@ from agent.build.storage import StorageReport
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import (
     AgentError,
+    BuildErrorDetails,
     BuildFailed,
     StartupError,
     UpstreamUnauthorized,
     UpstreamUnavailable,
+    build_details,
 )
 from agent.ports import CgroupPort, Mirror, ProxyLogin, SandboxPort
 
@@ -125,47 +128,66 @@ def _diagnose(what: str, code: int, tail: list[str], exit_words: str) -> AgentEr
         (ln for ln in reversed(tail) if ln.startswith("Error:") or "level=fatal" in ln),
         tail[-1] if tail else "",
     )
-    details: dict[str, object] = {"exit_code": code, "log_tail": tail}
     # Only the tool's own error line is classified: a RUN step's output may say anything.
-    low = last_error.lower()
     m = _STEP_FAIL.search(last_error)
+    if m:
+        return _step_failed(m.group("step"), m.group("why"), code, tail)
+    return _tool_failed(what, last_error, code, tail, exit_words)
+
+
+def _step_failed(step: str, why: str, code: int, tail: list[str]) -> BuildFailed:
+    """A Dockerfile step failed (``building at STEP "<step>": <why>``)."""
+
+    def failed(message: str, reason: str, **known: Any) -> BuildFailed:
+        details = build_details(
+            log_tail=tail, tool_exit_code=code, reason=reason, step=step, **known
+        )
+        return BuildFailed(message, details=details)
+
     refusal = next((ln for ln in tail if _RUNTIME_FAIL.match(ln)), None)
-    if m and refusal is not None and "while running runtime" in m.group("why"):
+    if refusal is not None and "while running runtime" in why:
         # The step's container never started: the runtime said why (cgroups, namespaces, a
         # missing program), which the step's exit status would hide. (A step printing such a
         # line only rewords its own build's error.)
-        step = m.group("step")
         reason = _RUNTIME_FAIL.sub("", refusal)
-        return BuildFailed(
+        return failed(
             f"{step} could not start its container: {_short(reason)} (the OCI runtime refused; "
             "if every RUN step fails so, check that runc works on this node: cgroups, namespaces)",
-            details={**details, "step": step},
+            "runtime_refused",
         )
-    if m:
-        step, why = m.group("step"), m.group("why")
-        unknown = _UNKNOWN.search(why)
-        if unknown:
-            return BuildFailed(
-                f"Dockerfile syntax error at {step.strip()!r}: unknown instruction "
-                f"{unknown.group('word')!r}",
-                details={**details, "step": step},
-            )
-        status = _EXIT.search(why)
-        if status:
-            details["step_exit_code"] = int(status.group(1))
-            return BuildFailed(
-                f"{step} failed with exit status {status.group(1)}",
-                details={**details, "step": step},
-            )
-        missing = missing_source(why)
-        if missing is not None:
-            details["missing_path"] = missing
-            return BuildFailed(
-                missing_source_message(step, missing), details={**details, "step": step}
-            )
-        return BuildFailed(f"{step} failed: {_short(why)}", details={**details, "step": step})
+    unknown = _UNKNOWN.search(why)
+    if unknown:
+        return failed(
+            f"Dockerfile syntax error at {step.strip()!r}: unknown instruction "
+            f"{unknown.group('word')!r}",
+            "dockerfile_syntax",
+        )
+    status = _EXIT.search(why)
+    if status:
+        return failed(
+            f"{step} failed with exit status {status.group(1)}",
+            "run_failed",
+            exit_code=int(status.group(1)),
+        )
+    missing = missing_source(why)
+    if missing is not None:
+        return failed(
+            missing_source_message(step, missing), "copy_source_missing", missing_path=missing
+        )
+    return failed(f"{step} failed: {_short(why)}", "build_failed")
+
+
+def _tool_failed(
+    what: str, last_error: str, code: int, tail: list[str], exit_words: str
+) -> AgentError:
+    """buildah or skopeo failed outside a step: a registry refused, an image is missing."""
+    low = last_error.lower()
     host_match = _REGISTRY_IN.search(last_error)
     host = host_match.group("host") if host_match else ""
+
+    def details(reason: str) -> BuildErrorDetails:
+        return build_details(log_tail=tail, tool_exit_code=code, reason=reason)
+
     if "unauthorized" in low or "authentication required" in low or "denied" in low:
         why = re.search(r"(unauthorized|denied|forbidden)[^;]*$", last_error, re.IGNORECASE)
         return UpstreamUnauthorized(
@@ -173,13 +195,13 @@ def _diagnose(what: str, code: int, tail: list[str], exit_words: str) -> AgentEr
             "give the proxy credentials for it (build.docker_config) or use a repository "
             "they cover",
             registry=host,
-            details=details,
+            details=details("registry_refused"),
         )
     if "manifest unknown" in low or "name unknown" in low or "not found" in low:
         return BuildFailed(
             f"{what}: an image it needs does not exist: {_short(last_error)}; "
             "check the FROM line or the base reference",
-            details=details,
+            details=details("image_missing"),
         )
     if (
         "connection refused" in low
@@ -190,9 +212,12 @@ def _diagnose(what: str, code: int, tail: list[str], exit_words: str) -> AgentEr
         return UpstreamUnavailable(
             f"{what}: a registry could not be reached: {_short(last_error)}",
             registry=host,
-            details=details,
+            details=details("registry_unreachable"),
         )
-    return BuildFailed(f"{what} {exit_words}: {_short(last_error) or 'no output'}", details=details)
+    return BuildFailed(
+        f"{what} {exit_words}: {_short(last_error) or 'no output'}",
+        details=details("build_failed"),
+    )
 
 
 def _short(text: str, limit: int = 400) -> str:

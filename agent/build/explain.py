@@ -1,7 +1,7 @@
 """The ``explain`` and ``diff`` ops (docs/protocol.md section 7.4): why a build was or was not a
 base cache hit, and what differs between the key inputs of two builds.
 
-Both read ``record["inputs"]`` and the per-entry summaries beside the records
+Both read ``record.inputs`` and the per-entry summaries beside the records
 (agent/build/keyinputs.py); the summaries are decompressed in a thread. A record without
 inputs (a ref-only build, or one recorded by a version before key inputs) is answered
 for what it has: explain says so, diff refuses it with ``bad_request``.
@@ -15,7 +15,7 @@ from typing import Any
 
 from agent.build import keyinputs, ownership
 from agent.build.manager import BuildManager
-from agent.build.records import RecordStore
+from agent.build.records import BuildRecord, RecordStore
 from agent.control.ops import Access, Args, RequestContext, ops
 from agent.errors import BadRequest, InternalError, NotFound
 
@@ -37,29 +37,30 @@ def _entries(store: RecordStore, build_id: str) -> dict[str, str] | None:
         return None
 
 
-async def _changes(store: RecordStore, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+async def _changes(store: RecordStore, old: BuildRecord, new: BuildRecord) -> dict[str, Any]:
+    old_inputs, new_inputs = old.inputs or {}, new.inputs or {}
+
     def load() -> tuple[dict[str, str] | None, dict[str, str] | None]:
-        if old["inputs"].get("entries_digest") == new["inputs"].get("entries_digest"):
+        if old_inputs.get("entries_digest") == new_inputs.get("entries_digest"):
             return None, None  # the same context: no need to read the summaries
-        return _entries(store, old["id"]), _entries(store, new["id"])
+        return _entries(store, old.id), _entries(store, new.id)
 
     a, b = await asyncio.to_thread(load)
-    return keyinputs.compare(old["inputs"], new["inputs"], a, b)
+    return keyinputs.compare(old_inputs, new_inputs, a, b)
 
 
-def _summary(record: dict[str, Any]) -> dict[str, Any]:
-    inputs = record.get("inputs") or {}
+def _summary(record: BuildRecord) -> dict[str, Any]:
     return {
-        "id": record["id"],
-        "state": record.get("state"),
-        "created": record.get("created"),
-        "key": inputs.get("key"),
-        "base_ref": record.get("base_ref", ""),
+        "id": record.id,
+        "state": record.state,
+        "created": record.created,
+        "key": (record.inputs or {}).get("key"),
+        "base_ref": record.base_ref or "",
     }
 
 
-def _verdict(record: dict[str, Any]) -> str:
-    base = (record.get("cache") or {}).get("base")
+def _verdict(record: BuildRecord) -> str:
+    base = (record.cache or {}).get("base")
     if base is True:
         return "hit"
     if base is False:
@@ -75,12 +76,12 @@ async def explain(ctx: RequestContext, args: Args) -> dict[str, Any]:
     store = _manager(ctx).store
     record = store.get(args.string("id", required=True))
     ownership.check_read(ctx.app.config, record, ctx.peer, "key inputs")
-    inputs = record.get("inputs")
+    inputs = record.inputs
     out: dict[str, Any] = {
         **_summary(record),
-        "cache": record.get("cache", {"base": None, "workspace": None}),
+        "cache": record.result()["cache"],
         "verdict": _verdict(record),
-        "reasons": list(record.get("base_miss") or []),
+        "reasons": list(record.base_miss or []),
         "inputs": inputs,
         "compared_to": None,
         "changes": None,
@@ -103,7 +104,7 @@ async def explain(ctx: RequestContext, args: Args) -> dict[str, Any]:
         prev = None  # another caller's build: its files are not this caller's to see
     if prev is None:
         prev = keyinputs.previous(readable, record)
-    if prev is not None and prev.get("inputs"):
+    if prev is not None and prev.inputs:
         out["compared_to"] = _summary(prev)
         out["changes"] = await _changes(store, prev, record)
     return out
@@ -118,18 +119,18 @@ async def diff(ctx: RequestContext, args: Args) -> dict[str, Any]:
     for r in records:
         ownership.check_read(ctx.app.config, r, ctx.peer, "key inputs")
     for r in records:
-        if not r.get("inputs"):
+        if not r.inputs:
             raise BadRequest(
-                f"build {r['id']} has no recorded key inputs (a ref-only build, or recorded by "
+                f"build {r.id} has no recorded key inputs (a ref-only build, or recorded by "
                 "an older version): diff needs two Dockerfile builds",
-                details={"id": r["id"]},
+                details={"id": r.id},
             )
     a, b = records
     changes = await _changes(store, a, b)
     return {
         "a": _summary(a),
         "b": _summary(b),
-        "same_key": a["inputs"].get("key") == b["inputs"].get("key"),
+        "same_key": (a.inputs or {}).get("key") == (b.inputs or {}).get("key"),
         "changes": changes,
         "reasons": keyinputs.reasons(changes) if changes else [],
     }

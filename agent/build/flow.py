@@ -430,7 +430,8 @@ def _explain(exc: AgentError, plan: Plan | None, registry: str, proxy_address: s
     """Name the Dockerfile line of a failed step, and the real registry behind the proxy."""
     step = exc.details.get("step")
     wanted = " ".join(step.split()) if isinstance(step, str) else ""
-    if wanted and plan is not None and plan.dockerfile_text:
+    # BuildKit names the line itself (and quotes it in the message): only buildah's needs this.
+    if wanted and "line" not in exc.details and plan is not None and plan.dockerfile_text:
         for lineno, line in enumerate(plan.dockerfile_text.splitlines(), 1):
             if " ".join(line.split()).startswith(wanted):
                 exc.message = f"{plan.dockerfile} line {lineno}: {exc.message}"

@@ -26,6 +26,7 @@ from agent.build import keyinputs
 from agent.build.cachekey import Lookup, Pin, content_key, pin_text, resolve_uses
 from agent.build.context import ContextDigest
 from agent.build.dockerfile import parse
+from agent.build.records import BuildRecord
 from agent.build.stages import analyse
 from agent.errors import NotFound
 from agent.ports import RegistryPort
@@ -41,7 +42,7 @@ class Keyed:
     unknown: list[str]
     pins: list[Pin]
     pinned_text: str | None  # the Dockerfile the builder gets; None: as written
-    inputs: dict[str, Any]  # record["inputs"]
+    inputs: dict[str, Any]  # record.inputs
     entries: bytes = field(repr=False, default=b"")  # <id>.inputs
     miss_reasons: list[str] = field(default_factory=list)
 
@@ -102,8 +103,8 @@ async def key_build(
     secret_ids: list[str],
     force: bool,
     arg_secret: bytes,
-    records: list[dict[str, Any]],
-    record: dict[str, Any],
+    records: list[BuildRecord],
+    record: BuildRecord,
 ) -> Keyed:
     df = parse(digest.dockerfile_text)
     analysis = analyse(df, build_args=build_args, target=stage, platform=platform)
@@ -134,7 +135,7 @@ async def key_build(
     }
     prev = keyinputs.previous(records, record)
     if prev is not None:
-        inputs["compared_to"] = prev["id"]
+        inputs["compared_to"] = prev.id
     if force:
         reasons = ["forced"]
     elif analysis.unknown:
@@ -142,7 +143,7 @@ async def key_build(
     elif prev is None:
         reasons = ["first"]
     else:
-        reasons = keyinputs.reasons(keyinputs.compare(prev["inputs"], inputs))
+        reasons = keyinputs.reasons(keyinputs.compare(prev.inputs or {}, inputs))
     for why in analysis.unknown:
         log.info("content key of %s is unknown: %s", digest.dockerfile, why)
     return Keyed(

@@ -2,7 +2,7 @@
 
 Two parts (agent/build/records.py stores them):
 
-- ``record["inputs"]``, small, in the record: the key and whether it could be trusted
+- ``record.inputs``, small, in the record: the key and whether it could be trusted
   (``status``: ``known`` | ``unknown`` with ``unknown`` reasons), the Dockerfile path and digest,
   ``# syntax=``, each external image (kind, ref, digest, line, source), the build args (name ->
   HMAC of the value, so a value is never stored nor guessable from the record), target,
@@ -22,6 +22,8 @@ import hashlib
 import hmac
 import zlib
 from typing import Any
+
+from agent.build.records import BuildRecord
 
 FORMAT = 1
 REASONS = ("first", "forced", "unknown", "dockerfile", "from_moved", "args", "context", "other")
@@ -134,36 +136,36 @@ def reasons(changes: dict[str, Any]) -> list[str]:
     return out or ["other"]
 
 
-def same_lineage(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def same_lineage(a: BuildRecord, b: BuildRecord) -> bool:
     """Whether two records are builds of the same thing: the same target repository and
     Dockerfile path (what explain compares a build with)."""
     return (
         bool(target_repo(a))
         and target_repo(a) == target_repo(b)
-        and ((a.get("request") or {}).get("dockerfile") or "Dockerfile")
-        == ((b.get("request") or {}).get("dockerfile") or "Dockerfile")
+        and ((a.request or {}).get("dockerfile") or "Dockerfile")
+        == ((b.request or {}).get("dockerfile") or "Dockerfile")
     )
 
 
-def target_repo(record: dict[str, Any]) -> str:
-    req = record.get("request") or {}
+def target_repo(record: BuildRecord) -> str:
+    req = record.request or {}
     if req.get("target_repo"):
         return str(req["target_repo"])
-    ref = str(record.get("target_ref") or req.get("target_ref") or "")
+    ref = str(record.target_ref or req.get("target_ref") or "")
     name = ref.split("@", 1)[0]
     if name.rfind(":") > name.rfind("/"):
         name = name[: name.rfind(":")]
     return name
 
 
-def previous(records: list[dict[str, Any]], record: dict[str, Any]) -> dict[str, Any] | None:
+def previous(records: list[BuildRecord], record: BuildRecord) -> BuildRecord | None:
     """The newest build before ``record`` of the same target repository and Dockerfile path
     that succeeded and has key inputs (``records`` oldest first, as RecordStore.all)."""
     found = None
     for r in records:
-        if r["id"] == record["id"]:
+        if r.id == record.id:
             break
-        if r.get("state") == "succeeded" and r.get("inputs") and same_lineage(r, record):
+        if r.state == "succeeded" and r.inputs and same_lineage(r, record):
             found = r
     return found
 

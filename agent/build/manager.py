@@ -27,14 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.build import ownership
 from agent.build import records as rec
 from agent.build._metrics import BuildMetrics
 from agent.build.buildargs import secret_values
 from agent.build.buildlog import BuildLog, SecretScrub
 from agent.build.context import HashCache
 from agent.build.flow import Flow, Plan
-from agent.build.records import RecordStore
+from agent.build.records import BuildRecord, RecordStore
 from agent.build.storage import StorageReport, disk_full, free_bytes, full_message
 from agent.build.toolchain import Toolchain
 from agent.errors import (
@@ -43,8 +42,8 @@ from agent.errors import (
     BuildFailed,
     Busy,
     Cancelled,
+    ErrorDict,
     Forbidden,
-    IllegalTransition,
     InternalError,
     NotFound,
     TimedOut,
@@ -72,7 +71,7 @@ class Build:
     key: str  # dedupe key: the resolved target
     plan: Plan
     timeout: float
-    record: dict[str, Any]
+    record: BuildRecord
     log: BuildLog
     scrub: Callable[[str], str]  # the proxy's, plus this build's secret values
     waiters: int = 0
@@ -86,7 +85,7 @@ class Build:
 
     @property
     def state(self) -> str:
-        return str(self.record["state"])
+        return self.record.state
 
     def changed(self) -> asyncio.Event:
         """An event set at the next state or phase change."""
@@ -100,28 +99,14 @@ class Build:
         return {"id": self.id, "state": self.state, "phase": self.phase}
 
 
-def result_of(record: dict[str, Any]) -> dict[str, Any]:
-    """The build result (DESIGN section 2) from a record."""
-    return {
-        "id": record["id"],
-        "state": record["state"],
-        "target_ref": record.get("target_ref", ""),
-        "digest": record.get("digest", ""),
-        "base_ref": record.get("base_ref", ""),
-        "cache": record.get("cache", {"base": None, "workspace": None}),
-        "timings": record.get("timings", {}),
-        "error": record.get("error"),
-    }
-
-
-def error_of(record: dict[str, Any]) -> AgentError | None:
+def error_of(record: BuildRecord) -> AgentError | None:
     """The error a finished record's callers get (None on success)."""
-    err = record.get("error")
-    if record["state"] == rec.SUCCEEDED or not err:
+    err = record.error
+    if record.state == rec.SUCCEEDED or not err:
         return None
     cls = _ERRORS.get(err.get("code", ""), InternalError)
     details = dict(err.get("details") or {})
-    details.setdefault("id", record["id"])
+    details.setdefault("id", record.id)
     return cls(err.get("message", ""), details=details)
 
 
@@ -197,7 +182,7 @@ class BuildManager:
         key: str,
         plan: Plan,
         timeout: float,
-        record: dict[str, Any],
+        record: BuildRecord,
         detach: bool = False,
     ) -> tuple[Build, bool]:
         """The build for ``key``: an existing queued/running one (joined=True) or a new one.
@@ -208,7 +193,7 @@ class BuildManager:
         if existing is not None and existing.state in (rec.QUEUED, rec.RUNNING):
             _close(plan.context_fd)
             existing.pinned = existing.pinned or detach
-            existing.record["callers"] = existing.record.get("callers", 1) + 1
+            existing.record.callers = (existing.record.callers or 1) + 1
             self._add_owner(existing, record)
             self.metrics.dedupe_joins.inc()
             existing.log.line(f"[build-agent] another request for {key} joined this build")
@@ -226,20 +211,20 @@ class BuildManager:
         try:
             masked = [*plan.secrets.values(), *secret_values(plan.build_args)]
             scrub = SecretScrub(self.scrub, masked) if masked else self.scrub
-            build_log = BuildLog(self.store.log_path(record["id"]), scrub)
+            build_log = BuildLog(self.store.log_path(record.id), scrub)
             record = self.store.create(record)
         except OSError as exc:  # ENOSPC, EROFS, EIO: the caller gets why, not an internal error
             if build_log is not None:
                 build_log.close()
                 with contextlib.suppress(OSError):
-                    self.store.log_path(record["id"]).unlink()
+                    self.store.log_path(record.id).unlink()
             raise InternalError(
                 f"cannot record the build under {self.store.dir}: {exc.strerror or exc}; "
                 "free space on that filesystem (daemon.state_dir), then build again",
                 details={"errno": exc.errno},
             ) from exc
         build = Build(
-            id=record["id"],
+            id=record.id,
             key=key,
             plan=plan,
             timeout=timeout,
@@ -256,11 +241,11 @@ class BuildManager:
         self._pump()
         return build, False
 
-    def _add_owner(self, build: Build, request_record: dict[str, Any]) -> None:
+    def _add_owner(self, build: Build, request_record: BuildRecord) -> None:
         """Whoever joins a build owns it too (agent.build.ownership); recorded at once so that
         it holds after a restart."""
-        uid = (request_record.get("peer") or {}).get("uid")
-        if isinstance(uid, int) and ownership.add_owner(build.record, uid):
+        added = [uid for uid in request_record.owners if build.record.add_owner(uid)]
+        if added:
             try:
                 self.store.save(build.record)
             except OSError as exc:  # kept in memory; the next transition writes it again
@@ -280,7 +265,7 @@ class BuildManager:
         """The ``cancel`` op: always cancels a queued or running build."""
         build = self._live.get(build_id)
         if build is None:
-            return result_of(self.store.get(build_id))  # NotFound when unknown; finished: as is
+            return self.store.get(build_id).result()  # NotFound when unknown; finished: as is
         self.stop(build, rec.CANCELLED, f"cancelled by {who}" if who else "cancelled")
         return build.progress()
 
@@ -298,7 +283,7 @@ class BuildManager:
         elif build.task is not None:
             build.task.cancel()
 
-    def _stop_error(self, build: Build, reason: str, why: str) -> dict[str, Any]:
+    def _stop_error(self, build: Build, reason: str, why: str) -> ErrorDict:
         code = {rec.TIMED_OUT: "timed_out", rec.CANCELLED: "cancelled"}.get(reason, "internal")
         message = _CANCEL_MESSAGES[reason]
         if reason == rec.TIMED_OUT:
@@ -329,25 +314,38 @@ class BuildManager:
             # Whatever broke (a record that cannot be written, say): no caller may wait forever.
             if not build.done.is_set():
                 log.exception("build %s: could not be run to its end", build.id)
-                self._finish(
-                    build,
-                    rec.FAILED,
-                    error=self._error_dict(
-                        build, InternalError("the build could not be recorded; see the daemon log")
-                    ),
-                )
+                if build.record.done:  # it broke after its final transition: only release it
+                    self._release(build)
+                else:
+                    err = InternalError("the build could not be recorded; see the daemon log")
+                    self._finish(build, rec.FAILED, error=self._error_dict(build, err))
             raise
 
     async def _run_flow(self, build: Build) -> None:
-        loop = asyncio.get_running_loop()
+        if build.done.is_set():  # stopped while queued, after _pump gave it its task
+            return
         queued_for = time.monotonic() - build.queued_at
         self.metrics.phase.labels("queue").observe(queued_for)
         self.store.transition(build.record, rec.RUNNING)
         self.metrics.started.inc()
         build.notify()
         log.info("build %s running", build.id)
-        timer = loop.call_later(build.timeout, self._expire, build)
+        timer = asyncio.get_running_loop().call_later(build.timeout, self._expire, build)
         t0 = time.monotonic()
+        try:
+            state, outcome, error = await self._flow(build)
+        finally:
+            timer.cancel()
+        timings = outcome.setdefault("timings", {})
+        timings["queue"] = round(queued_for, 4)
+        timings["total"] = round(time.monotonic() - t0, 4)
+        self.metrics.phase.labels("total").observe(time.monotonic() - t0)
+        if error is not None:  # scrubbed again: errors quote tool output
+            error["message"] = build.scrub(error["message"])
+        self._finish(build, state, error=error, outcome=outcome)
+
+    async def _flow(self, build: Build) -> tuple[str, dict[str, Any], ErrorDict | None]:
+        """Run the build's flow: its final state, its outcome (flow.Outcome) and its error."""
 
         def phase(name: str) -> None:
             build.phase = name
@@ -363,46 +361,32 @@ class BuildManager:
             staging=str(self.store.dir.parent / "contexts"),
             cgroup=cgroup,
         )
-        fields: dict[str, Any] = {}
-        state = rec.FAILED
-        disk_full = False
+        state, out_of_disk = rec.FAILED, False
         try:
             try:
                 outcome = await flow.run(build.plan)
             except AgentError as exc:
                 full = _out_of_disk(exc, self.toolchain.storage)
                 if full is not None:
-                    disk_full = True
+                    out_of_disk = True
                     raise full from exc
                 raise _limited(exc, cgroup, self.toolchain.steps_in_build_cgroup) from exc
             finally:
                 if cgroup is not None:  # kills what is left of the build's processes
                     await asyncio.shield(asyncio.to_thread(cgroup.remove))
-            fields.update(outcome.to_dict())
             state = rec.SUCCEEDED
+            return state, outcome.to_dict(), None
         except asyncio.CancelledError:
             state = build.stop_reason or rec.INTERRUPTED
-            fields.update(flow.outcome.to_dict())
-            fields["error"] = self._stop_error(build, state, "")
+            return state, flow.outcome.to_dict(), self._stop_error(build, state, "")
         except AgentError as exc:
-            fields.update(flow.outcome.to_dict())
-            fields["error"] = self._error_dict(build, exc)
+            return rec.FAILED, flow.outcome.to_dict(), self._error_dict(build, exc)
         except Exception as exc:
             log.exception("build %s: internal error", build.id)
-            fields.update(flow.outcome.to_dict())
             err = InternalError(f"internal error while building: {exc!r}; see the daemon log")
-            fields["error"] = self._error_dict(build, err)
+            return rec.FAILED, flow.outcome.to_dict(), self._error_dict(build, err)
         finally:
-            timer.cancel()
-            self.toolchain.after_build(failed=state != rec.SUCCEEDED, disk_full=disk_full)
-        fields.setdefault("timings", {})
-        fields["timings"]["queue"] = round(queued_for, 4)
-        fields["timings"]["total"] = round(time.monotonic() - t0, 4)
-        self.metrics.phase.labels("total").observe(time.monotonic() - t0)
-        # Scrub the record's strings too: errors quote tool output.
-        if fields.get("error"):
-            fields["error"]["message"] = build.scrub(fields["error"]["message"])
-        self._finish(build, state, **fields)
+            self.toolchain.after_build(failed=state != rec.SUCCEEDED, disk_full=out_of_disk)
 
     async def _open_cgroup(self, build: Build) -> BuildCgroup | None:
         limits = build.plan.limits
@@ -422,7 +406,7 @@ class BuildManager:
             build.log.line(f"[build-agent] warning: the build runs without its limits ({exc})")
             return None
 
-    def _error_dict(self, build: Build, exc: AgentError) -> dict[str, Any]:
+    def _error_dict(self, build: Build, exc: AgentError) -> ErrorDict:
         details = {
             k: build.scrub(v) if isinstance(v, str) else v
             for k, v in exc.details.items()
@@ -434,24 +418,34 @@ class BuildManager:
     def _expire(self, build: Build) -> None:
         self.stop(build, rec.TIMED_OUT, f"timeout of {build.timeout:g}s reached")
 
-    def _finish(self, build: Build, state: str, **fields: Any) -> None:
-        fields.setdefault("target_ref", build.record.get("target_ref", ""))
+    def _finish(
+        self,
+        build: Build,
+        state: str,
+        *,
+        error: ErrorDict | None = None,
+        outcome: dict[str, Any] | None = None,
+    ) -> None:
+        """Record the final state, then release the build's callers and resources."""
+        outcome = dict(outcome or {})
+        outcome.setdefault("target_ref", build.record.target_ref or "")
         try:
-            self.store.transition(build.record, state, **fields)
+            self.store.transition(build.record, state, error=error, outcome=outcome)
         except OSError as exc:
-            # The callers still get the outcome; the record on disk stays at its last state
-            # and is marked interrupted by the next start.
+            # The callers still get the outcome (the record in memory moved); the record on
+            # disk stays at its last state and is marked interrupted by the next start.
             log.error("build %s: cannot write its record: %s", build.id, exc)
-            build.record.update(fields, state=state)
-        except IllegalTransition:
-            build.record.update(fields, state=state)
-        err = build.record.get("error")
+        self._release(build)
+
+    def _release(self, build: Build) -> None:
+        """A finished build: its last log line, fds and secrets gone, its callers told."""
+        state = build.record.state
+        err = build.record.error
         if err:
             build.log.line(f"[build-agent] {state}: {err['message']}")
         else:
             build.log.line(
-                f"[build-agent] {state}: {build.record.get('target_ref')}"
-                f"@{build.record.get('digest')}"
+                f"[build-agent] {state}: {build.record.target_ref}@{build.record.digest}"
             )
         build.log.close()
         _close(build.plan.context_fd)
@@ -498,7 +492,7 @@ def _close(fd: int | None) -> None:
             os.close(fd)
 
 
-__all__ = ["Build", "BuildManager", "error_of", "result_of"]
+__all__ = ["Build", "BuildManager", "error_of"]
 
 
 def _out_of_disk(exc: AgentError, storage: StorageReport) -> AgentError | None:

@@ -14,16 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.build import ownership
 from agent.build import records as rec
 from agent.build.buildlog import follow_file, read_file
-from agent.build.context import Caller, check_dockerfile_path, hash_context
+from agent.build.context import Caller, ContextDigest, check_dockerfile_path, hash_context
 from agent.build.flow import Plan, Ref
-from agent.build.keyed import key_build, make_lookup, node_secret
-from agent.build.manager import Build, BuildManager, error_of, result_of
-from agent.build.records import new_id
+from agent.build.keyed import Keyed, key_build, make_lookup, node_secret
+from agent.build.manager import Build, BuildManager, error_of
+from agent.build.records import BuildRecord, new_id
 from agent.build.secretfds import ID_PATTERN, MAX_SECRET_BYTES, MAX_SECRETS
 from agent.control.ops import Access, Args, RequestContext, ops
 from agent.errors import BadRequest, Busy, Cancelled, InternalError
@@ -90,10 +91,56 @@ async def build(ctx: RequestContext, args: Args) -> Any:
             manager.detach(build)
 
 
+@dataclass
+class _Request:
+    """A ``build`` request's arguments, checked (everything but the context's content)."""
+
+    target_ref_text: str | None
+    target_repo_text: str | None
+    target_ref: Ref | None
+    target_repo: str | None
+    base_text: str | None
+    base_repo_text: str | None
+    dockerfile: str | None
+    build_args: dict[str, str]
+    secrets: dict[str, bytes] = field(repr=False)
+    stage: str | None
+    platform: str | None
+    timeout: float
+    labels: dict[str, str]
+    force: bool
+    detach: bool
+    context_name: str | None
+    limits: dict[str, Any]
+
+
 async def _submit(
     ctx: RequestContext, args: Args, manager: BuildManager, context_fd: int | None
 ) -> tuple[Build, bool, bool]:
-    cfg = ctx.app.config.build
+    """Parse the request, plan the build, record it and hand it to the manager."""
+    req = _parse(args, ctx.app.config.build.timeout, with_context=context_fd is not None)
+    record = _new_record(ctx, req, manager)
+    if context_fd is not None:
+        plan = await _plan_dockerfile(ctx, req, manager, context_fd, record)
+    else:
+        plan = _plan_ref_only(req)
+    plan.limits = manager.limits.narrowed(req.limits)
+    record.limits = plan.limits.to_dict()
+    record.base_ref = str(plan.base_ref)
+    if req.target_ref is not None:
+        record.target_ref = str(req.target_ref)
+        key = f"target {req.target_ref}"
+    else:
+        key = f"repo {req.target_repo} from {plan.base_ref}"
+    build, joined = manager.submit(
+        key=key, plan=plan, timeout=req.timeout, record=record, detach=req.detach
+    )
+    if not joined and plan.keyed is not None:
+        manager.store.save_entries(build.id, plan.keyed.entries)
+    return build, joined, req.detach
+
+
+def _parse(args: Args, default_timeout: float, *, with_context: bool) -> _Request:
     target_ref_text = args.string("target_ref")
     target_repo_text = args.string("target_repo")
     if bool(target_ref_text) == bool(target_repo_text):
@@ -105,149 +152,179 @@ async def _submit(
     if target_ref is not None and target_ref.digest:
         raise BadRequest("target_ref must be tagged, not pinned by digest: a push needs a tag")
     target_repo = _repo(target_repo_text, "target_repo") if target_repo_text else None
-    base_text = args.string("base_ref")
     secrets = _secrets(args)
     build_args = _build_args(args)
-    stage = args.string("target")
-    platform = args.string("platform")
-    timeout = args.number("timeout", cfg.timeout)
+    timeout = args.number("timeout", default_timeout)
     if timeout is None or timeout <= 0:
         raise BadRequest(
             "timeout must be a positive number of seconds", details={"field": "timeout"}
         )
-    labels = args.str_map("labels")
-    force = args.flag("force")
-    detach = args.flag("detach")
-    dockerfile = args.string("dockerfile")
-    record: dict[str, Any] = {
-        "id": new_id(),
-        "labels": labels,
-        "peer": {"uid": ctx.peer.uid, "gid": ctx.peer.gid, "pid": ctx.peer.pid},
-        "owners": [ctx.peer.uid],  # joiners are added (agent.build.ownership)
-        "toolchain": getattr(manager.toolchain, "name", ""),
-        "request": {
-            "dockerfile": dockerfile,
-            "base_ref": base_text,
-            "target_ref": target_ref_text,
-            "target_repo": target_repo_text,
-            "build_arg_names": sorted(build_args),  # values may be secret: names only
-            "secret_ids": sorted(secrets),  # never the values
-            "target": stage,
-            "platform": platform,
-            "force": force,
-            "timeout": timeout,
-            "context_name": args.string("context_name"),
-        },
-    }
-    if context_fd is not None:
-        if base_text:
+    req = _Request(
+        target_ref_text=target_ref_text,
+        target_repo_text=target_repo_text,
+        target_ref=target_ref,
+        target_repo=target_repo,
+        base_text=args.string("base_ref"),
+        base_repo_text=args.string("base_repo"),
+        dockerfile=args.string("dockerfile"),
+        build_args=build_args,
+        secrets=secrets,
+        stage=args.string("target"),
+        platform=args.string("platform"),
+        timeout=timeout,
+        labels=args.str_map("labels"),
+        force=args.flag("force"),
+        detach=args.flag("detach"),
+        context_name=args.string("context_name"),
+        limits=args._get("limits", dict, {}, False),
+    )
+    _check_kind(req, with_context)
+    return req
+
+
+def _check_kind(req: _Request, with_context: bool) -> None:
+    """A Dockerfile build (a context fd) or a ref-only build (base_ref), never a mix."""
+    if with_context:
+        if req.base_text:
             raise BadRequest(
                 "give either a context (a Dockerfile build) or base_ref (a ref-only build), "
                 "not both",
                 details={"field": "base_ref"},
             )
-        dockerfile = dockerfile or "Dockerfile"
-        check_dockerfile_path(dockerfile)
-        base_repo_text = args.string("base_repo") or cfg.base_repo
-        base_repo = (
-            _repo(base_repo_text, "base_repo")
-            if base_repo_text
-            else (target_repo or (target_ref.repo if target_ref else ""))
+        check_dockerfile_path(req.dockerfile or "Dockerfile")
+        return
+    if not req.base_text:
+        raise BadRequest(
+            "nothing to build: pass a context directory (fd) with a Dockerfile, or base_ref",
+            details={"field": "base_ref"},
         )
-        caller = Caller(ctx.peer.uid, ctx.peer.gid, ctx.peer.groups)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        digest = await asyncio.to_thread(
-            hash_context,
-            context_fd,
-            dockerfile,
-            build_args=build_args,
-            stage=stage,
-            platform=platform,
-            secret_ids=sorted(secrets),
-            caller=caller,
-            cache=manager.hash_cache,
+    if req.dockerfile:
+        raise BadRequest("dockerfile needs a context directory", details={"field": "dockerfile"})
+    if req.secrets:
+        raise BadRequest(
+            "secrets are for Dockerfile builds (RUN --mount=type=secret); a ref-only build "
+            "(base_ref) runs no Dockerfile: drop them",
+            details={"field": "secrets"},
         )
-        hashed = loop.time() - t0
-        manager.metrics.phase.labels("context").observe(hashed)
-        keyed = await key_build(
-            digest,
-            lookup=make_lookup(ctx.app.resolver, manager.proxy),
-            max_age=cfg.from_max_age,
-            build_args=build_args,
-            stage=stage,
-            platform=platform,
-            secret_ids=sorted(secrets),
-            force=force,
-            arg_secret=node_secret(ctx.app.config.daemon.state_dir),
-            records=manager.store.all(),
-            record=record,
-        )
-        base_ref = Ref(base_repo, keyed.key)
-        record["context"] = {
-            "key": keyed.key,
-            "context_key": digest.key,
-            "files": digest.files,
-            "bytes": digest.bytes,
-            "excluded": digest.excluded,
-            "seconds": round(hashed, 4),
-            "resolve_seconds": round(loop.time() - t0 - hashed, 4),  # the external images
-        }
-        record["inputs"] = keyed.inputs
-        plan = Plan(
-            target_ref=target_ref,
-            target_repo=target_repo,
-            base_ref=base_ref,
-            dockerfile=digest.dockerfile,
-            context_fd=context_fd,
-            build_args=build_args,
-            stage=stage,
-            platform=platform,
-            force=force,
-            dockerfile_text=digest.dockerfile_text,
-            secrets=secrets,
-            caller=caller,
-            context_key=digest.key,
-            keyed=keyed,
-        )
-    else:
-        if not base_text:
-            raise BadRequest(
-                "nothing to build: pass a context directory (fd) with a Dockerfile, or base_ref",
-                details={"field": "base_ref"},
-            )
-        if dockerfile:
-            raise BadRequest(
-                "dockerfile needs a context directory", details={"field": "dockerfile"}
-            )
-        if secrets:
-            raise BadRequest(
-                "secrets are for Dockerfile builds (RUN --mount=type=secret); a ref-only build "
-                "(base_ref) runs no Dockerfile: drop them",
-                details={"field": "secrets"},
-            )
-        plan = Plan(
-            target_ref=target_ref,
-            target_repo=target_repo,
-            base_ref=Ref.parse(base_text, what="base_ref"),
-            dockerfile=None,
-            context_fd=None,
-            force=force,
-        )
-    plan.limits = manager.limits.narrowed(args._get("limits", dict, {}, False))
-    record["limits"] = plan.limits.to_dict()
-    record["base_ref"] = str(plan.base_ref)
-    if target_ref is not None:
-        record["target_ref"] = str(target_ref)
-        key = f"target {target_ref}"
-    else:
-        key = f"repo {target_repo} from {plan.base_ref}"
-    build, joined = manager.submit(
-        key=key, plan=plan, timeout=timeout, record=record, detach=detach
+
+
+def _new_record(ctx: RequestContext, req: _Request, manager: BuildManager) -> BuildRecord:
+    """The record of who asked for what; values that may be secret are not in it."""
+    return BuildRecord(
+        id=new_id(),
+        labels=req.labels,
+        peer={"uid": ctx.peer.uid, "gid": ctx.peer.gid, "pid": ctx.peer.pid},
+        owners=[ctx.peer.uid],  # joiners are added (agent.build.ownership)
+        toolchain=getattr(manager.toolchain, "name", ""),
+        request={
+            "dockerfile": req.dockerfile,
+            "base_ref": req.base_text,
+            "target_ref": req.target_ref_text,
+            "target_repo": req.target_repo_text,
+            "build_arg_names": sorted(req.build_args),  # values may be secret: names only
+            "secret_ids": sorted(req.secrets),  # never the values
+            "target": req.stage,
+            "platform": req.platform,
+            "force": req.force,
+            "timeout": req.timeout,
+            "context_name": req.context_name,
+        },
     )
-    if not joined and plan.keyed is not None:
-        manager.store.save_entries(build.id, plan.keyed.entries)
-    return build, joined, detach
+
+
+async def _plan_dockerfile(
+    ctx: RequestContext,
+    req: _Request,
+    manager: BuildManager,
+    context_fd: int,
+    record: BuildRecord,
+) -> Plan:
+    """Hash the context and key the build; the record gets the context summary and the key's
+    inputs (``record`` is also what the key is compared with: keyinputs.previous)."""
+    cfg = ctx.app.config.build
+    base_repo_text = req.base_repo_text or cfg.base_repo
+    if base_repo_text:
+        base_repo = _repo(base_repo_text, "base_repo")
+    else:
+        base_repo = req.target_repo or (req.target_ref.repo if req.target_ref else "")
+    caller = Caller(ctx.peer.uid, ctx.peer.gid, ctx.peer.groups)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    digest = await asyncio.to_thread(
+        hash_context,
+        context_fd,
+        req.dockerfile or "Dockerfile",
+        build_args=req.build_args,
+        stage=req.stage,
+        platform=req.platform,
+        secret_ids=sorted(req.secrets),
+        caller=caller,
+        cache=manager.hash_cache,
+    )
+    hashed = loop.time() - t0
+    manager.metrics.phase.labels("context").observe(hashed)
+    keyed = await _key(ctx, req, manager, digest, record)
+    record.context = {
+        "key": keyed.key,
+        "context_key": digest.key,
+        "files": digest.files,
+        "bytes": digest.bytes,
+        "excluded": digest.excluded,
+        "seconds": round(hashed, 4),
+        "resolve_seconds": round(loop.time() - t0 - hashed, 4),  # the external images
+    }
+    record.inputs = keyed.inputs
+    return Plan(
+        target_ref=req.target_ref,
+        target_repo=req.target_repo,
+        base_ref=Ref(base_repo, keyed.key),
+        dockerfile=digest.dockerfile,
+        context_fd=context_fd,
+        build_args=req.build_args,
+        stage=req.stage,
+        platform=req.platform,
+        force=req.force,
+        dockerfile_text=digest.dockerfile_text,
+        secrets=req.secrets,
+        caller=caller,
+        context_key=digest.key,
+        keyed=keyed,
+    )
+
+
+async def _key(
+    ctx: RequestContext,
+    req: _Request,
+    manager: BuildManager,
+    digest: ContextDigest,
+    record: BuildRecord,
+) -> Keyed:
+    """The content key: the context's, the Dockerfile's external images resolved."""
+    return await key_build(
+        digest,
+        lookup=make_lookup(ctx.app.resolver, manager.proxy),
+        max_age=ctx.app.config.build.from_max_age,
+        build_args=req.build_args,
+        stage=req.stage,
+        platform=req.platform,
+        secret_ids=sorted(req.secrets),
+        force=req.force,
+        arg_secret=node_secret(ctx.app.config.daemon.state_dir),
+        records=manager.store.all(),
+        record=record,
+    )
+
+
+def _plan_ref_only(req: _Request) -> Plan:
+    assert req.base_text  # _check_kind
+    return Plan(
+        target_ref=req.target_ref,
+        target_repo=req.target_repo,
+        base_ref=Ref.parse(req.base_text, what="base_ref"),
+        dockerfile=None,
+        context_fd=None,
+        force=req.force,
+    )
 
 
 def _build_args(args: Args) -> dict[str, str]:
@@ -256,16 +333,15 @@ def _build_args(args: Args) -> dict[str, str]:
     out = args.str_map("build_args")
     for name, value in out.items():
         if not name or "=" in name or "\0" in name:
-            raise BadRequest(
+            why = (
                 f"build arg name {name!r} is not valid: give NAME=value with a NAME that is not "
-                "empty and holds no '=' or NUL",
-                details={"field": "build_args"},
+                "empty and holds no '=' or NUL"
             )
-        if "\0" in value:
-            raise BadRequest(
-                f"build arg {name!r}: the value holds a NUL byte, which no builder can take",
-                details={"field": "build_args"},
-            )
+        elif "\0" in value:
+            why = f"build arg {name!r}: the value holds a NUL byte, which no builder can take"
+        else:
+            continue
+        raise BadRequest(why, details={"field": "build_args"})
     return out
 
 
@@ -354,10 +430,10 @@ async def _follow_build(ctx: RequestContext, build: Build, joined: bool) -> Any:
     err = error_of(build.record)
     if err is not None:
         raise err
-    return result_of(build.record)
+    return build.record.result()
 
 
-def _record(manager: BuildManager, build_id: str) -> dict[str, Any]:
+def _record(manager: BuildManager, build_id: str) -> BuildRecord:
     """The live record (it has the joiners) or the stored one; NotFound when unknown."""
     live = manager.live(build_id)
     return live.record if live is not None else manager.store.get(build_id)
@@ -370,46 +446,45 @@ async def status(ctx: RequestContext, args: Args) -> Any:
     manager = _manager(ctx)
     record = _record(manager, build_id)
     ownership.check_read(ctx.app.config, record, ctx.peer, "status")
-    out = result_of(record)
+    out = record.result()
     live = manager.live(build_id)
-    out["phase"] = live.phase if live else record["state"]
-    for k in (
-        "created",
-        "started",
-        "finished",
-        "labels",
-        "transitions",
-        "request",
-        "context",
-        "inputs",
-        "base_miss",
-    ):
-        if k in record:
-            out[k] = record[k]
+    out["phase"] = live.phase if live else record.state
+    stored = record.to_json()
+    for k in _STATUS_KEYS:
+        if k in stored:
+            out[k] = stored[k]
     return out
 
 
-def _summary(record: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+# What ``status`` adds to the result, when the record has it (docs/protocol.md section 7.2).
+_STATUS_KEYS = (
+    "created",
+    "started",
+    "finished",
+    "labels",
+    "transitions",
+    "request",
+    "context",
+    "inputs",
+    "base_miss",
+)
+
+
+def _summary(record: BuildRecord, ctx: RequestContext) -> dict[str, Any]:
     mine = ownership.is_owner(record, ctx.peer)
+    times = {"created": record.created, "finished": record.finished}
     if not (mine or ownership.reads_every_build(ctx.app.config, ctx.peer)):
         # Someone else's build: that it exists, its state and times; not what or for whom.
-        return {
-            "id": record["id"],
-            "state": record["state"],
-            "created": record.get("created"),
-            "finished": record.get("finished"),
-            "mine": False,
-        }
+        return {"id": record.id, "state": record.state, **times, "mine": False}
     return {
-        "id": record["id"],
-        "state": record["state"],
+        "id": record.id,
+        "state": record.state,
         "mine": mine,
-        "target_ref": record.get("target_ref", ""),
-        "digest": record.get("digest", ""),
-        "created": record.get("created"),
-        "finished": record.get("finished"),
-        "labels": record.get("labels", {}),
-        "error": (record.get("error") or {}).get("code"),
+        "target_ref": record.target_ref or "",
+        "digest": record.digest or "",
+        **times,
+        "labels": record.labels,
+        "error": record.error["code"] if record.error else None,
     }
 
 
@@ -422,7 +497,7 @@ async def list_builds(ctx: RequestContext, args: Args) -> Any:
         raise BadRequest(f"unknown state {state!r}", details={"field": "state"})
     records = _manager(ctx).store.all()
     if state:
-        records = [r for r in records if r["state"] == state]
+        records = [r for r in records if r.state == state]
     records = records[::-1][: max(0, limit)]
     return {"builds": [_summary(r, ctx) for r in records]}
 
@@ -453,8 +528,8 @@ async def logs(ctx: RequestContext, args: Args) -> Any:
             "next": nxt,
             "size": size,
             "data": data.decode("utf-8", "replace"),
-            "state": record["state"],
-            "eof": record["state"] in rec.FINAL and nxt >= size,
+            "state": record.state,
+            "eof": record.done and nxt >= size,
         }
     position = [offset]
 
@@ -475,7 +550,7 @@ async def logs(ctx: RequestContext, args: Args) -> Any:
     finally:
         for t in waits:
             t.cancel()
-    return {"id": build_id, "next": position[0], "state": manager.store.get(build_id)["state"]}
+    return {"id": build_id, "next": position[0], "state": manager.store.get(build_id).state}
 
 
 def _size(path: os.PathLike[str] | str) -> int:

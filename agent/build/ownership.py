@@ -10,34 +10,16 @@ A build belongs to the uids that submitted or joined it (its record's ``owners``
 
 The op-level check (control/_auth.py: who may call ``status`` at all) comes first; this module
 is the per-build check after it. Records written before ``owners`` existed fall back to the
-submitter in ``peer.uid``.
+submitter in ``peer.uid`` (``BuildRecord.from_json``); a joiner is added by
+``BuildRecord.add_owner``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+from agent.build.records import BuildRecord
 from agent.config import Config
 from agent.control.ops import Peer
 from agent.errors import Forbidden
-
-
-def owners(record: dict[str, Any]) -> list[int]:
-    """The uids a build belongs to, submitter first."""
-    got = record.get("owners")
-    if isinstance(got, list):
-        return [u for u in got if isinstance(u, int)]
-    uid = (record.get("peer") or {}).get("uid")
-    return [uid] if isinstance(uid, int) else []
-
-
-def add_owner(record: dict[str, Any], uid: int) -> bool:
-    """Make ``uid`` an owner (a caller joined); True when it was not one yet."""
-    current = owners(record)
-    if uid in current:
-        return False
-    record["owners"] = [*current, uid]
-    return True
 
 
 def reads_every_build(config: Config, peer: Peer) -> bool:
@@ -52,41 +34,39 @@ def reads_every_build(config: Config, peer: Peer) -> bool:
     )
 
 
-def is_owner(record: dict[str, Any], peer: Peer) -> bool:
-    return peer.uid in owners(record)
+def is_owner(record: BuildRecord, peer: Peer) -> bool:
+    return peer.uid in record.owners
 
 
-def may_read(config: Config, record: dict[str, Any], peer: Peer) -> bool:
+def may_read(config: Config, record: BuildRecord, peer: Peer) -> bool:
     return is_owner(record, peer) or reads_every_build(config, peer)
 
 
-def check_read(config: Config, record: dict[str, Any], peer: Peer, what: str) -> None:
+def check_read(config: Config, record: BuildRecord, peer: Peer, what: str) -> None:
     """Raise Forbidden unless ``peer`` may read ``what`` ("log", "status") of the build."""
     if not may_read(config, record, peer):
         raise Forbidden(
-            f"build {record['id']} belongs to the callers that submitted or joined it; "
+            f"build {record.id} belongs to the callers that submitted or joined it; "
             f"uid {peer.uid} may read its {what} only as one of them, as root, or when an "
             "operator lists the uid or one of its groups in daemon.read_uids or daemon.read_gids",
-            details={"id": record["id"], "rule": "owner-or-reader"},
+            details={"id": record.id, "rule": "owner-or-reader"},
         )
 
 
-def check_cancel(record: dict[str, Any], peer: Peer) -> None:
+def check_cancel(record: BuildRecord, peer: Peer) -> None:
     """Raise Forbidden unless ``peer`` is root or an owner of the build."""
     if peer.uid != 0 and not is_owner(record, peer):
         raise Forbidden(
-            f"build {record['id']} belongs to the callers that submitted or joined it; "
+            f"build {record.id} belongs to the callers that submitted or joined it; "
             f"uid {peer.uid} may cancel it only as one of them or as root",
-            details={"id": record["id"], "rule": "owner-or-root"},
+            details={"id": record.id, "rule": "owner-or-root"},
         )
 
 
 __all__ = [
-    "add_owner",
     "check_cancel",
     "check_read",
     "is_owner",
     "may_read",
-    "owners",
     "reads_every_build",
 ]

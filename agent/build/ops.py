@@ -25,7 +25,7 @@ from agent.build.keyed import key_build, make_lookup, node_secret
 from agent.build.manager import Build, BuildManager, error_of, result_of
 from agent.build.records import new_id
 from agent.build.secretfds import ID_PATTERN, MAX_SECRET_BYTES, MAX_SECRETS
-from agent.control.ops import Access, Args, RequestContext, ops
+from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import BadRequest, Busy, Cancelled, InternalError
 
 _LOG_CHUNK = 512 * 1024
@@ -66,7 +66,6 @@ def _repo(text: str, what: str) -> str:
     return r.repo
 
 
-@ops.register("build", access=Access.BUILD)
 async def build(ctx: RequestContext, args: Args) -> Any:
     context_fd = ctx.fds.pop(0) if ctx.fds else None
     try:
@@ -363,7 +362,6 @@ def _record(manager: BuildManager, build_id: str) -> dict[str, Any]:
     return live.record if live is not None else manager.store.get(build_id)
 
 
-@ops.register("status", access=Access.READ)
 async def status(ctx: RequestContext, args: Args) -> Any:
     args.only("id")
     build_id = args.string("id", required=True)
@@ -413,7 +411,6 @@ def _summary(record: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
     }
 
 
-@ops.register("list", access=Access.READ)
 async def list_builds(ctx: RequestContext, args: Args) -> Any:
     args.only("limit", "state")
     limit = args.integer("limit", 50)
@@ -427,7 +424,6 @@ async def list_builds(ctx: RequestContext, args: Args) -> Any:
     return {"builds": [_summary(r, ctx) for r in records]}
 
 
-@ops.register("logs", access=Access.READ)
 async def logs(ctx: RequestContext, args: Args) -> Any:
     args.only("id", "offset", "follow", "limit")
     build_id = args.string("id", required=True)
@@ -485,10 +481,17 @@ def _size(path: os.PathLike[str] | str) -> int:
         return 0
 
 
-@ops.register("cancel", access=Access.BUILD)
 async def cancel(ctx: RequestContext, args: Args) -> Any:
     args.only("id")
     build_id = args.string("id", required=True)
     manager = _manager(ctx)
     ownership.check_cancel(_record(manager, build_id), ctx.peer)
     return manager.cancel(build_id, who=f"uid {ctx.peer.uid}")
+
+
+def register(ops: Registry) -> None:
+    ops.add("build", Access.BUILD, build)
+    ops.add("status", Access.READ, status)
+    ops.add("list", Access.READ, list_builds)
+    ops.add("logs", Access.READ, logs)
+    ops.add("cancel", Access.BUILD, cancel)

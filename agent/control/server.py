@@ -36,7 +36,7 @@ from typing import Any
 
 from agent.app import App
 from agent.control._auth import Authorizer, peer_credentials
-from agent.control.ops import Args, Op, Peer, Registry, RequestContext, ops
+from agent.control.ops import Args, Op, Peer, Registry, RequestContext
 from agent.errors import AgentError
 from agent.metrics import DaemonMetrics
 from ctl import protocol
@@ -419,7 +419,7 @@ def _close_fds(fds: list[int]) -> None:
 
 
 class ControlServer:
-    """Accepts connections on a listening Unix socket and serves the op registry."""
+    """Accepts connections on a listening Unix socket and serves the ops of ``registry``."""
 
     def __init__(
         self,
@@ -428,7 +428,7 @@ class ControlServer:
         listener: socket.socket,
         *,
         path: str | None,
-        registry: Registry = ops,
+        registry: Registry,
     ) -> None:
         self.app = app
         self.metrics = metrics

@@ -24,9 +24,9 @@ from agent.build.flow import Plan, Ref
 from agent.build.keyed import key_build, make_lookup, node_secret
 from agent.build.manager import Build, BuildManager, error_of, result_of
 from agent.build.records import new_id
-from agent.build.secretfds import ID_PATTERN, MAX_SECRET_BYTES, MAX_SECRETS
 from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import BadRequest, Busy, Cancelled, InternalError
+from ctl.protocol import MAX_SECRET_BYTES, MAX_SECRETS, SECRET_ID
 
 _LOG_CHUNK = 512 * 1024
 _BUILD_ARGS = (
@@ -269,8 +269,8 @@ def _build_args(args: Args) -> dict[str, str]:
 
 
 def _secrets(args: Args) -> dict[str, bytes]:
-    """``args.secrets`` checked: a map id -> value (str or bin) within the limits of
-    agent.build.secretfds. Messages name ids and sizes, never a value."""
+    """``args.secrets`` checked: a map id -> value (str or bin) within the wire's limits
+    (ctl.protocol). Messages name ids and sizes, never a value."""
     raw = args.raw.get("secrets")
     if raw is None or raw == []:  # [] was the reserved form of older clients
         return {}
@@ -289,7 +289,7 @@ def _secrets(args: Args) -> dict[str, bytes]:
         )
     out: dict[str, bytes] = {}
     for sid, value in raw.items():
-        if not isinstance(sid, str) or not ID_PATTERN.fullmatch(sid):
+        if not isinstance(sid, str) or not SECRET_ID.fullmatch(sid):
             # Not echoed: a value sent as an id by mistake must not come back in a message.
             what = f"of {len(sid)} characters" if isinstance(sid, str) else type(sid).__name__
             raise BadRequest(

@@ -34,6 +34,14 @@ _BUILD_FLAGS = (
     "cpu_max",
 )
 _LIMIT_FLAGS = ("memory_max", "pids_max", "cpu_max")
+# Flags sent as they are: (flag, request arg).
+_AS_GIVEN = (
+    ("target", "target_ref"),
+    ("target_repo", "target_repo"),
+    ("base_repo", "base_repo"),
+    ("platform", "platform"),
+    ("stage", "target"),
+)
 
 
 class UsageError(Exception):
@@ -157,37 +165,9 @@ def request_args(
     """The build request's args and the context directory to open (None for ref-only)."""
     # --secret is not a "build flag" here: with bob's environment it adds secrets to bob's build.
     secret_specs = getattr(opts, "secret", None)
-    # Neither are --timeout and the limits: they apply to bob's build as well.
-    keep = ("timeout", *_LIMIT_FLAGS)
-    given = any(
-        getattr(opts, k, None) not in (None, [], False) for k in _BUILD_FLAGS if k not in keep
-    )
-    if not given:
-        bob = _from_bob(env)
-        if bob is not None:
-            for k in keep:
-                setattr(bob, k, getattr(opts, k, None))
-            opts = bob
-    if not opts.target and not opts.target_repo:
-        raise UsageError("give --target REF or --target-repo REPO (or set BOB_TARGET_REF)")
-    if opts.target and opts.target_repo:
-        raise UsageError("--target and --target-repo are exclusive")
+    opts = _with_bob(opts, env)
     args: dict[str, Any] = {}
-    context: str | None = None
-    if opts.base:
-        if opts.file or opts.context:
-            raise UsageError("--base builds without a Dockerfile: drop --file/--context")
-        args["base_ref"] = opts.base
-    else:
-        context = opts.context or "."
-        args["dockerfile"] = opts.file or "Dockerfile"
-        args["context_name"] = os.path.abspath(context)
-    if opts.target:
-        args["target_ref"] = opts.target
-    if opts.target_repo:
-        args["target_repo"] = opts.target_repo
-    if opts.base_repo:
-        args["base_repo"] = opts.base_repo
+    context = _source_and_target(opts, args)
     build_args = _pairs(opts.build_arg, "--build-arg")
     if build_args:
         args["build_args"] = build_args
@@ -199,22 +179,54 @@ def request_args(
     labels = _pairs(opts.label, "--label")
     if labels:
         args["labels"] = labels
-    if opts.platform:
-        args["platform"] = opts.platform
-    if opts.stage:
-        args["target"] = opts.stage
+    for flag, key in _AS_GIVEN:
+        if getattr(opts, flag):
+            args[key] = getattr(opts, flag)
     if opts.force:
         args["force"] = True
+    _limits_and_timeout(opts, args)
+    return args, context
+
+
+def _with_bob(opts: argparse.Namespace, env: dict[str, str]) -> argparse.Namespace:
+    """``opts``, or bob's environment when no build flag is given."""
+    # --timeout and the limits are not build flags either: they apply to bob's build as well.
+    keep = ("timeout", *_LIMIT_FLAGS)
+    given = any(
+        getattr(opts, k, None) not in (None, [], False) for k in _BUILD_FLAGS if k not in keep
+    )
+    if given:
+        return opts
+    bob = _from_bob(env)
+    if bob is None:
+        return opts
+    for k in keep:
+        setattr(bob, k, getattr(opts, k, None))
+    return bob
+
+
+def _source_and_target(opts: argparse.Namespace, args: dict[str, Any]) -> str | None:
+    """What the build starts from; returns the context directory (None for ref-only)."""
+    if not opts.target and not opts.target_repo:
+        raise UsageError("give --target REF or --target-repo REPO (or set BOB_TARGET_REF)")
+    if opts.target and opts.target_repo:
+        raise UsageError("--target and --target-repo are exclusive")
+    context: str | None = None
+    if opts.base:
+        if opts.file or opts.context:
+            raise UsageError("--base builds without a Dockerfile: drop --file/--context")
+        args["base_ref"] = opts.base
+    else:
+        context = opts.context or "."
+        args["dockerfile"] = opts.file or "Dockerfile"
+        args["context_name"] = os.path.abspath(context)
+    return context
+
+
+def _limits_and_timeout(opts: argparse.Namespace, args: dict[str, Any]) -> None:
     # Limits are checked by the daemon: a request may only lower the node's (build.*_max).
-    limits = {
-        k: v
-        for k, v in (
-            ("memory_max", getattr(opts, "memory_max", None)),
-            ("pids_max", getattr(opts, "pids_max", None)),
-            ("cpu_max", getattr(opts, "cpu_max", None)),
-        )
-        if v is not None
-    }
+    limits = {k: getattr(opts, k, None) for k in _LIMIT_FLAGS}
+    limits = {k: v for k, v in limits.items() if v is not None}
     if limits:
         args["limits"] = limits
     timeout = getattr(opts, "timeout", None)
@@ -222,4 +234,3 @@ def request_args(
         if timeout <= 0:
             raise UsageError("--timeout must be a positive number of seconds")
         args["timeout"] = timeout
-    return args, context

@@ -28,10 +28,14 @@ from agent import build as _build
 from agent import proxy as _proxy
 from agent import sandbox as _sandbox
 from agent.app import App
-from agent.build.resolve import open_resolver  # also registers the resolve op
+from agent.build import explain as _explain
+from agent.build import ops as _build_ops
+from agent.build import resolve as _resolve
+from agent.build.resolve import open_resolver
 from agent.config import Config
 from agent.control import builtin
 from agent.control._listen import bind_control_socket
+from agent.control.ops import Registry
 from agent.control.server import ControlServer
 from agent.errors import (
     EXIT_CONFIG,
@@ -49,6 +53,15 @@ _log = logging.getLogger("agent.daemon")
 
 # Requests other than builds (which the grace period covers) get this long to finish at shutdown.
 _REQUEST_GRACE = 2.0
+
+
+def op_table() -> Registry:
+    """Every op the daemon serves. Each handler module adds its own through its ``register``,
+    called here and nowhere else (importing a module registers nothing)."""
+    ops = Registry()
+    for register in (builtin.register, _resolve.register, _build_ops.register, _explain.register):
+        register(ops)
+    return ops
 
 
 def prepare_dirs(config: Config) -> None:
@@ -228,7 +241,7 @@ class Daemon:
             path = cfg.daemon.socket
             listener = bind_control_socket(path, cfg.daemon.socket_group)
         try:
-            self.server = ControlServer(app, metrics, listener, path=path)
+            self.server = ControlServer(app, metrics, listener, path=path, registry=op_table())
         except BaseException:
             listener.close()
             raise

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 DEFAULT_SOCKET = "/run/build-agent/agent.sock"
 SOCKET_ENV = "AGENT_SOCKET"
-CLIENT_MAX_FRAME = 16 << 20  # the daemon's replies (log chunks, lists) may exceed its request cap
 
 
 def default_socket_path() -> str:
@@ -218,7 +217,7 @@ class Client:
         # it is the one to refuse, with a message naming the key. Only what no daemon could take
         # is refused here.
         try:
-            frame = protocol.encode(protocol.request(req_id, op, args), CLIENT_MAX_FRAME)
+            frame = protocol.encode(protocol.request(req_id, op, args), protocol.CLIENT_MAX_FRAME)
         except protocol.FrameError as exc:
             raise RequestFailed(
                 protocol.BAD_REQUEST, f"the request is too large to send: {exc}"
@@ -271,7 +270,7 @@ class Client:
         while True:
             if len(self._buf) >= 4:
                 try:
-                    length = protocol.frame_length(bytes(self._buf[:4]), CLIENT_MAX_FRAME)
+                    length = protocol.frame_length(bytes(self._buf[:4]), protocol.CLIENT_MAX_FRAME)
                 except protocol.FrameError as exc:
                     raise ProtocolError(str(exc)) from exc
                 if len(self._buf) >= 4 + length:

@@ -9,6 +9,7 @@ no sockets, no event loop, so both the asyncio daemon and the blocking client us
 
 from __future__ import annotations
 
+import re
 import struct
 
 import msgpack
@@ -20,7 +21,24 @@ if TYPE_CHECKING:
 
 VERSION: Final = 1
 HEADER: Final = struct.Struct(">I")
+
+# Limits both sides keep; each is documented in docs/protocol.md.
+# The daemon's request cap (its daemon.max_frame, which operators may raise) by default.
 DEFAULT_MAX_FRAME: Final = 1 << 20
+# The largest frame agentctl sends or accepts: replies (log chunks, lists) may exceed the daemon's
+# request cap, so the daemon lets its replies grow to this.
+CLIENT_MAX_FRAME: Final = 16 << 20
+# File descriptors one message may carry (SCM_RIGHTS); more is a protocol error.
+MAX_FDS: Final = 16
+# Request ids are integers from 0 to this (msgpack's signed 64-bit range).
+MAX_REQUEST_ID: Final = 2**63 - 1
+# Build secrets (the build op's ``args.secrets``): at most MAX_SECRETS ids matching SECRET_ID,
+# each value at most MAX_SECRET_BYTES: BuildKit's own per-secret cap
+# (``secretsprovider.MaxSecretSize = 500 * 1024``), so a value either toolchain accepts is
+# accepted and nothing more.
+MAX_SECRETS: Final = 32
+MAX_SECRET_BYTES: Final = 500 * 1024
+SECRET_ID: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 # The closed set of error codes (DESIGN section 5). Adding one is a protocol change.
 BAD_REQUEST: Final = "bad_request"

@@ -212,7 +212,7 @@ def test_without_cgroup_access_the_daemon_says_so_and_still_builds(
 def test_agentctl_limit_flags_go_with_bobs_environment() -> None:
     import argparse
 
-    from ctl.commands.builds import _BUILD_FLAGS, request_args
+    from ctl.commands._buildrequest import _BUILD_FLAGS, request_args
 
     ns = argparse.Namespace(**dict.fromkeys(_BUILD_FLAGS), secret=None)
     ns.memory_max, ns.pids_max = "1GiB", 64

@@ -21,10 +21,11 @@ from agent.build.buildah import BuildahToolchain
 from agent.build.buildkit import BuildkitBinaries, BuildkitToolchain
 from agent.build.buildlog import SecretScrub
 from agent.build.context import hash_context
-from agent.build.secretfds import MAX_SECRET_BYTES, sealed_memfd, secret_fds, secret_flags
+from agent.build.secretfds import sealed_memfd, secret_fds, secret_flags
 from agent.build.toolchain import BuildSpec
 from agent.ports import NoSandbox
-from ctl.commands.builds import _BUILD_FLAGS, UsageError, read_secrets, request_args
+from ctl.commands._buildrequest import _BUILD_FLAGS, UsageError, read_secrets, request_args
+from ctl.protocol import MAX_SECRET_BYTES
 from tests.infra.builds import read_from_image, write_context
 from tests.infra.registry import Registry
 from tests.standins import Standins, install

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from agent.build.secretfds import MAX_SECRET_BYTES, MAX_SECRETS
+from ctl.protocol import MAX_SECRET_BYTES, MAX_SECRETS
 from tests.infra.builds import build_sections, image_dir, read_from_image, status, write_context
 from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry

@@ -99,8 +99,6 @@ def _make_toolchain(
 @asynccontextmanager
 async def open_builds(app: App) -> AsyncIterator[Any]:
     """Start the toolchain and the build manager; on exit, drain within the grace period."""
-    from agent.build import explain as _explain  # noqa: F401  (registers explain, diff)
-    from agent.build import ops as _ops  # noqa: F401  (registers the build ops)
     from agent.build._direct import DirectRegistry
     from agent.build._metrics import BuildMetrics
     from agent.build.manager import BuildManager

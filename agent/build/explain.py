@@ -16,7 +16,7 @@ from typing import Any
 from agent.build import keyinputs, ownership
 from agent.build.manager import BuildManager
 from agent.build.records import BuildRecord, RecordStore
-from agent.control.ops import Access, Args, RequestContext, ops
+from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import BadRequest, InternalError, NotFound
 
 
@@ -68,7 +68,6 @@ def _verdict(record: BuildRecord) -> str:
     return "not_checked"  # failed or stopped before the base check, or a ref-only build
 
 
-@ops.register("explain", access=Access.READ)
 async def explain(ctx: RequestContext, args: Args) -> dict[str, Any]:
     """``{id}`` -> the build's key, whether its base was a cache hit and, for a rebuild, what
     differed from the newest earlier build of the same target repository and Dockerfile."""
@@ -110,7 +109,6 @@ async def explain(ctx: RequestContext, args: Args) -> dict[str, Any]:
     return out
 
 
-@ops.register("diff", access=Access.READ)
 async def diff(ctx: RequestContext, args: Args) -> dict[str, Any]:
     """``{a, b}`` -> what differs in the key inputs from build ``a`` to build ``b``."""
     args.only("a", "b")
@@ -136,4 +134,9 @@ async def diff(ctx: RequestContext, args: Args) -> dict[str, Any]:
     }
 
 
-__all__ = ["diff", "explain"]
+def register(ops: Registry) -> None:
+    ops.add("explain", Access.READ, explain)
+    ops.add("diff", Access.READ, diff)
+
+
+__all__ = ["diff", "explain", "register"]

@@ -25,9 +25,9 @@ from agent.build.flow import Plan, Ref
 from agent.build.keyed import Keyed, key_build, make_lookup, node_secret
 from agent.build.manager import Build, BuildManager, error_of
 from agent.build.records import BuildRecord, new_id
-from agent.build.secretfds import ID_PATTERN, MAX_SECRET_BYTES, MAX_SECRETS
-from agent.control.ops import Access, Args, RequestContext, ops
+from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import BadRequest, Busy, Cancelled, InternalError
+from ctl.protocol import MAX_SECRET_BYTES, MAX_SECRETS, SECRET_ID
 
 _LOG_CHUNK = 512 * 1024
 _BUILD_ARGS = (
@@ -67,7 +67,6 @@ def _repo(text: str, what: str) -> str:
     return r.repo
 
 
-@ops.register("build", access=Access.BUILD)
 async def build(ctx: RequestContext, args: Args) -> Any:
     context_fd = ctx.fds.pop(0) if ctx.fds else None
     try:
@@ -346,8 +345,8 @@ def _build_args(args: Args) -> dict[str, str]:
 
 
 def _secrets(args: Args) -> dict[str, bytes]:
-    """``args.secrets`` checked: a map id -> value (str or bin) within the limits of
-    agent.build.secretfds. Messages name ids and sizes, never a value."""
+    """``args.secrets`` checked: a map id -> value (str or bin) within the wire's limits
+    (ctl.protocol). Messages name ids and sizes, never a value."""
     raw = args.raw.get("secrets")
     if raw is None or raw == []:  # [] was the reserved form of older clients
         return {}
@@ -366,7 +365,7 @@ def _secrets(args: Args) -> dict[str, bytes]:
         )
     out: dict[str, bytes] = {}
     for sid, value in raw.items():
-        if not isinstance(sid, str) or not ID_PATTERN.fullmatch(sid):
+        if not isinstance(sid, str) or not SECRET_ID.fullmatch(sid):
             # Not echoed: a value sent as an id by mistake must not come back in a message.
             what = f"of {len(sid)} characters" if isinstance(sid, str) else type(sid).__name__
             raise BadRequest(
@@ -439,7 +438,6 @@ def _record(manager: BuildManager, build_id: str) -> BuildRecord:
     return live.record if live is not None else manager.store.get(build_id)
 
 
-@ops.register("status", access=Access.READ)
 async def status(ctx: RequestContext, args: Args) -> Any:
     args.only("id")
     build_id = args.string("id", required=True)
@@ -488,7 +486,6 @@ def _summary(record: BuildRecord, ctx: RequestContext) -> dict[str, Any]:
     }
 
 
-@ops.register("list", access=Access.READ)
 async def list_builds(ctx: RequestContext, args: Args) -> Any:
     args.only("limit", "state")
     limit = args.integer("limit", 50)
@@ -502,7 +499,6 @@ async def list_builds(ctx: RequestContext, args: Args) -> Any:
     return {"builds": [_summary(r, ctx) for r in records]}
 
 
-@ops.register("logs", access=Access.READ)
 async def logs(ctx: RequestContext, args: Args) -> Any:
     args.only("id", "offset", "follow", "limit")
     build_id = args.string("id", required=True)
@@ -560,10 +556,17 @@ def _size(path: os.PathLike[str] | str) -> int:
         return 0
 
 
-@ops.register("cancel", access=Access.BUILD)
 async def cancel(ctx: RequestContext, args: Args) -> Any:
     args.only("id")
     build_id = args.string("id", required=True)
     manager = _manager(ctx)
     ownership.check_cancel(_record(manager, build_id), ctx.peer)
     return manager.cancel(build_id, who=f"uid {ctx.peer.uid}")
+
+
+def register(ops: Registry) -> None:
+    ops.add("build", Access.BUILD, build)
+    ops.add("status", Access.READ, status)
+    ops.add("list", Access.READ, list_builds)
+    ops.add("logs", Access.READ, logs)
+    ops.add("cancel", Access.BUILD, cancel)

@@ -33,7 +33,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from agent.app import App
-from agent.control.ops import Access, Args, RequestContext, ops
+from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import AgentError, BadRequest, InternalError, NotFound
 from agent.ports import RegistryPort
 from agent.proxy import reference
@@ -247,7 +247,6 @@ async def open_resolver(app: App, proxy: RegistryPort | None = None) -> AsyncIte
             app.resolver = None
 
 
-@ops.register("resolve", access=Access.READ)
 async def resolve_op(ctx: RequestContext, args: Args) -> dict[str, Any]:
     """``{ref}`` -> ``{ref, digest, pinned, cached, age}``; ``ref`` is normalised."""
     args.only("ref")
@@ -268,4 +267,8 @@ async def resolve_op(ctx: RequestContext, args: Args) -> dict[str, Any]:
     }
 
 
-__all__ = ["Resolved", "Resolver", "normalise", "open_resolver"]
+def register(ops: Registry) -> None:
+    ops.add("resolve", Access.READ, resolve_op)
+
+
+__all__ = ["Resolved", "Resolver", "normalise", "open_resolver", "register"]

@@ -10,10 +10,8 @@ A memfd lives in memory only (no path on any filesystem, so no disk, no leftover
 the seals make it read-only for everyone, the child that opens ``/dev/fd/<fd>`` included. The
 value never goes on an argv or into an environment.
 
-The limits are the wire's (docs/protocol.md, ``secrets``): :data:`MAX_SECRETS` ids matching
-:data:`ID_PATTERN`, each value at most :data:`MAX_SECRET_BYTES` (BuildKit's own per-secret cap,
-``secretsprovider.MaxSecretSize = 500 * 1024``, so a value either toolchain accepts is accepted
-here and nothing more).
+The limits are the wire's, kept with the protocol where agentctl checks them too
+(``ctl.protocol.MAX_SECRETS``, ``SECRET_ID``, ``MAX_SECRET_BYTES``; docs/protocol.md, ``secrets``).
 """
 
 from __future__ import annotations
@@ -21,12 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 from collections.abc import Iterator, Mapping
-
-ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-MAX_SECRETS = 32
-MAX_SECRET_BYTES = 500 * 1024
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
@@ -72,11 +65,4 @@ def secret_flags(secrets: tuple[tuple[str, int], ...], *, file_type: bool = Fals
     return out
 
 
-__all__ = [
-    "ID_PATTERN",
-    "MAX_SECRETS",
-    "MAX_SECRET_BYTES",
-    "sealed_memfd",
-    "secret_fds",
-    "secret_flags",
-]
+__all__ = ["sealed_memfd", "secret_fds", "secret_flags"]

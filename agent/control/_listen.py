@@ -26,24 +26,7 @@ def bind_control_socket(path: str, group: str) -> socket.socket:
         raise StartupError(
             f"cannot create the directory of daemon.socket {path}: {exc.strerror}"
         ) from exc
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(
-                f"daemon.socket {path} exists and is not a socket; remove it or choose another path"
-            )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens
-        else:
-            raise StartupError(
-                f"another daemon is already listening on {path}; stop it first "
-                "(systemctl stop build-agent) or set daemon.socket to another path"
-            )
-        finally:
-            probe.close()
+    _remove_leftover(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o117)  # created 0660 from the start: no window with a wider mode
     try:
@@ -55,18 +38,47 @@ def bind_control_socket(path: str, group: str) -> socket.socket:
         os.umask(old_umask)
     os.chmod(path, 0o660)
     if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            _log.warning(
-                "daemon.socket_group %r does not exist; %s stays owned by gid %d "
-                "(create it with: groupadd --system %s)",
-                group,
-                path,
-                os.getgid(),
-                group,
-            )
-        else:
-            os.chown(path, -1, gid)
+        _give_to_group(path, group)
     sock.listen(512)
     return sock
+
+
+def _remove_leftover(path: str) -> None:
+    """Unlink a socket nobody listens on; refuse a live one, or anything not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(
+            f"daemon.socket {path} exists and is not a socket; remove it or choose another path"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: nobody listens
+    else:
+        raise StartupError(
+            f"another daemon is already listening on {path}; stop it first "
+            "(systemctl stop build-agent) or set daemon.socket to another path"
+        )
+    finally:
+        probe.close()
+
+
+def _give_to_group(path: str, group: str) -> None:
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        _log.warning(
+            "daemon.socket_group %r does not exist; %s stays owned by gid %d "
+            "(create it with: groupadd --system %s)",
+            group,
+            path,
+            os.getgid(),
+            group,
+        )
+    else:
+        os.chown(path, -1, gid)

@@ -1,6 +1,6 @@
 """The daemon's own ops: ``ping`` and ``info`` (read), ``drain`` and ``reload`` (admin, root only).
 
-Importing this module registers them in :data:`agent.control.ops.ops`.
+:func:`register` adds them to the daemon's op table.
 """
 
 from __future__ import annotations
@@ -8,19 +8,19 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from functools import partial
 from typing import Any
 
 from agent import PROCESS_VERSION
 from agent.app import App
 from agent.config import RouteConfig
-from agent.control.ops import Access, Args, RequestContext, ops
+from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import AgentError
 from ctl import protocol
 
 _log = logging.getLogger("agent.control")
 
 
-@ops.register("ping", access=Access.READ)
 async def ping(ctx: RequestContext, args: Args) -> dict[str, Any]:
     return {"pong": True, "version": ctx.app.version}
 
@@ -101,8 +101,8 @@ def _children_may(route: RouteConfig) -> str:
     return "read-only"
 
 
-@ops.register("info", access=Access.READ)
-async def info(ctx: RequestContext, args: Args) -> dict[str, Any]:
+async def info(ops: Registry, ctx: RequestContext, args: Args) -> dict[str, Any]:
+    """The daemon's state; ``ops`` is the table it serves (its names are listed)."""
     app = ctx.app
     c = app.config
     return {
@@ -134,7 +134,6 @@ async def info(ctx: RequestContext, args: Args) -> dict[str, Any]:
     }
 
 
-@ops.register("drain", access=Access.ADMIN)
 async def drain(ctx: RequestContext, args: Args) -> dict[str, Any]:
     """``{enable: bool = true}``: refuse new builds (running and queued ones go on)."""
     args.only("enable")
@@ -167,7 +166,13 @@ async def reload_components(app: App) -> dict[str, str]:
     return done
 
 
-@ops.register("reload", access=Access.ADMIN)
 async def reload(ctx: RequestContext, args: Args) -> dict[str, Any]:
     args.only()
     return {"components": await reload_components(ctx.app)}
+
+
+def register(ops: Registry) -> None:
+    ops.add("ping", Access.READ, ping)
+    ops.add("info", Access.READ, partial(info, ops))
+    ops.add("drain", Access.ADMIN, drain)
+    ops.add("reload", Access.ADMIN, reload)

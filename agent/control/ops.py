@@ -1,15 +1,19 @@
 """The op registry: how a request's ``op`` finds its handler and who may call it.
 
-Adding an op is one decorated coroutine in the module that owns the feature::
+Adding an op is a coroutine in the module that owns the feature, added to the table by that
+module's ``register``::
 
-    @ops.register("status", access=Access.READ)
     async def status(ctx: RequestContext, args: Args) -> dict[str, Any]:
         build_id = args.string("id", required=True)
 
-A handler validates its own ``args`` with :class:`Args` (which raises ``BadRequest`` naming the
-field), may send stream events with ``await ctx.emit(name, data)``, and returns the result or
-raises an :class:`agent.errors.AgentError`. The control server does framing, authorization
-(:class:`Access`), metrics and error mapping.
+    def register(ops: Registry) -> None:
+        ops.add("status", Access.READ, status)
+
+and ``agent.daemon.op_table`` calls each module's ``register`` once, at start: importing a module
+registers nothing. A handler validates its own ``args`` with :class:`Args` (which raises
+``BadRequest`` naming the field), may send stream events with ``await ctx.emit(name, data)``, and
+returns the result or raises an :class:`agent.errors.AgentError`. The control server does framing,
+authorization (:class:`Access`), metrics and error mapping.
 """
 
 from __future__ import annotations
@@ -63,7 +67,6 @@ class RequestContext:
 
 
 Handler = Callable[[RequestContext, "Args"], Awaitable[Any]]
-H = TypeVar("H", bound=Handler)
 
 
 @dataclass(frozen=True)
@@ -74,27 +77,21 @@ class Op:
 
 
 class Registry:
+    """The ops one server answers, by name; filled by the handler modules' ``register``."""
+
     def __init__(self) -> None:
         self._ops: dict[str, Op] = {}
 
-    def register(self, name: str, *, access: Access) -> Callable[[H], H]:
-        def deco(fn: H) -> H:
-            if name in self._ops:
-                raise ValueError(f"op {name!r} registered twice")
-            self._ops[name] = Op(name, access, fn)
-            return fn
-
-        return deco
+    def add(self, name: str, access: Access, handler: Handler) -> None:
+        if name in self._ops:
+            raise ValueError(f"op {name!r} registered twice")
+        self._ops[name] = Op(name, access, handler)
 
     def get(self, name: str) -> Op | None:
         return self._ops.get(name)
 
     def names(self) -> list[str]:
         return sorted(self._ops)
-
-
-# The daemon's single registry; feature modules register into it at import time.
-ops = Registry()
 
 
 _T = TypeVar("_T")

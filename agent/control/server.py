@@ -36,23 +36,21 @@ from typing import Any
 
 from agent.app import App
 from agent.control._auth import Authorizer, peer_credentials
-from agent.control.ops import Args, Op, Peer, Registry, RequestContext, ops
+from agent.control._request import Refused, read_request
+from agent.control.ops import Args, Op, Peer, Registry, RequestContext
 from agent.errors import AgentError
 from agent.metrics import DaemonMetrics
 from ctl import protocol
-from ctl.client import CLIENT_MAX_FRAME
 
 _log = logging.getLogger("agent.control")
 
 _RECV_SIZE = 256 * 1024
-_MAX_FDS = 16  # fds accepted with one message; more is a protocol error
-_ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * 4)
+_ANC_SIZE = socket.CMSG_SPACE(protocol.MAX_FDS * 4)
 _HIGH_WATER = 1 << 20
 _LOW_WATER = 1 << 18
 _MAX_INFLIGHT = 256
 _ACCEPT_BATCH = 64
 _ACCEPT_PAUSE = 0.5
-_MAX_ID = 2**63 - 1
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
@@ -106,7 +104,7 @@ class _Connection:
                     fds.extend(array.array("i", payload[:usable]))
             if flags & socket.MSG_CTRUNC:  # the kernel dropped the fds that did not fit
                 _close_fds(fds)
-                self._fatal(f"more than {_MAX_FDS} file descriptors sent with one message")
+                self._fatal(f"more than {protocol.MAX_FDS} file descriptors sent with one message")
                 return
             if fds:
                 last = self.inpos + len(self.inbuf) + len(data) - 1
@@ -160,92 +158,13 @@ class _Connection:
 
     def _dispatch(self, body: bytes, fds: list[int]) -> None:
         started = time.perf_counter()
-        server = self.server
         try:
-            msg = protocol.decode(body)
-        except protocol.FrameError as exc:
-            _close_fds(fds)
-            self._refuse(None, "invalid", protocol.BAD_REQUEST, str(exc), started)
-            return
-        req_id = msg.get("id")
-        if type(req_id) is not int or not 0 <= req_id <= _MAX_ID:
-            _close_fds(fds)
-            self._refuse(
-                None,
-                "invalid",
-                protocol.BAD_REQUEST,
-                f"request id must be an integer from 0 to {_MAX_ID}, got {req_id!r}",
-                started,
-            )
-            return
-        version = msg.get("v")
-        if version != protocol.VERSION or type(version) is not int:
-            _close_fds(fds)
-            self._refuse(
-                req_id,
-                "invalid",
-                protocol.UNSUPPORTED_VERSION,
-                f"protocol version {version!r} is not supported; this daemon speaks "
-                f"v{protocol.VERSION} (upgrade agentctl or the daemon so they match)",
-                started,
-                {"supported": [protocol.VERSION]},
-            )
-            return
-        name = msg.get("op")
-        op = server.registry.get(name) if type(name) is str else None
-        if op is None:
-            _close_fds(fds)
-            self._refuse(
-                req_id,
-                "unknown",
-                protocol.BAD_REQUEST,
-                f"unknown op {name!r}; this daemon knows: {', '.join(server.registry.names())}",
-                started,
-                {"ops": server.registry.names()},
-            )
-            return
-        args = msg.get("args")
-        if args is None:
-            args = {}
-        elif type(args) is not dict or not all(type(k) is str for k in args):
-            _close_fds(fds)
-            self._refuse(
-                req_id,
-                op.name,
-                protocol.BAD_REQUEST,
-                f"args must be a map with string keys, got {_describe(args)}",
-                started,
-            )
-            return
-        if not server.auth.allowed(op.access, self.peer):
-            _close_fds(fds)
-            self._refuse(
-                req_id, op.name, protocol.FORBIDDEN, server.auth.refusal(op, self.peer), started
-            )
-            return
-        if req_id in self.inflight:
-            _close_fds(fds)
-            self._refuse(
-                req_id,
-                op.name,
-                protocol.BAD_REQUEST,
-                f"request id {req_id} is already in flight on this connection",
-                started,
-            )
-            return
-        if len(self.inflight) >= _MAX_INFLIGHT:
-            _close_fds(fds)
-            self._refuse(
-                req_id,
-                op.name,
-                protocol.BUSY,
-                f"{_MAX_INFLIGHT} requests are already in flight on this connection; "
-                "wait for replies or open another connection",
-                started,
-            )
+            req_id, op, args = self._admit(body)
+        except Refused as no:
+            self._refuse(no, fds, started)
             return
         ctx = RequestContext(
-            app=server.app,
+            app=self.server.app,
             peer=self.peer,
             request_id=req_id,
             op=op.name,
@@ -256,17 +175,34 @@ class _Connection:
         task = self.loop.create_task(self._run(op, ctx, Args(args), started))
         self.inflight[req_id] = task
 
-    def _refuse(
-        self,
-        req_id: int | None,
-        op_label: str,
-        code: str,
-        message: str,
-        started: float,
-        details: dict[str, Any] | None = None,
-    ) -> None:
-        self._write(protocol.encode(protocol.reply_error(req_id, code, message, details)))
-        self.server.metrics.observe(op_label, code, time.perf_counter() - started)
+    def _admit(self, body: bytes) -> tuple[int, Op, dict[str, Any]]:
+        """The request's id, op and args, or :class:`Refused` (checked in this order)."""
+        server = self.server
+        req_id, op, args = read_request(body, server.registry)
+        if not server.auth.allowed(op.access, self.peer):
+            raise Refused(req_id, op.name, protocol.FORBIDDEN, server.auth.refusal(op, self.peer))
+        if req_id in self.inflight:
+            raise Refused(
+                req_id,
+                op.name,
+                protocol.BAD_REQUEST,
+                f"request id {req_id} is already in flight on this connection",
+            )
+        if len(self.inflight) >= _MAX_INFLIGHT:
+            raise Refused(
+                req_id,
+                op.name,
+                protocol.BUSY,
+                f"{_MAX_INFLIGHT} requests are already in flight on this connection; "
+                "wait for replies or open another connection",
+            )
+        return req_id, op, args
+
+    def _refuse(self, no: Refused, fds: list[int], started: float) -> None:
+        """Answer a request that will not run with its error; the fds it came with are closed."""
+        _close_fds(fds)
+        self._write(no.reply())
+        self.server.metrics.observe(no.label, no.code, time.perf_counter() - started)
 
     async def _run(self, op: Op, ctx: RequestContext, args: Args, started: float) -> None:
         req_id = ctx.request_id
@@ -396,10 +332,6 @@ class _Connection:
         self.server.forget(self)
 
 
-def _describe(value: Any) -> str:
-    return "a map with non-string keys" if isinstance(value, dict) else type(value).__name__
-
-
 def _internal_error(req_id: int, op: str, exc: BaseException) -> bytes:
     return protocol.encode(
         protocol.reply_error(
@@ -419,7 +351,7 @@ def _close_fds(fds: list[int]) -> None:
 
 
 class ControlServer:
-    """Accepts connections on a listening Unix socket and serves the op registry."""
+    """Accepts connections on a listening Unix socket and serves the ops of ``registry``."""
 
     def __init__(
         self,
@@ -428,14 +360,14 @@ class ControlServer:
         listener: socket.socket,
         *,
         path: str | None,
-        registry: Registry = ops,
+        registry: Registry,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.registry = registry
         self.max_frame = app.config.daemon.max_frame
         # Replies may be bigger than requests (logs, lists), up to what clients accept.
-        self.max_frame_out = max(self.max_frame, CLIENT_MAX_FRAME)
+        self.max_frame_out = max(self.max_frame, protocol.CLIENT_MAX_FRAME)
         self.auth = Authorizer(app)
         self.loop = asyncio.get_running_loop()
         self._listener: socket.socket | None = listener

@@ -41,27 +41,26 @@ DAEMON = [sys.executable, "-m", "agent"]
 REPO = Path(__file__).resolve().parents[2]
 
 
-# Test-only ops, registered inside a daemon started with ``preamble=TEST_OPS``:
+# Test-only ops, added to the daemon's op table (agent.daemon.op_table) inside a daemon started with
+# ``preamble=TEST_OPS``:
 #   test_sleep {seconds}: emits "started", sleeps, answers {"slept": true}
 #   test_fds: answers the (st_dev, st_ino) of each fd received with the request
 #   test_flood {count, size}: emits `count` events of `size` bytes; test_flood_progress: how many
 TEST_OPS = """
 import asyncio, os
-from agent.control.ops import Access, ops
+import agent.daemon
+from agent.control.ops import Access
 
-@ops.register("test_sleep", access=Access.READ)
 async def _sleep(ctx, args):
     await ctx.emit("started", None)
     await asyncio.sleep(args.number("seconds", 0.0))
     return {"slept": True}
 
-@ops.register("test_fds", access=Access.READ)
 async def _fds(ctx, args):
     return [[os.fstat(fd).st_dev, os.fstat(fd).st_ino] for fd in ctx.fds]
 
 _flood = {"emitted": 0}
 
-@ops.register("test_flood", access=Access.READ)
 async def _flood_op(ctx, args):
     chunk = "x" * args.integer("size", 65536)
     for i in range(args.integer("count", 1)):
@@ -69,16 +68,27 @@ async def _flood_op(ctx, args):
         _flood["emitted"] = i + 1
     return {"emitted": _flood["emitted"]}
 
-@ops.register("test_bad_result", access=Access.READ)
 async def _bad_result(ctx, args):
     from agent.errors import NotFound
     if args.flag("as_error"):
         raise NotFound("no such thing", details={"obj": object()})
     return {"obj": object()}
 
-@ops.register("test_flood_progress", access=Access.READ)
 async def _flood_progress(ctx, args):
     return _flood["emitted"]
+
+_daemon_ops = agent.daemon.op_table
+
+def _with_test_ops():
+    ops = _daemon_ops()
+    ops.add("test_sleep", Access.READ, _sleep)
+    ops.add("test_fds", Access.READ, _fds)
+    ops.add("test_flood", Access.READ, _flood_op)
+    ops.add("test_bad_result", Access.READ, _bad_result)
+    ops.add("test_flood_progress", Access.READ, _flood_progress)
+    return ops
+
+agent.daemon.op_table = _with_test_ops
 """
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from agent.build.child import Child, describe_exit
+from agent.build.child import Child, describe_exit, output_lines
 from agent.errors import AgentError, IllegalTransition
 
 log = logging.getLogger("agent.build")
@@ -334,17 +334,10 @@ class Supervisor:
                 exited.cancel()
 
     async def _pump(self, child: Child) -> None:
-        stream = child.stdout
-        if stream is None:
+        if child.stdout is None:
             return
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:
-                raw = await stream.read(64 * 1024)
-            if not raw:
-                return
-            text = self._scrub(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        async for line in output_lines(child.stdout):
+            text = self._scrub(line)
             self.output.append(text)
             if "level=error" in text or "level=fatal" in text or "level=panic" in text:
                 log.warning("%s: %s", self.name, text)

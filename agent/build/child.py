@@ -14,7 +14,7 @@ import os
 import signal
 import stat as stat_mod
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from agent.build.toolchain import LogSink
@@ -316,6 +316,12 @@ async def run(
 
 
 async def _pump(stream: asyncio.StreamReader, sink: LogSink) -> None:
+    async for line in output_lines(stream):
+        sink.line(line)
+
+
+async def output_lines(stream: asyncio.StreamReader) -> AsyncIterator[str]:
+    """A child's output, line by line, without the line ending, until EOF."""
     while True:
         try:
             raw = await stream.readline()
@@ -323,4 +329,4 @@ async def _pump(stream: asyncio.StreamReader, sink: LogSink) -> None:
             raw = await stream.read(_MAX_LINE)
         if not raw:
             return
-        sink.line(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        yield raw.decode("utf-8", "replace").rstrip("\r\n")

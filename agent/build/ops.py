@@ -16,11 +16,12 @@ import contextlib
 import os
 from typing import Any
 
+from agent import reference
 from agent.build import ownership
 from agent.build import records as rec
 from agent.build.buildlog import follow_file, read_file
 from agent.build.context import Caller, check_dockerfile_path, hash_context
-from agent.build.flow import Plan, Ref
+from agent.build.flow import Plan
 from agent.build.keyed import key_build, make_lookup, node_secret
 from agent.build.manager import Build, BuildManager, error_of, result_of
 from agent.build.records import new_id
@@ -56,7 +57,7 @@ def _manager(ctx: RequestContext) -> BuildManager:
 
 
 def _repo(text: str, what: str) -> str:
-    r = Ref.parse(text, what=what)
+    r = reference.parse(text, what=what)
     if r.tag or r.digest or "/" not in r.repo:
         raise BadRequest(
             f"{what} {text!r} must be a repository without tag or digest, "
@@ -101,7 +102,7 @@ async def _submit(
             "give exactly one of target_ref (--target) and target_repo (--target-repo)",
             details={"field": "target_ref"},
         )
-    target_ref = Ref.parse(target_ref_text, what="target_ref") if target_ref_text else None
+    target_ref = reference.parse(target_ref_text, what="target_ref") if target_ref_text else None
     if target_ref is not None and target_ref.digest:
         raise BadRequest("target_ref must be tagged, not pinned by digest: a push needs a tag")
     target_repo = _repo(target_repo_text, "target_repo") if target_repo_text else None
@@ -183,7 +184,7 @@ async def _submit(
             records=manager.store.all(),
             record=record,
         )
-        base_ref = Ref(base_repo, keyed.key)
+        base_ref = reference.Reference(base_repo, keyed.key)
         record["context"] = {
             "key": keyed.key,
             "context_key": digest.key,
@@ -229,7 +230,7 @@ async def _submit(
         plan = Plan(
             target_ref=target_ref,
             target_repo=target_repo,
-            base_ref=Ref.parse(base_text, what="base_ref"),
+            base_ref=reference.parse(base_text, what="base_ref"),
             dockerfile=None,
             context_fd=None,
             force=force,

@@ -244,8 +244,9 @@ def test_staging_checks_the_callers_read_permission(ctx: Path, tmp_path: Path) -
 def test_the_flow_refuses_a_context_that_changed_since_the_request(
     ctx: Path, tmp_path: Path
 ) -> None:
-    from agent.build.flow import Flow, Plan, Ref
+    from agent.build.flow import Flow, Plan
     from agent.errors import BuildFailed
+    from agent.reference import Reference
 
     lines: list[str] = []
 
@@ -259,7 +260,7 @@ def test_the_flow_refuses_a_context_that_changed_since_the_request(
         plan = Plan(
             target_ref=None,
             target_repo="reg.example/team/ws",
-            base_ref=Ref("reg.example/team/base", requested),
+            base_ref=Reference("reg.example/team/base", requested),
             dockerfile="Dockerfile",
             context_fd=fd,
         )

@@ -73,3 +73,18 @@ def test_stopped_child_is_reaped_and_its_pipe_closed() -> None:
         assert _open_fds() <= before
 
     uvloop.run(main())
+
+
+def test_wait_answers_when_the_child_exits_and_its_group_dies_with_it() -> None:
+    # The shell exits at once; the sleep it left in its process group holds the output pipe.
+    # wait() answers from the pidfd (not at EOF) and kills the group before the reap, so the
+    # pipe then ends (EOF: the sleep, its last writer, is gone). The supervisor and run() both
+    # rely on this one path.
+    async def main() -> None:
+        child = await popen("sh", ["sh", "-c", "sleep 30 & echo started; exit 3"], env=ENV)
+        assert child.stdout is not None
+        assert await child.stdout.readline() == b"started\n"
+        assert await asyncio.wait_for(child.wait(), 5) == 3
+        assert await asyncio.wait_for(child.stdout.read(), 5) == b""
+
+    uvloop.run(main())

@@ -172,6 +172,9 @@ def test_ctrl_c_cancels_unless_another_caller_waits(
                 "the build to run",
             )
         wait_started(d, build_id)
+        # Both callers must be attached before the first leaves: alone, it would cancel the
+        # build. The join is logged in the same loop step that attaches the caller (build/ops.py).
+        wait_for(lambda: "joined this build" in log_of(d, build_id), 30, "the second caller")
         first.send_signal(signal.SIGINT)
         assert first.wait(10) == 130
         assert status(d, build_id)["state"] == "running"  # the second caller still waits

@@ -5,9 +5,10 @@ for the step, its line and its exit status. The daemon-level checks are in test_
 
 from __future__ import annotations
 
+from agent import reference
 from agent.build._buildkit_progress import build_error
 from agent.build.buildah import _diagnose
-from agent.build.flow import Plan, Ref, _explain
+from agent.build.flow import Plan, _explain
 from agent.errors import AgentError, BuildErrorDetails
 from tests.standins import FIXTURES_DIR
 
@@ -27,7 +28,7 @@ def _as_the_flow_reports(err: AgentError) -> dict[str, object]:
     plan = Plan(
         target_ref=None,
         target_repo="r/x",
-        base_ref=Ref.parse("r/x:k", what="base_ref"),
+        base_ref=reference.parse("r/x:k", what="base_ref"),
         dockerfile="Dockerfile",
         context_fd=None,
         dockerfile_text=DOCKERFILE,

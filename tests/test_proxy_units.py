@@ -10,31 +10,52 @@ import pytest
 from agent.config import ProxyConfig, RegistryConfig, RouteConfig
 from agent.errors import BadRequest
 from agent.ports import RouteTarget
-from agent.proxy import parse
 from agent.proxy._access import SANDBOX, StaticRules
 from agent.proxy._auth import _lifetime, parse_challenges, pick_challenge
 from agent.proxy._forward import Forwarder
 from agent.proxy._routes import Router, denial, split_oci_path
 from agent.proxy._uploads import Uploads
+from agent.reference import Reference, parse
 
 D = "sha256:" + "a" * 64
 
 
 @pytest.mark.parametrize(
-    ("ref", "registry", "repo", "tag", "digest"),
+    ("ref", "registry", "repo", "manifest", "canonical"),
     [
-        ("busybox", "docker.io", "library/busybox", "latest", None),
-        ("index.docker.io/team/x:1", "docker.io", "team/x", "1", None),
-        ("localhost:5000/a/b", "localhost:5000", "a/b", "latest", None),
-        ("localhost/a", "localhost", "a", "latest", None),
-        ("reg.example.com:443/a/b:v1.2", "reg.example.com", "a/b", "v1.2", None),
-        (f"r.io/a@{D}", "r.io", "a", None, D),
-        (f"r.io:5000/a/b:t@{D}", "r.io:5000", "a/b", "t", D),
+        ("busybox", "docker.io", "library/busybox", "latest", "docker.io/library/busybox:latest"),
+        ("index.docker.io/team/x:1", "docker.io", "team/x", "1", "docker.io/team/x:1"),
+        ("localhost:5000/a/b", "localhost:5000", "a/b", "latest", "localhost:5000/a/b:latest"),
+        ("localhost/a", "localhost", "a", "latest", "localhost/a:latest"),
+        (
+            "reg.example.com:443/a/b:v1.2",
+            "reg.example.com",
+            "a/b",
+            "v1.2",
+            "reg.example.com/a/b:v1.2",
+        ),
+        (f"r.io/a@{D}", "r.io", "a", D, f"r.io/a@{D}"),
+        (f"r.io:5000/a/b:t@{D}", "r.io:5000", "a/b", D, f"r.io:5000/a/b:t@{D}"),
     ],
 )
-def test_parse(ref: str, registry: str, repo: str, tag: str | None, digest: str | None) -> None:
-    r = parse(ref)
-    assert (r.registry, r.repository, r.tag, r.digest) == (registry, repo, tag, digest)
+def test_parse(ref: str, registry: str, repo: str, manifest: str, canonical: str) -> None:
+    # Docker's reading (what a registry is asked) and the caller's spelling, in one type.
+    r = parse(f" {ref} ")
+    assert (r.registry, r.repository, r.ref, r.canonical) == (registry, repo, manifest, canonical)
+    assert str(r) == ref
+
+
+def test_reference_keeps_the_spelling_routes_and_records_use() -> None:
+    r = parse("Localhost:5000/team/app")
+    assert (r.repo, r.tag, r.digest, r.registry) == (
+        "Localhost:5000/team/app",
+        None,
+        None,
+        "localhost:5000",
+    )
+    assert Reference(r.repo, "latest") == parse("Localhost:5000/team/app:latest")
+    with pytest.raises(BadRequest, match=r"target_ref 'a b' is not an image reference \("):
+        parse("a b", what="target_ref")
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import logging
 
 import aiohttp
 
-from agent.build.flow import Ref
+from agent import reference
 from agent.config import Config
 from agent.errors import BadRequest, UpstreamUnauthorized, UpstreamUnavailable
 from agent.ports import BuildRoute, Mirror, RouteTarget
@@ -70,7 +70,7 @@ class DirectRegistry:
             await self._session.close()
 
     async def manifest_digest(self, ref: str) -> str | None:
-        r = Ref.parse(ref)
+        r = reference.parse(ref, what="reference")
         host, _, path = r.repo.partition("/")
         if not path or host not in self.http_hosts:
             raise BadRequest(

@@ -25,9 +25,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import random
-import signal
 import time
 import weakref
 from collections import deque
@@ -37,7 +35,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from agent.build.child import Child, describe_exit
+from agent.build.child import Child, describe_exit, output_lines
 from agent.errors import AgentError, IllegalTransition
 
 log = logging.getLogger("agent.build")
@@ -117,43 +115,6 @@ def _metrics(registry: CollectorRegistry) -> _Metrics:
     if m is None:
         m = _metrics_by_registry[registry] = _Metrics(registry)
     return m
-
-
-async def wait_exit(child: Child) -> int:
-    """The child's exit status, as soon as the process itself has exited.
-
-    ``asyncio``'s ``Process.wait()`` also waits until every pipe is closed, and a grandchild that
-    outlived the child (a RUN step's ``sleep``) holds the output pipe open: a pidfd says when
-    the process ended, then what is left of its process group is killed so the pipes close.
-    """
-    loop = asyncio.get_running_loop()
-    try:
-        fd = os.pidfd_open(child.pid)
-    except ProcessLookupError:
-        fd = -1  # already reaped
-    if fd >= 0 and child.returncode is not None:
-        os.close(fd)  # reaped before the pidfd was taken: the pid may be someone else's now
-        fd = -1
-    if fd >= 0:
-        gone: asyncio.Future[None] = loop.create_future()
-
-        def ready() -> None:
-            if not gone.done():
-                gone.set_result(None)
-
-        loop.add_reader(fd, ready)
-        try:
-            await gone
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(child.pid, signal.SIGKILL)
-    with contextlib.suppress(TimeoutError):
-        return await asyncio.wait_for(asyncio.shield(child.wait()), 5.0)
-    # Someone outside the group still holds a pipe; the status is known all the same.
-    code = child.returncode
-    return code if code is not None else -signal.SIGKILL
 
 
 class Supervisor:
@@ -312,7 +273,7 @@ class Supervisor:
             ready_at = time.monotonic()
             if why_not is None:
                 self._to(State.RUNNING)
-                code = await wait_exit(child)
+                code = await child.wait()
                 self.last_exit = describe_exit(code)
             else:
                 if child.returncode is None:
@@ -325,9 +286,6 @@ class Supervisor:
                 await asyncio.wait_for(asyncio.shield(pump), 1.0)
         finally:
             pump.cancel()
-        # Processes the child left in its group (a RUN step's shell) die with it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.pid, signal.SIGKILL)
         if self._after_exit is not None:
             await self._after_exit()
         lived = time.monotonic() - ready_at
@@ -349,7 +307,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.policy.ready_timeout
         interval = self.policy.probe_interval
-        exited: asyncio.Future[Any] = loop.create_task(wait_exit(child))
+        exited: asyncio.Future[Any] = loop.create_task(child.wait())
         try:
             while time.monotonic() < deadline:
                 if exited.done():
@@ -376,17 +334,10 @@ class Supervisor:
                 exited.cancel()
 
     async def _pump(self, child: Child) -> None:
-        stream = child.stdout
-        if stream is None:
+        if child.stdout is None:
             return
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:
-                raw = await stream.read(64 * 1024)
-            if not raw:
-                return
-            text = self._scrub(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        async for line in output_lines(child.stdout):
+            text = self._scrub(line)
             self.output.append(text)
             if "level=error" in text or "level=fatal" in text or "level=panic" in text:
                 log.warning("%s: %s", self.name, text)
@@ -400,6 +351,3 @@ class Supervisor:
         if child is not None and child.returncode is None:
             code = await child.stop(grace=self.policy.stop_grace)
             log.info("%s (pid %d) stopped: %s", self.name, child.pid, describe_exit(code))
-        if child is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, signal.SIGKILL)

@@ -22,6 +22,7 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from agent import reference
 from agent.build.dockerfile import Instruction
 from agent.build.stages import ImageUse, csv_fields
 from agent.errors import (
@@ -33,7 +34,6 @@ from agent.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
-from agent.proxy import reference
 
 # (normalised ref, max_age) -> (digest, answered from the cache, age of the answer in seconds)
 Lookup = Callable[[str, float], Awaitable[tuple[str, bool, float]]]
@@ -116,7 +116,7 @@ async def resolve_uses(
     failure in file order is raised (BuildFailed "image not found", UpstreamUnauthorized,
     UpstreamUnavailable, BadRequest for a malformed ref), naming the line, ref and registry."""
     parsed = [(u, _parse(u, dockerfile)) for u in uses]
-    wanted = sorted({str(r) for _, r in parsed if not r.digest})
+    wanted = sorted({r.canonical for _, r in parsed if not r.digest})
     results = await asyncio.gather(
         *(lookup(ref, max_age) for ref in wanted), return_exceptions=True
     )
@@ -126,7 +126,7 @@ async def resolve_uses(
         if r.digest:
             pins.append(Pin(use.kind, use.ref, r.name, r.digest, use.line, use.platform, "digest"))
             continue
-        got = answers[str(r)]
+        got = answers[r.canonical]
         if isinstance(got, AgentError):
             raise _failure(got, use, r, dockerfile) from got
         if isinstance(got, BaseException):

@@ -14,7 +14,7 @@ import os
 import signal
 import stat as stat_mod
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from agent.build.toolchain import LogSink
@@ -146,23 +146,37 @@ class Child:
         return self.proc.returncode
 
     async def wait(self) -> int:
-        """The exit status, once the child is gone (reaped here, woken by a pidfd)."""
+        """The exit status, once the child is gone: the one reaping path of every child.
+
+        A pidfd says when the process exited (its pipes may stay open: a grandchild such as a
+        RUN step's ``sleep`` can hold them). What it left in its process group is killed before
+        it is reaped, while the group's id cannot belong to anyone else, so nothing of the
+        child outlives it and its output ends."""
         if self.proc.returncode is not None:
             return self.proc.returncode
         if self._exited is None:
-            loop = asyncio.get_running_loop()
-            exited: asyncio.Future[int] = loop.create_future()
-            self._exited = exited
-            pidfd = os.pidfd_open(self.pid)  # the pid is ours until we reap it: no reuse race
-
-            def gone() -> None:
-                loop.remove_reader(pidfd)
-                os.close(pidfd)
-                if not exited.done():
-                    exited.set_result(self.proc.wait())  # exited already: does not block
-
-            loop.add_reader(pidfd, gone)
+            self._exited = self._watch_exit()
         return await asyncio.shield(self._exited)
+
+    def _watch_exit(self) -> asyncio.Future[int]:
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[int] = loop.create_future()
+        try:
+            pidfd = os.pidfd_open(self.pid)  # the pid is ours until we reap it: no reuse race
+        except ProcessLookupError:  # reaped behind our back: the group may be someone else's
+            exited.set_result(self.proc.wait())
+            return exited
+
+        def gone() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            if not exited.done():
+                exited.set_result(self.proc.wait())  # exited already: does not block
+
+        loop.add_reader(pidfd, gone)
+        return exited
 
     async def stop(self, grace: float = 5.0) -> int:
         """SIGTERM the tree, then SIGKILL what is left after ``grace`` seconds."""
@@ -297,15 +311,17 @@ async def run(
         await asyncio.shield(child.stop(grace=1.0))
         log.info("%s (pid %d) killed: the build was stopped", name, child.pid)
         raise
-    # A tool that exits may leave processes behind in its group; none may outlive it. Only the
-    # group is signalled: the reaped pid itself may already belong to someone else.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(child.pid, signal.SIGKILL)
     log.info("%s (pid %d) %s", name, child.pid, describe_exit(code))
     return code
 
 
 async def _pump(stream: asyncio.StreamReader, sink: LogSink) -> None:
+    async for line in output_lines(stream):
+        sink.line(line)
+
+
+async def output_lines(stream: asyncio.StreamReader) -> AsyncIterator[str]:
+    """A child's output, line by line, without the line ending, until EOF."""
     while True:
         try:
             raw = await stream.readline()
@@ -313,4 +329,4 @@ async def _pump(stream: asyncio.StreamReader, sink: LogSink) -> None:
             raw = await stream.read(_MAX_LINE)
         if not raw:
             return
-        sink.line(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        yield raw.decode("utf-8", "replace").rstrip("\r\n")

@@ -38,55 +38,14 @@ from agent.build.context import ROOT, Caller, hash_context
 from agent.build.keyed import Keyed, write_pinned
 from agent.build.secretfds import secret_fds
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink, Toolchain
-from agent.errors import AgentError, BadRequest, BuildFailed, NotFound, UpstreamError
+from agent.errors import AgentError, BuildFailed, NotFound, UpstreamError
 from agent.limits import Limits
 from agent.ports import CgroupPort, RegistryPort, RouteTarget
-from agent.proxy import reference
+from agent.reference import Reference
 
 log = logging.getLogger("agent.build")
 
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class Ref:
-    """An upstream reference split into repository and tag/digest (the proxy parses it again)."""
-
-    repo: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @classmethod
-    def parse(cls, text: str, *, what: str = "reference") -> Ref:
-        """Split ``text`` as written (no docker.io/library/ expansion, no default tag: routes and
-        records keep the caller's spelling); the grammar is the proxy's parser's, so the two never
-        disagree on what is a valid reference."""
-        ref = text.strip()
-        try:
-            reference.parse(ref)
-        except BadRequest as exc:
-            raise BadRequest(
-                f"{what} {text!r} is not an image reference ({exc.message}); "
-                "give e.g. registry.example.com/team/image:tag"
-            ) from None
-        name, at, digest = ref.partition("@")
-        tag: str | None = None
-        if name.rfind(":") > name.rfind("/"):
-            name, _, tag = name.rpartition(":")
-        return cls(name, tag, digest if at else None)
-
-    def __str__(self) -> str:
-        out = self.repo
-        if self.tag:
-            out += f":{self.tag}"
-        if self.digest:
-            out += f"@{self.digest}"
-        return out
-
-    @property
-    def registry(self) -> str:
-        first = self.repo.split("/", 1)[0]
-        return first if ("." in first or ":" in first or first == "localhost") else "docker.io"
 
 
 def workspace_tag(base_repo: str, base_digest: str) -> str:
@@ -100,9 +59,9 @@ def workspace_tag(base_repo: str, base_digest: str) -> str:
 class Plan:
     """A build's inputs after validation (what the manager hands the flow)."""
 
-    target_ref: Ref | None
+    target_ref: Reference | None
     target_repo: str | None
-    base_ref: Ref  # Dockerfile builds: base_repo:<key>; ref-only: the given base
+    base_ref: Reference  # Dockerfile builds: base_repo:<key>; ref-only: the given base
     dockerfile: str | None  # None for a ref-only build
     context_fd: int | None
     build_args: dict[str, str] = field(default_factory=dict)
@@ -202,10 +161,12 @@ class Flow:
         if plan.target_ref is not None:
             # ops refused a target pinned by digest before the build was queued.
             assert plan.target_ref.digest is None
-            target = plan.target_ref if plan.target_ref.tag else Ref(plan.target_ref.repo, "latest")
+            target = plan.target_ref
+            if not target.tag:
+                target = Reference(target.repo, "latest")
         else:
             assert plan.target_repo is not None
-            target = Ref(plan.target_repo, workspace_tag(base_repo, base_digest))
+            target = Reference(plan.target_repo, workspace_tag(base_repo, base_digest))
         out.target_ref = str(target)
         existing = None
         if not plan.force:
@@ -393,7 +354,7 @@ class Flow:
         self._say(f"context copied for the builder: {got.files} files, {got.bytes} bytes")
         return fd, path
 
-    async def _copy(self, base_repo: str, base_digest: str, target: Ref) -> str | None:
+    async def _copy(self, base_repo: str, base_digest: str, target: Reference) -> str | None:
         route = self._proxy.add_build_route(
             base=RouteTarget(base_repo),
             target=RouteTarget(target.repo, tag=target.tag, push=True),
@@ -450,4 +411,4 @@ def _explain(exc: AgentError, plan: Plan | None, registry: str, proxy_address: s
         exc.args = (exc.message,)
 
 
-__all__ = ["Flow", "Outcome", "Plan", "Ref", "workspace_tag"]
+__all__ = ["Flow", "Outcome", "Plan", "workspace_tag"]

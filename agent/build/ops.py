@@ -17,11 +17,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import reference
 from agent.build import ownership
 from agent.build import records as rec
 from agent.build.buildlog import follow_file, read_file
 from agent.build.context import Caller, ContextDigest, check_dockerfile_path, hash_context
-from agent.build.flow import Plan, Ref
+from agent.build.flow import Plan
 from agent.build.keyed import Keyed, key_build, make_lookup, node_secret
 from agent.build.manager import Build, BuildManager, error_of
 from agent.build.records import BuildRecord, new_id
@@ -57,7 +58,7 @@ def _manager(ctx: RequestContext) -> BuildManager:
 
 
 def _repo(text: str, what: str) -> str:
-    r = Ref.parse(text, what=what)
+    r = reference.parse(text, what=what)
     if r.tag or r.digest or "/" not in r.repo:
         raise BadRequest(
             f"{what} {text!r} must be a repository without tag or digest, "
@@ -96,7 +97,7 @@ class _Request:
 
     target_ref_text: str | None
     target_repo_text: str | None
-    target_ref: Ref | None
+    target_ref: reference.Reference | None
     target_repo: str | None
     base_text: str | None
     base_repo_text: str | None
@@ -147,7 +148,7 @@ def _parse(args: Args, default_timeout: float, *, with_context: bool) -> _Reques
             "give exactly one of target_ref (--target) and target_repo (--target-repo)",
             details={"field": "target_ref"},
         )
-    target_ref = Ref.parse(target_ref_text, what="target_ref") if target_ref_text else None
+    target_ref = reference.parse(target_ref_text, what="target_ref") if target_ref_text else None
     if target_ref is not None and target_ref.digest:
         raise BadRequest("target_ref must be tagged, not pinned by digest: a push needs a tag")
     target_repo = _repo(target_repo_text, "target_repo") if target_repo_text else None
@@ -276,7 +277,7 @@ async def _plan_dockerfile(
     return Plan(
         target_ref=req.target_ref,
         target_repo=req.target_repo,
-        base_ref=Ref(base_repo, keyed.key),
+        base_ref=reference.Reference(base_repo, keyed.key),
         dockerfile=digest.dockerfile,
         context_fd=context_fd,
         build_args=req.build_args,
@@ -319,7 +320,7 @@ def _plan_ref_only(req: _Request) -> Plan:
     return Plan(
         target_ref=req.target_ref,
         target_repo=req.target_repo,
-        base_ref=Ref.parse(req.base_text, what="base_ref"),
+        base_ref=reference.parse(req.base_text, what="base_ref"),
         dockerfile=None,
         context_fd=None,
         force=req.force,

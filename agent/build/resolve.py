@@ -32,11 +32,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from agent import reference
 from agent.app import App
 from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import AgentError, BadRequest, InternalError, NotFound
 from agent.ports import RegistryPort
-from agent.proxy import reference
 
 log = logging.getLogger("agent.build")
 
@@ -54,12 +54,7 @@ class Resolved:
     @property
     def pinned(self) -> str:
         """``<registry>/<repository>@<digest>``: the reference a build should use."""
-        name = self.ref.split("@", 1)[0]
-        slash = name.rfind("/")
-        colon = name.rfind(":")
-        if colon > slash:
-            name = name[:colon]
-        return f"{name}@{self.digest}"
+        return f"{reference.parse(self.ref).name}@{self.digest}"
 
 
 def normalise(ref: str) -> str:
@@ -69,7 +64,7 @@ def normalise(ref: str) -> str:
             f"{ref!r} is not an image reference; give one like registry.example.com/team/img:tag",
             details={"field": "ref"},
         )
-    return str(reference.parse(ref))
+    return reference.parse(ref).canonical
 
 
 class _Metrics:

@@ -216,171 +216,196 @@ def analyse(
 ) -> Analysis:
     """See the module docstring. Raises BadRequest only for a ``target`` stage the file does
     not have (when the file was read without problems)."""
-    args = dict(build_args or {})
-    esc = df.escape
-    unknown = list(df.problems)
+    reader = _Reader(df.escape, dict(build_args or {}), platform or node_platform())
+    reader.unknown.extend(df.problems)
     syntax = df.syntax
     if syntax is not None and not _DOCKERFILE_FRONTEND.match(syntax.strip()):
-        unknown.append(
+        reader.unknown.append(
             f"# syntax={syntax} names a frontend other than docker/dockerfile, which may read "
             "the Dockerfile differently"
         )
-    target_platform = platform or node_platform()
-    globals_: dict[str, str] = {
-        **_platform_args("TARGET", target_platform),
-        **_platform_args("BUILD", node_platform()),
-    }
-    declared_globals: dict[str, str] = {}
-    stages: list[Stage] = []
-    by_name: dict[str, int] = {}
-    cur: Stage | None = None
-    scope: dict[str, str] = {}
+    for inst in df.instructions:
+        reader.read(inst)
+    stages, unknown = reader.stages, reader.unknown
+    target_index = _target_index(stages, reader.by_name, target, unknown)
+    if not stages:
+        unknown.append("the Dockerfile has no FROM line")
+    order = _needed(stages, target_index)
+    images = [u for n in order for u in stages[n].uses]
+    return Analysis(stages, target_index, order, images, unknown, syntax)
 
-    def note(inst: Instruction, why: str) -> None:
-        unknown.append(f"line {inst.line}: {why}")
 
-    def stage_ref(text: str, *, numeric: bool) -> int | None:
+class _Reader:
+    """One walk over a Dockerfile's instructions: the ARG scopes, the stages with their
+    dependencies and images, and what the key cannot evaluate (``unknown``)."""
+
+    def __init__(self, escape: str, build_args: dict[str, str], target_platform: str) -> None:
+        self.esc = escape
+        self.args = build_args
+        self.unknown: list[str] = []
+        self.globals: dict[str, str] = {
+            **_platform_args("TARGET", target_platform),
+            **_platform_args("BUILD", node_platform()),
+        }
+        self.declared_globals: dict[str, str] = {}
+        self.stages: list[Stage] = []
+        self.by_name: dict[str, int] = {}
+        self.cur: Stage | None = None
+        self.scope: dict[str, str] = {}  # the ARGs declared in the current stage
+
+    def read(self, inst: Instruction) -> None:
+        if inst.keyword == "ARG":
+            for name, default in _arg_pairs(inst):
+                try:
+                    self._declare(name, default)
+                except Unknown as exc:
+                    self._note(inst, str(exc))
+        elif inst.keyword == "FROM":
+            self._from(inst)
+        elif self.cur is not None:  # before the first FROM only ARG is allowed; the builder says so
+            self._in_stage(inst, self.cur)
+
+    def _note(self, inst: Instruction, why: str) -> None:
+        self.unknown.append(f"line {inst.line}: {why}")
+
+    def _stage_ref(self, text: str, *, numeric: bool) -> int | None:
         key = text.lower()
-        if key in by_name:
-            return by_name[key]
-        if numeric and text.isdigit() and int(text) < len(stages) - 1:
+        if key in self.by_name:
+            return self.by_name[key]
+        if numeric and text.isdigit() and int(text) < len(self.stages) - 1:
             return int(text)
         return None
 
-    def source(
-        kind: str, raw: str, word: str, inst: Instruction, cur: Stage, env: dict[str, str]
-    ) -> None:
-        """An image a COPY --from or RUN --mount from= names: a stage of this file, scratch, or
-        an external image the key must resolve."""
-        try:
-            src = expand(raw, env, esc)
-        except Unknown as exc:
-            label = f"COPY --from={raw}" if kind == "copy" else f"RUN --mount from={raw}"
-            note(inst, f"{label}: {exc}")
-            return
-        dep = stage_ref(src, numeric=True)
-        if dep is not None:
-            cur.deps.add(dep)
-        elif src.lower() != "scratch":
-            cur.uses.append(ImageUse(kind, src, inst.line, cur.index, None, word, inst))
-
-    for inst in df.instructions:
-        kw = inst.keyword
-        if kw == "ARG":
-            for name, default in _arg_pairs(inst):
-                try:
-                    if cur is None:
-                        value = args.get(name)
-                        if value is None:
-                            value = (
-                                expand(default, globals_, esc, strict=False)
-                                if default is not None
-                                else ""
-                            )
-                        globals_[name] = value
-                        declared_globals[name] = value
-                    else:
-                        value = args.get(name)
-                        if value is None:
-                            if default is not None:
-                                value = expand(default, scope, esc, strict=False)
-                            else:
-                                value = declared_globals.get(name, globals_.get(name, ""))
-                        scope[name] = value
-                except Unknown as exc:
-                    note(inst, str(exc))
-            continue
-        if kw == "FROM":
-            words = list(inst.args)
-            alias: str | None = None
-            if len(words) >= 3 and words[-2].lower() == "as":
-                alias = words[-1].lower()
-                words = words[:-2]
-            cur = Stage(len(stages), alias, inst.line)
-            stages.append(cur)
-            scope = {}
-            if len(words) != 1:
-                note(inst, "FROM is not 'FROM [--platform=...] image [AS name]'")
-                if alias:
-                    by_name[alias] = cur.index
-                continue
-            try:
-                # In FROM lines an undeclared variable is empty (only ARGs reach them).
-                image = expand(words[0], globals_, esc, strict=False)
-                fplat = inst.flag("platform")
-                fplat = expand(fplat, globals_, esc, strict=False) if fplat else None
-            except Unknown as exc:
-                note(inst, str(exc))
-                if alias:
-                    by_name[alias] = cur.index
-                continue
-            base = stage_ref(image, numeric=False)
-            if base is not None and base < cur.index:
-                cur.deps.add(base)
-                cur.env = dict(stages[base].env)
-            elif image.lower() != "scratch":
-                cur.uses.append(
-                    ImageUse("from", image, inst.line, cur.index, fplat, words[0], inst)
+    def _declare(self, name: str, default: str | None) -> None:
+        value = self.args.get(name)
+        if self.cur is None:
+            if value is None:
+                value = (
+                    expand(default, self.globals, self.esc, strict=False)
+                    if default is not None
+                    else ""
                 )
-                cur.env = {}
-            if alias:
-                by_name[alias] = cur.index
-            continue
-        if cur is None:
-            continue  # before the first FROM only ARG is allowed; the builder says so
+            self.globals[name] = value
+            self.declared_globals[name] = value
+            return
+        if value is None:
+            if default is not None:
+                value = expand(default, self.scope, self.esc, strict=False)
+            else:
+                value = self.declared_globals.get(name, self.globals.get(name, ""))
+        self.scope[name] = value
+
+    def _from(self, inst: Instruction) -> None:
+        words = list(inst.args)
+        alias: str | None = None
+        if len(words) >= 3 and words[-2].lower() == "as":
+            alias = words[-1].lower()
+            words = words[:-2]
+        cur = Stage(len(self.stages), alias, inst.line)
+        self.stages.append(cur)
+        self.cur = cur
+        self.scope = {}
+        self._base(inst, words, cur)
+        if alias:  # after the base lookup: a stage is never its own base
+            self.by_name[alias] = cur.index
+
+    def _base(self, inst: Instruction, words: list[str], cur: Stage) -> None:
+        if len(words) != 1:
+            self._note(inst, "FROM is not 'FROM [--platform=...] image [AS name]'")
+            return
+        try:
+            # In FROM lines an undeclared variable is empty (only ARGs reach them).
+            image = expand(words[0], self.globals, self.esc, strict=False)
+            fplat = inst.flag("platform")
+            fplat = expand(fplat, self.globals, self.esc, strict=False) if fplat else None
+        except Unknown as exc:
+            self._note(inst, str(exc))
+            return
+        base = self._stage_ref(image, numeric=False)
+        if base is not None and base < cur.index:
+            cur.deps.add(base)
+            cur.env = dict(self.stages[base].env)
+        elif image.lower() != "scratch":
+            cur.uses.append(ImageUse("from", image, inst.line, cur.index, fplat, words[0], inst))
+            cur.env = {}
+
+    def _in_stage(self, inst: Instruction, cur: Stage) -> None:
+        kw = inst.keyword
         if kw == "ENV":
             for k, v in _env_pairs(inst):
                 try:
-                    cur.env[k] = expand(v, {**cur.env, **scope}, esc)
+                    cur.env[k] = expand(v, {**cur.env, **self.scope}, self.esc)
                 except Unknown:
                     cur.env.pop(k, None)  # depends on what the key cannot see: unknowable
-            continue
-        env = {**cur.env, **scope}
+            return
+        env = {**cur.env, **self.scope}
         if kw == "COPY":
             raw = inst.flag("from")
             if raw:
                 flag = next(f for f in reversed(inst.flags) if f.lower().startswith("--from="))
-                source("copy", raw, flag, inst, cur, env)
+                self._source("copy", raw, flag, inst, cur, env)
         elif kw == "RUN":
             for flag in inst.flags:
                 raw_from = _mount_from(flag) if flag.lower().startswith("--mount=") else None
                 if raw_from:
-                    source("mount", raw_from, flag, inst, cur, env)
+                    self._source("mount", raw_from, flag, inst, cur, env)
         elif kw == "ADD" and inst.flag("checksum") is None:
             sources = [w for w in inst.args[:-1] if not w.startswith("<<")]
             if any(_REMOTE.match(w.strip("\"'")) for w in sources):
-                note(
+                self._note(
                     inst,
                     "ADD of a URL or git repository without --checksum: the key does not "
                     "see that content",
                 )
 
-    target_index: int | None = None
-    if target:
-        target_index = by_name.get(target.lower())
-        if target_index is None:
-            if not unknown:
-                names = ", ".join(s.name for s in stages if s.name) or "none"
-                raise BadRequest(
-                    f"target stage {target!r} is not in the Dockerfile (named stages: {names})",
-                    details={"field": "target"},
-                )
-            unknown.append(f"target stage {target!r} was not found")
-    elif stages:
-        target_index = len(stages) - 1
-    if not stages:
-        unknown.append("the Dockerfile has no FROM line")
+    def _source(
+        self, kind: str, raw: str, word: str, inst: Instruction, cur: Stage, env: dict[str, str]
+    ) -> None:
+        """An image a COPY --from or RUN --mount from= names: a stage of this file, scratch, or
+        an external image the key must resolve."""
+        try:
+            src = expand(raw, env, self.esc)
+        except Unknown as exc:
+            label = f"COPY --from={raw}" if kind == "copy" else f"RUN --mount from={raw}"
+            self._note(inst, f"{label}: {exc}")
+            return
+        dep = self._stage_ref(src, numeric=True)
+        if dep is not None:
+            cur.deps.add(dep)
+        elif src.lower() != "scratch":
+            cur.uses.append(ImageUse(kind, src, inst.line, cur.index, None, word, inst))
+
+
+def _target_index(
+    stages: list[Stage], by_name: dict[str, int], target: str | None, unknown: list[str]
+) -> int | None:
+    """The target stage: the named one, else the last. A name the file lacks is a BadRequest
+    when the file was read without problems, else one more reason the key is unknown."""
+    if not target:
+        return len(stages) - 1 if stages else None
+    index = by_name.get(target.lower())
+    if index is None:
+        if not unknown:
+            names = ", ".join(s.name for s in stages if s.name) or "none"
+            raise BadRequest(
+                f"target stage {target!r} is not in the Dockerfile (named stages: {names})",
+                details={"field": "target"},
+            )
+        unknown.append(f"target stage {target!r} was not found")
+    return index
+
+
+def _needed(stages: list[Stage], target: int | None) -> list[int]:
+    """The stages ``target`` depends on (itself included), in file order."""
     needed: set[int] = set()
-    todo = [target_index] if target_index is not None else []
+    todo = [target] if target is not None else []
     while todo:
         n = todo.pop()
         if n in needed:
             continue
         needed.add(n)
         todo.extend(stages[n].deps)
-    order = sorted(needed)
-    images = [u for n in order for u in stages[n].uses]
-    return Analysis(stages, target_index, order, images, unknown, syntax)
+    return sorted(needed)
 
 
 __all__ = [

@@ -1,11 +1,11 @@
 """The authenticating registry proxy (DESIGN section 3, docs/proxy.md).
 
-Modules: ``reference`` (public: image reference parsing), ``_routes`` (route table and write
-rules), ``_credentials`` (config.json, helpers), ``_auth`` (challenges, token cache),
-``_transport`` (shared client session, TLS per registry), ``_upstream`` (auth + retries),
-``_uploads`` (upload id table), ``_access`` (who may use which route from which listener: the
-host token, static routes and build children), ``_forward`` (the streaming handler), ``_server``
-(listeners and the RegistryPort API), ``_metrics``.
+Modules: ``_routes`` (route table and write rules), ``_credentials`` (config.json, helpers),
+``_auth`` (challenges, token cache), ``_transport`` (shared client session, TLS per registry),
+``_upstream`` (auth + retries), ``_uploads`` (upload id table), ``_access`` (who may use which
+route from which listener: the host token, static routes and build children), ``_forward`` (the
+streaming handler), ``_server`` (listeners and the RegistryPort API), ``_metrics``. Image
+references are agent/reference.py, shared with agent/build.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from agent.app import App
 from agent.ports import SandboxPort
 from agent.proxy._server import MANIFEST_ACCEPT, Proxy
-from agent.proxy.reference import Reference, canonical_host, parse
 
 
 @asynccontextmanager
@@ -31,4 +30,4 @@ async def open_proxy(app: App, sandbox: SandboxPort) -> AsyncIterator[Proxy]:
         await proxy.close()
 
 
-__all__ = ["MANIFEST_ACCEPT", "Proxy", "Reference", "canonical_host", "open_proxy", "parse"]
+__all__ = ["MANIFEST_ACCEPT", "Proxy", "open_proxy"]

@@ -31,7 +31,7 @@ from pathlib import Path
 from agent.config import Config, RouteConfig
 from agent.errors import ConfigError, StartupError
 from agent.proxy._routes import Target
-from agent.proxy.reference import split_repository
+from agent.reference import split_repository
 
 log = logging.getLogger("agent.proxy")
 

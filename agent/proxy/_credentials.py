@@ -32,7 +32,7 @@ from typing import Any
 
 from agent.config import CredentialConfig
 from agent.errors import UpstreamUnauthorized
-from agent.proxy.reference import DOCKER_HUB, canonical_host
+from agent.reference import DOCKER_HUB, canonical_host
 
 log = logging.getLogger("agent.proxy")
 

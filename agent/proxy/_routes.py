@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from agent.config import ProxyConfig
 from agent.errors import ConfigError
 from agent.ports import BuildRoute, Mirror, ProxyLogin, RouteTarget
-from agent.proxy.reference import (
+from agent.reference import (
     DOCKER_HUB,
     canonical_host,
     is_digest,

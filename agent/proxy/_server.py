@@ -10,6 +10,7 @@ import time
 from aiohttp import web
 from multidict import CIMultiDict
 
+from agent import reference
 from agent.app import App
 from agent.errors import (
     AgentError,
@@ -19,7 +20,6 @@ from agent.errors import (
     UpstreamUnavailable,
 )
 from agent.ports import BuildRoute, Mirror, RouteTarget, SandboxPort
-from agent.proxy import reference
 from agent.proxy._access import HOST, SANDBOX, HostToken, StaticRules
 from agent.proxy._auth import Authenticator, scope
 from agent.proxy._credentials import CredentialStore
@@ -235,7 +235,11 @@ class Proxy:
             digest = resp.headers.get("Docker-Content-Digest")
         finally:
             resp.release()
-        log.debug("manifest of %s resolved in %.1f ms", r, (time.perf_counter() - started) * 1000)
+        log.debug(
+            "manifest of %s resolved in %.1f ms",
+            r.canonical,
+            (time.perf_counter() - started) * 1000,
+        )
         if digest:
             return digest
         if r.digest:

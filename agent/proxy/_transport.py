@@ -8,7 +8,7 @@ import ssl
 import aiohttp
 
 from agent.config import ProxyConfig
-from agent.proxy.reference import api_host, canonical_host
+from agent.reference import api_host, canonical_host
 
 # Large reads keep the per-chunk overhead of the Python loop small on multi-GiB blobs while
 # bounding what one connection holds (STYLE: memory must not grow with the blob).

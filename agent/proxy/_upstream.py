@@ -81,11 +81,6 @@ class Upstream:
         attempts = self._retries if (out.retryable and out.replayable) else 1
         attempt = 0
         refreshed = False
-        session = self._transport.session
-        ssl = self._transport.ssl_for(out.registry)
-        follow = out.method in ("GET", "HEAD")
-        # Sent as written: an upload's _state query must reach the registry intact.
-        url = URL(out.url, encoded=True)
         while True:
             attempt += 1
             try:
@@ -95,41 +90,12 @@ class Upstream:
                 # safe to try again even for a streamed body.
                 if attempt >= self._retries:
                     raise
-                self._metrics.retries.labels("connect").inc()
-                await asyncio.sleep(self._backoff(attempt, None))
+                await self._pause("connect", self._backoff(attempt, None))
                 continue
-            headers = out.headers.copy()
-            if auth is not None:
-                headers["Authorization"] = auth
-            started = time.perf_counter()
-            try:
-                resp = await session.request(
-                    out.method,
-                    url,
-                    headers=headers,
-                    data=out.body,
-                    ssl=ssl,
-                    allow_redirects=follow,
-                    max_redirects=5,
-                )
-            except _CONNECT_ERRORS as exc:
-                if attempt < attempts:
-                    self._metrics.retries.labels("connect").inc()
-                    await asyncio.sleep(self._backoff(attempt, None))
-                    continue
-                self._metrics.upstream_errors.labels("unreachable").inc()
-                raise UpstreamUnavailable(
-                    f"registry {out.registry} is unavailable after {attempt} attempt"
-                    f"{'s' if attempt > 1 else ''}: {_describe(exc)}",
-                    registry=out.registry,
-                ) from exc
-            except aiohttp.ClientError as exc:  # redirects, bad URLs, a body that broke off
-                self._metrics.upstream_errors.labels("failed").inc()
-                raise UpstreamUnavailable(
-                    f"request to registry {out.registry} failed: {_describe(exc)}",
-                    registry=out.registry,
-                ) from exc
-            self._metrics.upstream_answered(out.method, time.perf_counter() - started)
+            resp = await self._request(out, auth, attempt, attempts)
+            if resp is None:  # not reached, and attempts are left
+                await self._pause("connect", self._backoff(attempt, None))
+                continue
             status = resp.status
             if status == 401 and not refreshed and out.replayable:
                 # Key rotated, token revoked, or the challenge changed: one fresh try.
@@ -142,10 +108,9 @@ class Upstream:
             if status == 401:
                 self._auth.forget(out.registry, out.scopes)
             if status in RETRY_STATUSES and attempt < attempts:
-                self._metrics.retries.labels(str(status)).inc()
                 delay = self._backoff(attempt, resp.headers)
                 resp.release()
-                await asyncio.sleep(delay)
+                await self._pause(str(status), delay)
                 continue
             if status in _GATEWAY_STATUSES and attempts > 1:
                 # A gateway's bare 502/503/504 tells the client nothing: say which registry.
@@ -157,6 +122,48 @@ class Upstream:
                     registry=out.registry,
                 )
             return resp
+
+    async def _request(
+        self, out: Outgoing, auth: str | None, attempt: int, attempts: int
+    ) -> aiohttp.ClientResponse | None:
+        """One try: the response, None when the registry was not reached and ``attempts`` allow
+        another, or UpstreamUnavailable."""
+        headers = out.headers.copy()
+        if auth is not None:
+            headers["Authorization"] = auth
+        started = time.perf_counter()
+        try:
+            resp = await self._transport.session.request(
+                out.method,
+                # Sent as written: an upload's _state query must reach the registry intact.
+                URL(out.url, encoded=True),
+                headers=headers,
+                data=out.body,
+                ssl=self._transport.ssl_for(out.registry),
+                allow_redirects=out.method in ("GET", "HEAD"),
+                max_redirects=5,
+            )
+        except _CONNECT_ERRORS as exc:
+            if attempt < attempts:
+                return None
+            self._metrics.upstream_errors.labels("unreachable").inc()
+            raise UpstreamUnavailable(
+                f"registry {out.registry} is unavailable after {attempt} attempt"
+                f"{'s' if attempt > 1 else ''}: {_describe(exc)}",
+                registry=out.registry,
+            ) from exc
+        except aiohttp.ClientError as exc:  # redirects, bad URLs, a body that broke off
+            self._metrics.upstream_errors.labels("failed").inc()
+            raise UpstreamUnavailable(
+                f"request to registry {out.registry} failed: {_describe(exc)}",
+                registry=out.registry,
+            ) from exc
+        self._metrics.upstream_answered(out.method, time.perf_counter() - started)
+        return resp
+
+    async def _pause(self, reason: str, delay: float) -> None:
+        self._metrics.retries.labels(reason).inc()
+        await asyncio.sleep(delay)
 
     def _backoff(self, attempt: int, headers: Mapping[str, str] | None) -> float:
         if headers is not None:

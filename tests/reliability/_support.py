@@ -1,4 +1,5 @@
-"""What the reliability tests share: sizes, a daemon on the BuildKit stand-ins, one build driven
+"""What the reliability tests share: sizes, a daemon on the BuildKit stand-ins or on real buildah
+(``TOOLCHAINS``, ``toolchain_daemon``, for the cases where the builder matters), one build driven
 through the real client from any thread, the daemon's memory and fds, and the state-directory
 integrity check every fault test ends with."""
 
@@ -6,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ctl.client import Client, DaemonUnreachable, RequestFailed
 from tests.infra.builds import build_sections, log_of, status, wait_for
@@ -19,6 +23,16 @@ from tests.infra.registry import Registry
 from tests.standins import Standins, install
 
 FINAL = {"succeeded", "failed", "cancelled", "timed_out", "interrupted"}
+
+# Parametrise a test with this where the builder matters: the BuildKit stand-ins are fast, real
+# buildah (RUN steps in runc, its own push and retries) is what a buildah node runs.
+TOOLCHAINS = [
+    "buildkit",
+    pytest.param(
+        "buildah",
+        marks=pytest.mark.skipif(shutil.which("buildah") is None, reason="needs buildah"),
+    ),
+]
 
 
 def scale(small: int, full: int) -> int:
@@ -49,6 +63,24 @@ def standin_daemon(
     if start:
         d.start(timeout=30)
     return d, standins
+
+
+def toolchain_daemon(
+    tmp: Path,
+    registry: Registry,
+    toolchain: str,
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> DaemonProcess:
+    """A started daemon on ``toolchain``: "buildkit" (the stand-ins in ``tmp/bin``) or
+    "buildah" (the real one; ``tmp/bin`` is left to gates)."""
+    if toolchain == "buildkit":
+        return standin_daemon(tmp, registry, extra, env=env)[0]
+    sections = build_sections([registry], {"build": {"toolchain": "buildah"}})
+    for name, table in (extra or {}).items():
+        sections.setdefault(name, {}).update(table)
+    return DaemonProcess(tmp / "d", sections, env=dict(env or {})).start(timeout=30)
 
 
 @dataclass

@@ -4,8 +4,10 @@
 The registry faults are injected by a TCP relay written here (tests/reliability/_relay.py) in
 front of a real docker-registry; the target images go to the relay's address, the FROM image
 comes from the session registry. The toolchain is the BuildKit stand-ins, which really push and
-copy with skopeo through the daemon's proxy. Each test ends with: the documented state and a
-clear error, the next build succeeds, every record parses and every log reads.
+copy with skopeo through the daemon's proxy; where the builder's own push, retries and kill on
+timeout matter (the registry stopped mid-push, the slow registry) real buildah runs too. Each
+test ends with: the documented state and a clear error, the next build succeeds, every record
+parses and every log reads.
 """
 
 from __future__ import annotations
@@ -25,11 +27,18 @@ from pathlib import Path
 import pytest
 
 from agent.build.child import descendants
-from tests.infra.builds import metrics, write_context
+from tests.infra.builds import metrics, wait_for, write_context
 from tests.infra.daemon import DaemonProcess
 from tests.infra.registry import Registry, start_registry
 from tests.reliability._relay import Relay
-from tests.reliability._support import check_state_dir, cmdline, run_build, standin_daemon
+from tests.reliability._support import (
+    TOOLCHAINS,
+    check_state_dir,
+    cmdline,
+    run_build,
+    standin_daemon,
+    toolchain_daemon,
+)
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,16 @@ def _registries(*hosts: str) -> list[dict[str, object]]:
 
 
 @pytest.fixture
-def relay_daemon(short_tmp: Path, registry: Registry, relay: Relay) -> Iterator[DaemonProcess]:
-    """A stand-in daemon whose proxy knows the session registry and the relay in front of it."""
-    d, _ = standin_daemon(
-        short_tmp, registry, {"proxy": {"registries": _registries(registry.host, relay.host)}}
+def relay_daemon(
+    request: pytest.FixtureRequest, short_tmp: Path, registry: Registry, relay: Relay
+) -> Iterator[DaemonProcess]:
+    """A daemon whose proxy knows the session registry and the relay in front of it; on the
+    stand-ins unless parametrised (indirect) with another toolchain."""
+    d = toolchain_daemon(
+        short_tmp,
+        registry,
+        getattr(request, "param", "buildkit"),
+        {"proxy": {"registries": _registries(registry.host, relay.host)}},
     )
     try:
         yield d
@@ -70,15 +85,17 @@ def relay_daemon(short_tmp: Path, registry: Registry, relay: Relay) -> Iterator[
             d.cleanup()
 
 
+@pytest.mark.parametrize("toolchain", TOOLCHAINS)
 def test_registry_stopped_mid_push_then_restarted(
-    short_tmp: Path, registry: Registry, base_image: str
+    toolchain: str, short_tmp: Path, registry: Registry, base_image: str
 ) -> None:
     target = start_registry(short_tmp / "target-registry")
     relay = Relay(target.port).start()
     try:
-        d, _ = standin_daemon(
+        d = toolchain_daemon(
             short_tmp,
             registry,
+            toolchain,
             {
                 "build": {"base_repo": f"{relay.host}/base"},
                 "proxy": {"registries": _registries(registry.host, relay.host)},
@@ -131,6 +148,7 @@ def test_registry_answering_429_then_200(
     check_state_dir(Path(d.sections["daemon"]["state_dir"]))
 
 
+@pytest.mark.parametrize("relay_daemon", TOOLCHAINS, indirect=True)
 def test_slow_registry_succeeds_and_timeout_still_applies(
     short_tmp: Path, base_image: str, relay: Relay, relay_daemon: DaemonProcess
 ) -> None:
@@ -158,8 +176,11 @@ def test_slow_registry_succeeds_and_timeout_still_applies(
     assert again.state == "succeeded", again
     print(f"\nslow registry (20 ms a chunk): build {slow_s:.2f}s; with 1 s a chunk: timed out")
     check_state_dir(Path(d.sections["daemon"]["state_dir"]))
-    assert not descendants(d.pid) or all(
-        "buildkitd" in " ".join(cmdline(p)) for p in descendants(d.pid)
+    # Nothing but buildkitd stays; buildah's "rmi" of the pushed image runs after the answer.
+    wait_for(
+        lambda: all("buildkitd" in " ".join(cmdline(p)) for p in descendants(d.pid)),
+        15,
+        "only buildkitd left under the daemon",
     )
 
 

@@ -5,7 +5,7 @@ Every request ends in a final state or is refused ``busy`` (and then retried unt
 is lost; each build's record and log are complete; the daemon's fds return to their baseline and
 its RSS to near it. Sizes: 40 requests / 40 clients by default, 200 / 50 with
 RELIABILITY_SCALE=full. The toolchain is the BuildKit stand-ins (a fresh build costs a few
-hundred ms), so volume is cheap; tests/reliability/test_faults.py runs real buildah.
+hundred ms), so volume is cheap; tests/reliability/test_faults_children.py runs real buildah.
 """
 
 from __future__ import annotations

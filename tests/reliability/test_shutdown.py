@@ -3,12 +3,14 @@
 a final state too; the daemon exits 0 and leaves nothing behind: no process, no mount, no
 network namespace, no socket, no temp record.
 
-With the sandbox on (root), so the namespaces and mounts are real; the BuildKit stand-ins build.
+With the sandbox on (root), so the namespaces and mounts are real; the BuildKit stand-ins build,
+and real buildah too (its RUN step is a runc container the stop must take down).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -23,33 +25,45 @@ from tests.infra.registry import Registry
 from tests.infra.sandbox_env import left_behind, snapshot, unique_netns
 from tests.reliability._support import (
     FINAL,
+    TOOLCHAINS,
     check_state_dir,
     make_gate,
     pids_alive,
     run_build,
-    standin_daemon,
+    toolchain_daemon,
 )
 
 GRACE = 4.0
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root")
-def test_sigterm_during_builds(short_tmp: Path, registry: Registry, base_image: str) -> None:
+@pytest.mark.parametrize("toolchain", TOOLCHAINS)
+def test_sigterm_during_builds(
+    toolchain: str, short_tmp: Path, registry: Registry, base_image: str
+) -> None:
     netns = unique_netns()
     before = snapshot()
-    gate = make_gate(short_tmp / "gate", "crane", str(short_tmp / "bin" / "crane"))
-    d, _ = standin_daemon(
+    # The gate holds the copy step: crane with BuildKit, skopeo with buildah.
+    copier, real = (
+        ("crane", str(short_tmp / "bin" / "crane"))
+        if toolchain == "buildkit"
+        else ("skopeo", shutil.which("skopeo") or "skopeo")
+    )
+    gate = make_gate(short_tmp / "gate", copier, real)
+    d = toolchain_daemon(
         short_tmp,
         registry,
+        toolchain,
         {
             "daemon": {"shutdown_grace": GRACE},
             "build": {"max_concurrent_builds": 2, "max_queued": 4},
             "sandbox": {"mode": "on", "netns": netns},
         },
-        env={"AGENT_CRANE": str(gate.path)},
+        env={f"AGENT_{copier.upper()}": str(gate.path)},
     )
     try:
         marker = f"started-{uuid.uuid4().hex[:8]}"
+        repo = f"{registry.host}/sd-{uuid.uuid4().hex[:8]}"  # new: a pushed target skips the copy
         long_ctx = write_context(
             short_tmp / "long",
             {"Dockerfile": f"FROM {base_image}\nRUN echo {marker} && sleep 60\n"},
@@ -64,13 +78,9 @@ def test_sigterm_during_builds(short_tmp: Path, registry: Registry, base_image: 
         with ThreadPoolExecutor(4) as pool:
             # Slot 1: held at its copy by the gate (finishes once the gate opens, within the
             # grace). Slot 2: a RUN step that outlives the grace. Then two that wait in the queue.
-            held = pool.submit(
-                run_build, d.socket_path, quick[0], {"target_ref": f"{registry.host}/sd:held"}
-            )
+            held = pool.submit(run_build, d.socket_path, quick[0], {"target_ref": f"{repo}:held"})
             gate.wait_started()
-            long = pool.submit(
-                run_build, d.socket_path, long_ctx, {"target_ref": f"{registry.host}/sd:long"}
-            )
+            long = pool.submit(run_build, d.socket_path, long_ctx, {"target_ref": f"{repo}:long"})
 
             def running() -> list[str]:
                 with d.client() as c:
@@ -78,9 +88,7 @@ def test_sigterm_during_builds(short_tmp: Path, registry: Registry, base_image: 
 
             ids = wait_for(lambda: len(r := running()) == 2 and r, 30, "two running builds")
             queued = [
-                pool.submit(
-                    run_build, d.socket_path, ctx, {"target_ref": f"{registry.host}/sd:q{i}"}
-                )
+                pool.submit(run_build, d.socket_path, ctx, {"target_ref": f"{repo}:q{i}"})
                 for i, ctx in enumerate(quick[1:])
             ]
             with d.client() as c:

@@ -1,6 +1,8 @@
-"""Image references and registry hosts, parsed the way Docker does.
+"""Image references and registry hosts, parsed the way Docker does: the one reference type of
+the build side and the proxy (here, not in agent/proxy/, so that agent/build reaches the proxy
+only through agent/ports.py).
 
-``parse("busybox")`` is ``docker.io/library/busybox:latest``;
+``parse("busybox")`` reads as ``docker.io/library/busybox:latest`` and keeps its spelling;
 ``parse("localhost:5000/a/b@sha256:..")`` keeps the port; the first path component is a
 registry host only when it holds a ``.`` or a ``:``
 or is ``localhost`` (distribution/reference ``splitDockerDomain``). Grammar from the OCI
@@ -29,12 +31,34 @@ _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9
 
 @dataclass(frozen=True)
 class Reference:
-    """A parsed image reference. ``registry`` is canonical (see :func:`canonical_host`)."""
+    """An image reference as written, and Docker's reading of it.
 
-    registry: str
-    repository: str
+    ``repo``, ``tag`` and ``digest`` keep the caller's spelling (``tag`` is None when none was
+    written; no ``docker.io/library/``): routes, records and messages use them, and ``str()``
+    gives the text back. ``registry`` (canonical, see :func:`canonical_host`), ``repository``
+    (``library/`` added on Docker Hub), ``ref`` and ``canonical`` are what a registry is asked.
+    Built directly, ``repo`` must be a valid repository (as :func:`parse` checks).
+    """
+
+    repo: str
     tag: str | None = None
     digest: str | None = None
+
+    @functools.cached_property
+    def _split(self) -> tuple[str, str]:
+        return split_repository(self.repo)
+
+    @property
+    def registry(self) -> str:
+        return self._split[0]
+
+    @property
+    def repository(self) -> str:
+        return self._split[1]
+
+    @property
+    def name(self) -> str:
+        return f"{self.registry}/{self.repository}"
 
     @property
     def ref(self) -> str:
@@ -42,16 +66,23 @@ class Reference:
         return self.digest or self.tag or "latest"
 
     @property
-    def name(self) -> str:
-        return f"{self.registry}/{self.repository}"
+    def canonical(self) -> str:
+        """One spelling per image: ``busybox`` and ``index.docker.io/library/busybox:latest``
+        are both ``docker.io/library/busybox:latest``."""
+        tag = self.tag or ("" if self.digest else "latest")
+        return _join(self.name, tag, self.digest)
 
     def __str__(self) -> str:
-        out = self.name
-        if self.tag:
-            out += f":{self.tag}"
-        if self.digest:
-            out += f"@{self.digest}"
-        return out
+        return _join(self.repo, self.tag, self.digest)
+
+
+def _join(name: str, tag: str | None, digest: str | None) -> str:
+    out = name
+    if tag:
+        out += f":{tag}"
+    if digest:
+        out += f"@{digest}"
+    return out
 
 
 @functools.lru_cache(maxsize=1024)
@@ -117,8 +148,21 @@ def split_repository(name: str) -> tuple[str, str]:
     return host, path
 
 
-def parse(ref: str) -> Reference:
-    """Parse ``[host[:port]/]path[:tag][@digest]``; raise :class:`BadRequest` naming the problem."""
+def parse(ref: str, *, what: str | None = None) -> Reference:
+    """Parse ``[host[:port]/]path[:tag][@digest]``; raise :class:`BadRequest` naming the problem
+    (and, with ``what``, which field held it)."""
+    try:
+        return _parse(ref)
+    except BadRequest as exc:
+        if what is None:
+            raise
+        raise BadRequest(
+            f"{what} {ref!r} is not an image reference ({exc.message}); "
+            "give e.g. registry.example.com/team/image:tag"
+        ) from None
+
+
+def _parse(ref: str) -> Reference:
     text = ref.strip()
     if not text:
         raise BadRequest("empty image reference; give e.g. registry.example.com/team/image:tag")
@@ -132,10 +176,8 @@ def parse(ref: str) -> Reference:
         name, tag = name[:colon], name[colon + 1 :]
         if not is_tag(tag):
             raise BadRequest(f"{ref!r} has an invalid tag {tag!r}")
-    host, path = split_repository(name)
-    if tag is None and not at:
-        tag = "latest"
-    return Reference(registry=host, repository=path, tag=tag, digest=digest if at else None)
+    split_repository(name)  # raises on a bad host or path
+    return Reference(name, tag, digest if at else None)
 
 
 __all__ = [

@@ -206,9 +206,9 @@ class Daemon:
         cfg = app.config
         stack = self._stack
         prepare_dirs(cfg)
-        metrics = DaemonMetrics(app)
+        metrics = DaemonMetrics(app.registry, app.version)
         self.notifier.notify("STATUS=starting metrics")
-        await stack.enter_async_context(open_metrics(app))
+        await stack.enter_async_context(open_metrics(cfg.daemon.metrics_address, app.registry))
         self.notifier.notify("STATUS=starting sandbox")
         app.sandbox = await stack.enter_async_context(_sandbox.open_sandbox(app))
         if cfg.sandbox.mode == "off":

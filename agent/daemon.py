@@ -214,7 +214,9 @@ class Daemon:
         if cfg.sandbox.mode == "off":
             _log.warning("sandbox is OFF: build steps run on the host network (development only)")
         self.notifier.notify("STATUS=starting proxy")
-        app.proxy = await stack.enter_async_context(_proxy.open_proxy(app, app.sandbox))
+        app.proxy = await stack.enter_async_context(
+            _proxy.open_proxy(cfg, app.registry, app.sandbox)
+        )
         stack.push_async_callback(self._close_connections)
         # Before the builds: the build manager resolves ref-only builds through app.resolver.
         app.resolver = await stack.enter_async_context(open_resolver(app))

@@ -26,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from prometheus_client import CollectorRegistry  # noqa: E402
+
 from agent.app import App  # noqa: E402
 from agent.build._supervisor import Policy, State  # noqa: E402
 from agent.build.buildkit import BuildkitBinaries, BuildkitToolchain  # noqa: E402
@@ -50,8 +52,7 @@ async def resolve_figures(tmp: Path) -> None:
                 registries=[RegistryConfig(host=reg.host, http=True)],
             )
         )
-        app = App(config=cfg)
-        async with open_proxy(app, NoSandbox()) as proxy:
+        async with open_proxy(cfg, CollectorRegistry(), NoSandbox()) as proxy:
             cold: list[float] = []
             warm: list[float] = []
             for _ in range(50):

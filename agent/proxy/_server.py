@@ -9,8 +9,9 @@ import time
 
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
 
-from agent.app import App
+from agent.config import Config
 from agent.errors import (
     AgentError,
     ConfigError,
@@ -48,16 +49,15 @@ _MAX_MANIFEST = 4 << 20
 class Proxy:
     """The running registry proxy; satisfies :class:`agent.ports.RegistryPort`."""
 
-    def __init__(self, app: App, sandbox: SandboxPort) -> None:
-        cfg = app.config.proxy
-        self._app = app
+    def __init__(self, config: Config, registry: CollectorRegistry, sandbox: SandboxPort) -> None:
+        cfg = config.proxy
         self._sandbox = sandbox
         self._port = cfg.port
         self._host_address = cfg.host_address
-        self.metrics = ProxyMetrics(app.registry)
+        self.metrics = ProxyMetrics(registry)
         self.transport = Transport(cfg)
         self.credentials = CredentialStore(
-            app.config.build.docker_config, cfg.credentials, helper_timeout=cfg.helper_timeout
+            config.build.docker_config, cfg.credentials, helper_timeout=cfg.helper_timeout
         )
         self.auth = Authenticator(
             self.credentials, self.transport, self.metrics, token_ttl=cfg.token_ttl
@@ -71,7 +71,7 @@ class Proxy:
         )
         self.router = Router(cfg)
         self.rules = StaticRules(cfg.routes)
-        self.host_token = HostToken(app.config)
+        self.host_token = HostToken(config)
         self.uploads = Uploads()
         self._runners: list[web.ServerRunner] = []
         self._child_address = ""

@@ -108,7 +108,7 @@ async def make_proxy(short_tmp: Path) -> AsyncIterator[ProxyFactory]:
             ),
         )
         app = App(config=cfg)
-        proxy = await stack.enter_async_context(open_proxy(app, NoSandbox()))
+        proxy = await stack.enter_async_context(open_proxy(cfg, app.registry, NoSandbox()))
         return Harness(proxy, app)
 
     try:

@@ -28,7 +28,6 @@ sys.path.insert(0, str(REPO))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from agent.app import App  # noqa: E402
 from agent.build._supervisor import Policy, State  # noqa: E402
 from agent.build.buildkit import BuildkitBinaries, BuildkitToolchain  # noqa: E402
 from agent.build.resolve import Resolver  # noqa: E402
@@ -82,7 +81,9 @@ async def supervisor_figures(tmp: Path) -> None:
     bins = BuildkitBinaries(s.path("buildkitd"), s.path("buildctl"), s.path("crane"))
     daemon = DaemonConfig(state_dir=str(tmp / "state"), runtime_dir=str(tmp / "run"))
     tc = BuildkitToolchain(
-        App(config=Config(daemon=daemon)),
+        state_dir=daemon.state_dir,
+        runtime_dir=daemon.runtime_dir,
+        registry=CollectorRegistry(),
         sandbox=NoSandbox(),
         proxy=None,
         binaries=bins,

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.app import App
 from agent.build.buildah import BuildahToolchain
 from agent.build.buildkit import BuildkitBinaries, BuildkitToolchain
 from agent.build.buildlog import SecretScrub
@@ -28,7 +27,7 @@ from ctl.commands.builds import _BUILD_FLAGS, UsageError, read_secrets, request_
 from tests.infra.builds import read_from_image, write_context
 from tests.infra.registry import Registry
 from tests.standins import Standins, install
-from tests.test_buildkit_toolchain import FAST, DirectPort, Sink, _config
+from tests.test_buildkit_toolchain import FAST, DirectPort, Sink, _dirs
 
 
 def _memfds() -> list[str]:
@@ -203,7 +202,8 @@ async def test_buildkit_passes_fds_and_buildctl_reads_the_values(
         standins.path("buildkitd"), standins.path("buildctl"), standins.path("crane")
     )
     tc = BuildkitToolchain(
-        App(config=_config(short_tmp), registry=CollectorRegistry()),
+        **_dirs(short_tmp),
+        registry=CollectorRegistry(),
         sandbox=NoSandbox(),
         proxy=DirectPort(registry.host),
         binaries=bins,

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.app import App
-from agent.errors import StartupError
 from agent.limits import Limits, parse_bytes
 from agent.ports import NoSandbox, RegistryPort
 from agent.sandbox import (
@@ -37,27 +36,14 @@ from agent.sandbox import (
 
 log = logging.getLogger("agent.build")
 
-_BUILDKIT_BINARIES = (
-    ("buildkitd", "AGENT_BUILDKITD"),
-    ("buildctl", "AGENT_BUILDCTL"),
-    ("crane", "AGENT_CRANE"),
-)
 _RETENTION_EVERY = 3600.0
 
 
 def buildkit_available() -> bool:
     """True when buildkitd, buildctl and crane are all found (PATH or AGENT_BUILDKITD etc.)."""
-    try:
-        from agent.build.buildkit import buildkit_binaries
-    except ImportError:
-        pass
-    else:
-        return buildkit_binaries() is not None
-    for name, env in _BUILDKIT_BINARIES:
-        path = os.environ.get(env) or shutil.which(name)
-        if not path or not os.access(path, os.X_OK):
-            return False
-    return True
+    from agent.build.buildkit import buildkit_binaries
+
+    return buildkit_binaries() is not None
 
 
 def choose_toolchain(setting: str) -> str:
@@ -76,14 +62,19 @@ def _make_toolchain(
     sandbox = app.sandbox or NoSandbox()
     cfg = app.config
     if name == "buildkit":
-        try:
-            from agent.build import buildkit
-        except ImportError as exc:
-            raise StartupError(
-                'build.toolchain = "buildkit" is not available in this version; '
-                'set build.toolchain = "buildah"'
-            ) from exc
-        return buildkit.create(app, proxy, steps_cgroup)
+        from agent.build.buildkit import BuildkitToolchain
+
+        return BuildkitToolchain(
+            state_dir=cfg.daemon.state_dir,
+            runtime_dir=cfg.daemon.runtime_dir,
+            registry=app.registry,
+            sandbox=sandbox,
+            proxy=proxy,
+            log_tail_lines=cfg.build.log_tail_lines,
+            cache_repo=cfg.build.cache_repo if app.proxy is not None else None,
+            steps_cgroup=steps_cgroup,
+            storage_max=parse_bytes(cfg.build.storage_max),
+        )
     from agent.build.buildah import BuildahToolchain
 
     return BuildahToolchain(

@@ -67,12 +67,12 @@ def serve_proxy(config_path: str) -> None:
     from prometheus_client import CollectorRegistry
 
     from agent import config as config_mod
-    from agent.ports import NoSandbox
     from agent.proxy import open_proxy
+    from agent.sandbox import OffSandbox
 
     async def main() -> None:
         config = config_mod.load(config_path, environ={})
-        async with open_proxy(config, CollectorRegistry(), NoSandbox()) as proxy:
+        async with open_proxy(config, CollectorRegistry(), OffSandbox()) as proxy:
             print(proxy.host_address, flush=True)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, sys.stdin.read)

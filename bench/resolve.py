@@ -32,8 +32,8 @@ from agent.build._supervisor import Policy, State  # noqa: E402
 from agent.build.buildkit import BuildkitBinaries, BuildkitToolchain  # noqa: E402
 from agent.build.resolve import Resolver  # noqa: E402
 from agent.config import Config, DaemonConfig, ProxyConfig, RegistryConfig  # noqa: E402
-from agent.ports import NoSandbox  # noqa: E402
 from agent.proxy import open_proxy  # noqa: E402
+from agent.sandbox import OffSandbox  # noqa: E402
 from tests.infra.images import make_busybox_image  # noqa: E402
 from tests.infra.registry import free_port, start_registry  # noqa: E402
 from tests.standins import install  # noqa: E402
@@ -51,7 +51,7 @@ async def resolve_figures(tmp: Path) -> None:
                 registries=[RegistryConfig(host=reg.host, http=True)],
             )
         )
-        async with open_proxy(cfg, CollectorRegistry(), NoSandbox()) as proxy:
+        async with open_proxy(cfg, CollectorRegistry(), OffSandbox()) as proxy:
             cold: list[float] = []
             warm: list[float] = []
             for _ in range(50):
@@ -84,7 +84,7 @@ async def supervisor_figures(tmp: Path) -> None:
         state_dir=daemon.state_dir,
         runtime_dir=daemon.runtime_dir,
         registry=CollectorRegistry(),
-        sandbox=NoSandbox(),
+        sandbox=OffSandbox(),
         proxy=None,
         binaries=bins,
         policy=Policy(),

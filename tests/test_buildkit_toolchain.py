@@ -39,7 +39,8 @@ from agent.errors import (
     StartupError,
     UpstreamUnauthorized,
 )
-from agent.ports import Mirror, NoSandbox
+from agent.ports import Mirror
+from agent.sandbox import OffSandbox
 from tests.infra.registry import Registry, start_registry
 from tests.standins import FIXTURES_DIR, VERSIONS, Standins, install
 
@@ -120,7 +121,7 @@ async def toolchain_factory(short_tmp: Path, registry: Registry) -> AsyncIterato
         tc = BuildkitToolchain(
             **_dirs(short_tmp),
             registry=metrics,
-            sandbox=NoSandbox(),
+            sandbox=OffSandbox(),
             proxy=port or DirectPort(registry.host),
             binaries=bins,
             policy=policy,
@@ -653,7 +654,7 @@ def test_build_argv_with_registry_cache(short_tmp: Path, standins: Standins) -> 
     tc = BuildkitToolchain(
         **_dirs(short_tmp),
         registry=CollectorRegistry(),
-        sandbox=NoSandbox(),
+        sandbox=OffSandbox(),
         proxy=DirectPort("localhost:8080"),
         binaries=bins,
         cleanup=lambda pidfile, root: None,

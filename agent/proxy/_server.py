@@ -6,6 +6,7 @@ import hashlib
 import logging
 import socket
 import time
+from typing import Literal
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -44,6 +45,8 @@ MANIFEST_ACCEPT = ", ".join(
     )
 )
 _MAX_MANIFEST = 4 << 20
+
+ProxyState = Literal["stopped", "starting", "running"]
 
 
 class Proxy:
@@ -89,7 +92,7 @@ class Proxy:
                 self.host_token.generation,
             ),
         )
-        self._state = "stopped"
+        self._state: ProxyState = "stopped"
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -159,7 +162,7 @@ class Proxy:
         self._state = "stopped"
 
     @property
-    def state(self) -> str:
+    def state(self) -> ProxyState:
         return self._state
 
     # --- RegistryPort -------------------------------------------------------------------------

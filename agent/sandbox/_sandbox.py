@@ -26,7 +26,7 @@ SandboxState = Literal["starting", "on", "removed"]
 
 
 class Sandbox:
-    """The sandbox while it is on: :class:`agent.ports.SandboxPort` plus ``state`` for ``info``."""
+    """The sandbox while on: :class:`agent.ports.SandboxPort` plus ``state`` for ``info``."""
 
     mode: Literal["on"] = "on"
 
@@ -130,8 +130,8 @@ class Sandbox:
 
 
 class OffSandbox:
-    """``sandbox.mode = "off"`` (:class:`agent.ports.SandboxPort`): children run on the host; the
-    proxy listens on the host's loopback. Reported as "off" by ``info``."""
+    """``sandbox.mode = "off"`` (:class:`agent.ports.SandboxPort`): children run on the
+    host; the proxy listens on the host's loopback. Reported as "off" by ``info``."""
 
     mode: Literal["off"] = "off"
 

@@ -9,7 +9,8 @@ Shutdown (SIGTERM/SIGINT, DESIGN section 7): ``STOPPING=1``, ``app.draining``; s
 unlink the socket; builds finish within ``daemon.shutdown_grace`` (``open_builds`` owns that wait);
 requests still running get a short moment, then are cancelled and connections closed; proxy,
 sandbox and metrics stop. A second signal cancels whatever wait is in progress, so the rest of the
-stack closes at once (the sandbox is still removed). SIGHUP calls ``reload()`` on components.
+stack closes at once (the sandbox is still removed). SIGHUP: the proxy re-reads its credentials
+and host token.
 
 Signal handlers only set state (an event, a counter, a task cancel); all work happens in tasks.
 """
@@ -219,21 +220,27 @@ class Daemon:
         cfg = app.config
         stack = self._stack
         prepare_dirs(cfg)
-        metrics = DaemonMetrics(app)
+        metrics = DaemonMetrics(app.registry, app.version)
         self.notifier.notify("STATUS=starting metrics")
-        await stack.enter_async_context(open_metrics(app))
+        await stack.enter_async_context(open_metrics(cfg.daemon.metrics_address, app.registry))
         self.notifier.notify("STATUS=starting sandbox")
-        app.sandbox = await stack.enter_async_context(_sandbox.open_sandbox(app))
+        sandbox = app.sandbox = await stack.enter_async_context(_sandbox.open_sandbox(app))
         if cfg.sandbox.mode == "off":
             _log.warning("sandbox is OFF: build steps run on the host network (development only)")
         self.notifier.notify("STATUS=starting proxy")
-        app.proxy = await stack.enter_async_context(_proxy.open_proxy(app, app.sandbox))
+        proxy = app.proxy = await stack.enter_async_context(
+            _proxy.open_proxy(cfg, app.registry, sandbox)
+        )
         stack.push_async_callback(self._close_connections)
-        # Before the builds: the build manager resolves ref-only builds through app.resolver.
-        app.resolver = await stack.enter_async_context(open_resolver(app))
+        # A build request resolves its Dockerfile's FROM images through it (build/keyed.py).
+        app.resolver = await stack.enter_async_context(
+            open_resolver(cfg.build, app.registry, proxy)
+        )
         self.notifier.notify("STATUS=starting builds")
-        app.builds = await stack.enter_async_context(_build.open_builds(app))
-        metrics.set_info(str(getattr(app.toolchain, "name", None) or "none"))
+        builds = app.builds = await stack.enter_async_context(
+            _build.open_builds(cfg, app.registry, sandbox=sandbox, proxy=proxy)
+        )
+        metrics.set_info(builds.toolchain.name)
 
         listener = _activated_socket(self.sd)
         path: str | None = None

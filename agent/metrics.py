@@ -1,7 +1,8 @@
 """Prometheus metrics: the daemon's own series and the HTTP endpoint that serves them.
 
-Everything is registered on ``app.registry`` (never the global default registry). The endpoint is
-a tiny aiohttp app on ``daemon.metrics_address`` (``""`` turns it off) serving ``/metrics``.
+Everything is registered on the daemon's own registry (``app.registry``, never the global default
+registry). The endpoint is a tiny aiohttp app on ``daemon.metrics_address`` (``""`` turns it off)
+serving ``/metrics``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 
-from agent.app import App
 from agent.errors import StartupError
 
 _log = logging.getLogger("agent.daemon")
@@ -26,9 +34,9 @@ class DaemonMetrics:
     """The daemon's own series: its info metric and the control server's. Label children are
     cached because the request path is measured."""
 
-    def __init__(self, app: App) -> None:
-        reg = app.registry
-        self._app = app
+    def __init__(self, registry: CollectorRegistry, version: str) -> None:
+        reg = registry
+        self._version = version
         self.info = Info("build_agent", "Version and toolchain of this daemon", registry=reg)
         self.set_info("none")
         self.requests = Counter(
@@ -75,19 +83,21 @@ class DaemonMetrics:
 
     def set_info(self, toolchain: str) -> None:
         """``build_agent_info{version,toolchain} 1``; set again once the toolchain is known."""
-        self.info.info({"version": self._app.version, "toolchain": toolchain})
+        self.info.info({"version": self._version, "toolchain": toolchain})
+
+
+_REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
 async def _metrics_handler(request: web.Request) -> web.Response:
-    app: App = request.app["agent"]
-    body = generate_latest(app.registry)
+    body = generate_latest(request.app[_REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @asynccontextmanager
-async def open_metrics(app: App) -> AsyncIterator[str | None]:
-    """Serve /metrics for the daemon's lifetime; yields the bound ``host:port`` (None when off)."""
-    address = app.config.daemon.metrics_address
+async def open_metrics(address: str, registry: CollectorRegistry) -> AsyncIterator[str | None]:
+    """Serve ``registry`` at /metrics on ``address`` (``daemon.metrics_address``) for the daemon's
+    lifetime; yields the bound ``host:port`` (None when off)."""
     if not address:
         _log.info("metrics endpoint off (daemon.metrics_address is empty)")
         yield None
@@ -95,7 +105,7 @@ async def open_metrics(app: App) -> AsyncIterator[str | None]:
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     web_app = web.Application()
-    web_app["agent"] = app
+    web_app[_REGISTRY] = registry
     web_app.router.add_get("/metrics", _metrics_handler)
     runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
     await runner.setup()

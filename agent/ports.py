@@ -132,25 +132,3 @@ class SandboxPort(Protocol):
         (on the host's loopback when the sandbox is off)."""
         ...
 
-
-class NoSandbox:
-    """The sandbox's off mode: children run on the host; the proxy listens on host loopback."""
-
-    mode = "off"
-
-    def wrap(
-        self, argv: list[str], *, pid_namespace: bool = False, visible: Sequence[str] = ()
-    ) -> list[str]:
-        return list(argv)
-
-    def listen(self, port: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-            sock.listen(1024)
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return sock

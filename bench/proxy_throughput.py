@@ -64,15 +64,15 @@ def parse_size(text: str) -> int:
 def serve_proxy(config_path: str) -> None:
     """Child mode: run open_proxy under uvloop, print the host address, stop when stdin closes."""
     import uvloop
+    from prometheus_client import CollectorRegistry
 
     from agent import config as config_mod
-    from agent.app import App
-    from agent.ports import NoSandbox
     from agent.proxy import open_proxy
+    from agent.sandbox import OffSandbox
 
     async def main() -> None:
-        app = App(config=config_mod.load(config_path, environ={}))
-        async with open_proxy(app, NoSandbox()) as proxy:
+        config = config_mod.load(config_path, environ={})
+        async with open_proxy(config, CollectorRegistry(), OffSandbox()) as proxy:
             print(proxy.host_address, flush=True)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, sys.stdin.read)

@@ -26,13 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.app import App  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+
 from agent.build._supervisor import Policy, State  # noqa: E402
 from agent.build.buildkit import BuildkitBinaries, BuildkitToolchain  # noqa: E402
 from agent.build.resolve import Resolver  # noqa: E402
 from agent.config import Config, DaemonConfig, ProxyConfig, RegistryConfig  # noqa: E402
-from agent.ports import NoSandbox  # noqa: E402
 from agent.proxy import open_proxy  # noqa: E402
+from agent.sandbox import OffSandbox  # noqa: E402
 from tests.infra.images import make_busybox_image  # noqa: E402
 from tests.infra.registry import free_port, start_registry  # noqa: E402
 from tests.standins import install  # noqa: E402
@@ -50,8 +51,7 @@ async def resolve_figures(tmp: Path) -> None:
                 registries=[RegistryConfig(host=reg.host, http=True)],
             )
         )
-        app = App(config=cfg)
-        async with open_proxy(app, NoSandbox()) as proxy:
+        async with open_proxy(cfg, CollectorRegistry(), OffSandbox()) as proxy:
             cold: list[float] = []
             warm: list[float] = []
             for _ in range(50):
@@ -81,8 +81,10 @@ async def supervisor_figures(tmp: Path) -> None:
     bins = BuildkitBinaries(s.path("buildkitd"), s.path("buildctl"), s.path("crane"))
     daemon = DaemonConfig(state_dir=str(tmp / "state"), runtime_dir=str(tmp / "run"))
     tc = BuildkitToolchain(
-        App(config=Config(daemon=daemon)),
-        sandbox=NoSandbox(),
+        state_dir=daemon.state_dir,
+        runtime_dir=daemon.runtime_dir,
+        registry=CollectorRegistry(),
+        sandbox=OffSandbox(),
         proxy=None,
         binaries=bins,
         policy=Policy(),

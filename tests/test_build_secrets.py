@@ -16,20 +16,19 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.app import App
 from agent.build.buildah import BuildahToolchain
 from agent.build.buildkit import BuildkitBinaries, BuildkitToolchain
 from agent.build.buildlog import SecretScrub
 from agent.build.context import hash_context
 from agent.build.secretfds import sealed_memfd, secret_fds, secret_flags
 from agent.build.toolchain import BuildSpec
-from agent.ports import NoSandbox
+from agent.sandbox import OffSandbox
 from ctl.commands._buildrequest import _BUILD_FLAGS, UsageError, read_secrets, request_args
 from ctl.protocol import MAX_SECRET_BYTES
 from tests.infra.builds import read_from_image, write_context
 from tests.infra.registry import Registry
 from tests.standins import Standins, install
-from tests.test_buildkit_toolchain import FAST, DirectPort, Sink, _config
+from tests.test_buildkit_toolchain import FAST, DirectPort, Sink, _dirs
 
 
 def _memfds() -> list[str]:
@@ -204,8 +203,9 @@ async def test_buildkit_passes_fds_and_buildctl_reads_the_values(
         standins.path("buildkitd"), standins.path("buildctl"), standins.path("crane")
     )
     tc = BuildkitToolchain(
-        App(config=_config(short_tmp), registry=CollectorRegistry()),
-        sandbox=NoSandbox(),
+        **_dirs(short_tmp),
+        registry=CollectorRegistry(),
+        sandbox=OffSandbox(),
         proxy=DirectPort(registry.host),
         binaries=bins,
         policy=FAST,
@@ -254,7 +254,7 @@ async def test_buildah_bud_gets_fds_and_the_run_step_reads_the_value(
     wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {record}\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
     tc = BuildahToolchain(
-        state_dir=short_tmp / "state", sandbox=NoSandbox(), buildah=str(wrapper),
+        state_dir=short_tmp / "state", sandbox=OffSandbox(), buildah=str(wrapper),
         insecure_hosts=[registry.host],
     )  # fmt: skip
     await tc.start()
@@ -294,7 +294,7 @@ async def test_secret_copies_a_killed_buildah_left_are_removed_at_start(short_tm
     (ctr / "secrets" / "tok").write_text("left-behind-value")
     (ctr / "config.json").write_text("{}")  # buildah's own files there are kept
     # vfs: this store's driver (another driver's leftovers are dropped whole at start).
-    tc = BuildahToolchain(state_dir=short_tmp, sandbox=NoSandbox(), driver="vfs")
+    tc = BuildahToolchain(state_dir=short_tmp, sandbox=OffSandbox(), driver="vfs")
     await tc.start()
     try:
         assert not (ctr / "secrets").exists()

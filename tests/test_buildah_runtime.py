@@ -11,7 +11,7 @@ import pytest
 
 from agent.build.buildah import BuildahToolchain, _diagnose
 from agent.errors import StartupError
-from agent.ports import NoSandbox
+from agent.sandbox import OffSandbox
 
 pytestmark = pytest.mark.skipif(shutil.which("buildah") is None, reason="needs buildah")
 
@@ -45,7 +45,7 @@ def test_a_failing_step_is_still_its_exit_status() -> None:
 
 async def test_a_missing_runtime_is_a_startup_error_naming_the_package(tmp_path: Path) -> None:
     tc = BuildahToolchain(
-        state_dir=tmp_path, sandbox=NoSandbox(), runtime=str(tmp_path / "no-such-runc")
+        state_dir=tmp_path, sandbox=OffSandbox(), runtime=str(tmp_path / "no-such-runc")
     )
     with pytest.raises(StartupError, match="runc package"):
         await tc.start()

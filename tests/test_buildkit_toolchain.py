@@ -15,6 +15,7 @@ import signal
 import time
 import tomllib
 import urllib.request
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.app import App
 from agent.build._supervisor import Policy, State
 from agent.build.buildkit import (
     BuildkitBinaries,
@@ -32,7 +32,6 @@ from agent.build.buildkit import (
     render_config,
 )
 from agent.build.toolchain import BuildSpec
-from agent.config import Config, DaemonConfig
 from agent.errors import (
     BuildFailed,
     InternalError,
@@ -40,7 +39,8 @@ from agent.errors import (
     StartupError,
     UpstreamUnauthorized,
 )
-from agent.ports import Mirror, NoSandbox
+from agent.ports import Mirror
+from agent.sandbox import OffSandbox
 from tests.infra.registry import Registry, start_registry
 from tests.standins import FIXTURES_DIR, VERSIONS, Standins, install
 
@@ -84,11 +84,8 @@ class Sink:
             self.event.set()
 
 
-def _config(tmp: Path) -> Config:
-    daemon = dataclasses.replace(
-        DaemonConfig(), state_dir=str(tmp / "state"), runtime_dir=str(tmp / "run")
-    )
-    return Config(daemon=daemon)
+def _dirs(tmp: Path) -> dict[str, str]:
+    return {"state_dir": str(tmp / "state"), "runtime_dir": str(tmp / "run")}
 
 
 @pytest.fixture
@@ -120,16 +117,18 @@ async def toolchain_factory(short_tmp: Path, registry: Registry) -> AsyncIterato
     def make(
         bins: BuildkitBinaries, *, policy: Policy = FAST, port: Any = None, cleanup: Any = None
     ) -> BuildkitToolchain:
-        app = App(config=_config(short_tmp), registry=CollectorRegistry())
+        metrics = CollectorRegistry()
         tc = BuildkitToolchain(
-            app,
-            sandbox=NoSandbox(),
+            **_dirs(short_tmp),
+            registry=metrics,
+            sandbox=OffSandbox(),
             proxy=port or DirectPort(registry.host),
             binaries=bins,
             policy=policy,
             cleanup=cleanup or (lambda pidfile, root: None),
         )
         made.append(tc)
+        _registries[tc] = metrics
         return tc
 
     yield make
@@ -137,8 +136,14 @@ async def toolchain_factory(short_tmp: Path, registry: Registry) -> AsyncIterato
         await tc.close()
 
 
+# The metrics registry each toolchain_factory toolchain was made with.
+_registries: weakref.WeakKeyDictionary[BuildkitToolchain, CollectorRegistry] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _metric(tc: BuildkitToolchain, name: str, **labels: str) -> float | None:
-    return tc.app.registry.get_sample_value(name, labels)
+    return _registries[tc].get_sample_value(name, labels)
 
 
 @pytest.fixture
@@ -648,8 +653,9 @@ def test_build_argv_with_registry_cache(short_tmp: Path, standins: Standins) -> 
         standins.path("buildkitd"), standins.path("buildctl"), standins.path("crane")
     )
     tc = BuildkitToolchain(
-        App(config=_config(short_tmp), registry=CollectorRegistry()),
-        sandbox=NoSandbox(),
+        **_dirs(short_tmp),
+        registry=CollectorRegistry(),
+        sandbox=OffSandbox(),
         proxy=DirectPort("localhost:8080"),
         binaries=bins,
         cleanup=lambda pidfile, root: None,

@@ -1,7 +1,7 @@
 """The host listener's token, and the static-route rules of the children's listener
 (agent/proxy/_access.py), in-process against real registries: ``children = true`` routes are
 read-only, unless ``builds`` names the repositories whose builds may write, and then only with
-such a build's own login. (With NoSandbox the children's listener is ``child_address`` on the
+such a build's own login. (With OffSandbox the children's listener is ``child_address`` on the
 host's loopback.)"""
 
 from __future__ import annotations

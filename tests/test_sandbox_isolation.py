@@ -264,7 +264,7 @@ async def test_leftovers_of_a_crashed_daemon_are_replaced_once(short_tmp: Path) 
             assert links.count(f" {host_if}@") == 1 and f"{host_if}p" not in links
             tables = sh("nft", "list", "tables")
             assert tables.count(_egress.table_name(name)) == 1
-            assert app.components["sandbox"].state == "on"
+            assert sb.state == "on"
     finally:
         os.close(old_fd)
         if orphan.poll() is None:
@@ -323,7 +323,7 @@ async def test_off_mode_is_loud(short_tmp: Path, caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.WARNING, logger="agent.sandbox"):
         async with open_sandbox(app) as sb:
             assert sb.mode == "off"
-            assert app.components["sandbox"].state == "off"
+            assert sb.state == "off"
             assert sb.wrap(["true"]) == ["true"]
     assert any('sandbox.mode = "off"' in r.getMessage() for r in caplog.records)
 

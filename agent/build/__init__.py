@@ -20,12 +20,13 @@ import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.app import App
-from agent.errors import StartupError
+from prometheus_client import CollectorRegistry
+
+from agent.config import Config
 from agent.limits import Limits, parse_bytes
-from agent.ports import NoSandbox, RegistryPort
+from agent.ports import RegistryPort, SandboxPort
 from agent.sandbox import (
     BuildCgroup,
     Support,
@@ -35,29 +36,20 @@ from agent.sandbox import (
     sweep_cgroups,
 )
 
+if TYPE_CHECKING:
+    from agent.build.manager import BuildManager
+    from agent.build.toolchain import Toolchain
+
 log = logging.getLogger("agent.build")
 
-_BUILDKIT_BINARIES = (
-    ("buildkitd", "AGENT_BUILDKITD"),
-    ("buildctl", "AGENT_BUILDCTL"),
-    ("crane", "AGENT_CRANE"),
-)
 _RETENTION_EVERY = 3600.0
 
 
 def buildkit_available() -> bool:
     """True when buildkitd, buildctl and crane are all found (PATH or AGENT_BUILDKITD etc.)."""
-    try:
-        from agent.build.buildkit import buildkit_binaries
-    except ImportError:
-        pass
-    else:
-        return buildkit_binaries() is not None
-    for name, env in _BUILDKIT_BINARIES:
-        path = os.environ.get(env) or shutil.which(name)
-        if not path or not os.access(path, os.X_OK):
-            return False
-    return True
+    from agent.build.buildkit import buildkit_binaries
+
+    return buildkit_binaries() is not None
 
 
 def choose_toolchain(setting: str) -> str:
@@ -67,89 +59,80 @@ def choose_toolchain(setting: str) -> str:
 
 
 def _make_toolchain(
-    app: App,
+    config: Config,
+    registry: CollectorRegistry,
     name: str,
+    sandbox: SandboxPort,
     proxy: RegistryPort,
-    insecure: list[str],
     steps_cgroup: BuildCgroup | None = None,
-) -> Any:
-    sandbox = app.sandbox or NoSandbox()
-    cfg = app.config
+) -> Toolchain:
     if name == "buildkit":
-        try:
-            from agent.build import buildkit
-        except ImportError as exc:
-            raise StartupError(
-                'build.toolchain = "buildkit" is not available in this version; '
-                'set build.toolchain = "buildah"'
-            ) from exc
-        return buildkit.create(app, proxy, steps_cgroup)
+        from agent.build.buildkit import BuildkitToolchain
+
+        return BuildkitToolchain(
+            state_dir=config.daemon.state_dir,
+            runtime_dir=config.daemon.runtime_dir,
+            registry=registry,
+            sandbox=sandbox,
+            proxy=proxy,
+            log_tail_lines=config.build.log_tail_lines,
+            cache_repo=config.build.cache_repo,
+            steps_cgroup=steps_cgroup,
+            storage_max=parse_bytes(config.build.storage_max),
+        )
     from agent.build.buildah import BuildahToolchain
 
     return BuildahToolchain(
-        state_dir=cfg.daemon.state_dir,
+        state_dir=config.daemon.state_dir,
         sandbox=sandbox,
-        log_tail_lines=cfg.build.log_tail_lines,
-        insecure_hosts=insecure,
-        storage_max=parse_bytes(cfg.build.storage_max),
-        driver=cfg.build.buildah_driver,
+        log_tail_lines=config.build.log_tail_lines,
+        storage_max=parse_bytes(config.build.storage_max),
+        driver=config.build.buildah_driver,
     )
 
 
 @asynccontextmanager
-async def open_builds(app: App) -> AsyncIterator[Any]:
-    """Start the toolchain and the build manager; on exit, drain within the grace period."""
-    from agent.build._direct import DirectRegistry
+async def open_builds(
+    config: Config, registry: CollectorRegistry, *, sandbox: SandboxPort, proxy: RegistryPort
+) -> AsyncIterator[BuildManager]:
+    """Start the toolchain and the build manager (``manager.toolchain``); on exit, drain within
+    the grace period."""
     from agent.build._metrics import BuildMetrics
     from agent.build.manager import BuildManager
     from agent.build.records import RecordStore
 
-    cfg = app.config
-    direct: DirectRegistry | None = None
-    proxy: RegistryPort
-    insecure: list[str] = []
-    if app.proxy is not None:
-        proxy = app.proxy
-    else:
-        direct = DirectRegistry(cfg)
-        proxy = direct
-        insecure = direct.http_hosts
-        log.warning(
-            "no registry proxy: build children talk to registries directly, without "
-            "credentials (only plain-HTTP proxy.registries work); development only"
-        )
-    store = RecordStore(cfg.daemon.state_dir)
+    store = RecordStore(config.daemon.state_dir)
     # Context copies of builds a stopped daemon was running (flow.Flow._stage makes them). The
     # directory itself stays: the sandbox hides it from children that start from now on.
-    contexts = Path(cfg.daemon.state_dir) / "contexts"
+    contexts = Path(config.daemon.state_dir) / "contexts"
     for leftover in contexts.iterdir() if contexts.is_dir() else ():
         shutil.rmtree(leftover, ignore_errors=True)
     interrupted = store.load()
     if interrupted:
         log.warning("marked %d builds interrupted: %s", len(interrupted), ", ".join(interrupted))
-    retention = cfg.build.retention_days * 86400.0
-    store.prune(max_age=retention, max_count=cfg.build.retention_count)
-    name = choose_toolchain(cfg.build.toolchain)
-    limits = Limits.from_config(cfg.build.memory_max, cfg.build.pids_max, cfg.build.cpu_max)
-    cgroups = await _cgroups(cgroup_instance(cfg.daemon.state_dir))
-    steps = await _steps_cgroup(cgroups, limits, cfg.build.max_concurrent_builds, name)
-    toolchain = _make_toolchain(app, name, proxy, insecure, steps)
+    retention = config.build.retention_days * 86400.0
+    store.prune(max_age=retention, max_count=config.build.retention_count)
+    name = choose_toolchain(config.build.toolchain)
+    b = config.build
+    limits = Limits.from_config(b.memory_max, b.pids_max, b.cpu_max)
+    cgroups = await _cgroups(cgroup_instance(config.daemon.state_dir))
+    steps = await _steps_cgroup(cgroups, limits, config.build.max_concurrent_builds, name)
+    toolchain = _make_toolchain(config, registry, name, sandbox, proxy, steps)
     try:
         await toolchain.start()
     except BaseException:
         if steps is not None:
             steps.remove()
         raise
-    app.toolchain = toolchain
-    log.info("toolchain %s (build.toolchain = %s)", name, cfg.build.toolchain)
+    log.info("toolchain %s (build.toolchain = %s)", name, config.build.toolchain)
     manager = BuildManager(
         store=store,
         toolchain=toolchain,
         proxy=proxy,
-        metrics=BuildMetrics(app.registry),
-        max_concurrent=cfg.build.max_concurrent_builds,
-        max_queued=cfg.build.max_queued,
-        log_tail_lines=cfg.build.log_tail_lines,
+        metrics=BuildMetrics(registry),
+        max_concurrent=config.build.max_concurrent_builds,
+        max_queued=config.build.max_queued,
+        log_tail_lines=config.build.log_tail_lines,
         scrub=proxy.scrub,
         limits=limits,
         cgroups=cgroups,
@@ -158,24 +141,22 @@ async def open_builds(app: App) -> AsyncIterator[Any]:
     async def prune_forever() -> None:
         while True:
             await asyncio.sleep(_RETENTION_EVERY)
-            store.prune(max_age=retention, max_count=cfg.build.retention_count)
+            store.prune(max_age=retention, max_count=config.build.retention_count)
 
     pruner = asyncio.get_running_loop().create_task(prune_forever(), name="build retention")
     try:
         yield manager
     finally:
         pruner.cancel()
-        await manager.drain(cfg.daemon.shutdown_grace)
+        await manager.drain(config.daemon.shutdown_grace)
         await toolchain.close()
         if steps is not None:  # after buildkitd: whatever of its steps is left dies with it
             steps.remove()  # blocking, bounded; inline like the release below
         # A few rmdirs, done inline: no await point in the stop path (a second signal cancels
         # the wait in progress, and the daemon must then exit at once).
         release_cgroups(cgroups)
-        if direct is not None:
-            await direct.close()
         with contextlib.suppress(Exception):
-            store.prune(max_age=retention, max_count=cfg.build.retention_count)
+            store.prune(max_age=retention, max_count=config.build.retention_count)
 
 
 __all__ = ["buildkit_available", "choose_toolchain", "open_builds"]

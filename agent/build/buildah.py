@@ -240,7 +240,7 @@ class BuildahToolchain:
     """buildah + skopeo. ``state`` is "ready" once the binaries were found."""
 
     name = "buildah"
-    cache_repo = None  # buildah has no registry cache to share
+    cache_repo: str | None = None  # buildah has no registry cache to share
     steps_in_build_cgroup = True  # its runc containers go under the build's run leaf
 
     def __init__(

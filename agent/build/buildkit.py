@@ -5,9 +5,9 @@ For the wiring code (``agent/build/__init__.py``):
 - :func:`buildkit_binaries` returns the three programs (``AGENT_BUILDKITD``, ``AGENT_BUILDCTL``,
   ``AGENT_CRANE``, else ``PATH``) or None when one is missing: ``toolchain = "auto"`` picks BuildKit
   exactly when it is not None.
-- ``create(app, proxy)`` builds one with the daemon's sandbox (``app.sandbox``), or
-  ``BuildkitToolchain(app, sandbox=..., proxy=..., binaries=..., policy=...)`` with everything
-  explicit; ``await tc.start()`` writes
+- ``BuildkitToolchain(state_dir=..., runtime_dir=..., registry=..., sandbox=..., proxy=...)``
+  (``binaries`` defaults to :func:`buildkit_binaries`, StartupError when one is missing; ``cleanup``
+  to the sandbox's ``cleanup_buildkitd``); ``await tc.start()`` writes
   ``buildkitd.toml``, cleans up after a buildkitd a crashed daemon left behind, starts buildkitd and
   returns once ``buildctl debug workers`` answers (StartupError when it cannot: the daemon must not
   report READY without its builder). ``await tc.close()`` stops it.
@@ -55,7 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.app import App
+from prometheus_client import CollectorRegistry
+
 from agent.build import child as children
 from agent.build._buildkit_progress import Transcript, build_error, copied_digest, copy_error
 from agent.build._supervisor import Policy, State, Supervisor
@@ -65,8 +66,8 @@ from agent.build.secretfds import secret_flags
 from agent.build.storage import StorageReport
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.errors import AgentError, BuildFailed, InternalError, StartupError
-from agent.limits import parse_bytes
 from agent.ports import CgroupPort, Mirror, ProxyLogin, RegistryPort, SandboxPort
+from agent.sandbox import cleanup_buildkitd
 
 if TYPE_CHECKING:
     from agent.sandbox import BuildCgroup
@@ -193,17 +194,6 @@ class _Collect:
 Cleanup = Callable[[Path, Path], None]
 
 
-def _default_cleanup() -> Cleanup | None:
-    """The sandbox's orphan cleanup (kills what a crashed daemon's buildkitd left, unmounts under
-    its root), when the sandbox provides one."""
-    try:
-        from agent import sandbox
-    except ImportError:  # pragma: no cover - the package always exists
-        return None
-    fn = getattr(sandbox, "cleanup_buildkitd", None)
-    return fn if callable(fn) else None
-
-
 class BuildkitToolchain:
     """The ``buildkit`` toolchain (:class:`agent.build.toolchain.Toolchain`)."""
 
@@ -214,15 +204,19 @@ class BuildkitToolchain:
 
     def __init__(
         self,
-        app: App,
         *,
+        state_dir: str | Path,
+        runtime_dir: str | Path,
+        registry: CollectorRegistry,
         sandbox: SandboxPort,
         proxy: RegistryPort | None,
+        log_tail_lines: int = 20,
         binaries: BuildkitBinaries | None = None,
         policy: Policy | None = None,
         cleanup: Cleanup | None = None,
         cache_repo: str | None = None,
         steps_cgroup: BuildCgroup | None = None,
+        storage_max: int = 0,
     ) -> None:
         bins = binaries or buildkit_binaries()
         if bins is None:
@@ -231,16 +225,15 @@ class BuildkitToolchain:
                 "PATH or name them with AGENT_BUILDKITD, AGENT_BUILDCTL and AGENT_CRANE"
             )
         self.bins = bins
-        self.app = app
         self.sandbox = sandbox
         self.proxy = proxy
         self.cache_repo = cache_repo or None
         # One cgroup for the RUN steps of every BuildKit build on the node, limited to the
         # per-build limits times build.max_concurrent_builds (agent/build/__init__.py).
         self.steps_cgroup = steps_cgroup
-        self.tail_lines = app.config.build.log_tail_lines
-        self.run_dir = Path(app.config.daemon.runtime_dir) / "buildkit"
-        self.root = Path(app.config.daemon.state_dir) / "buildkit"
+        self.tail_lines = log_tail_lines
+        self.run_dir = Path(runtime_dir) / "buildkit"
+        self.root = Path(state_dir) / "buildkit"
         self.socket = self.run_dir / "buildkitd.sock"
         self.config_path = self.run_dir / "buildkitd.toml"
         self.pidfile = self.run_dir / "buildkitd.pid"
@@ -248,17 +241,15 @@ class BuildkitToolchain:
         # Each build's and copy's temp dir (its login, buildctl's metadata file): a per-build
         # staging root of the sandbox, so only that child sees it (agent/sandbox/_wrap.py).
         # A real path: the sandbox names a child's visible directories by their real paths.
-        self.tmp_root = Path(os.path.realpath(Path(app.config.daemon.state_dir) / "buildkit-tmp"))
+        self.tmp_root = Path(os.path.realpath(Path(state_dir) / "buildkit-tmp"))
         self.addr = f"unix://{self.socket}"
-        self.store = BuildkitStore(
-            self.root, max_bytes=parse_bytes(app.config.build.storage_max), prune=self._prune
-        )
-        self._cleanup = cleanup if cleanup is not None else _default_cleanup()
+        self.store = BuildkitStore(self.root, max_bytes=storage_max, prune=self._prune)
+        self._cleanup: Cleanup = cleanup if cleanup is not None else cleanup_buildkitd
         self.supervisor = Supervisor(
             "buildkitd",
             launch=self._launch,
             probe=self._probe,
-            registry=app.registry,
+            registry=registry,
             policy=policy,
             after_exit=self._after_exit,
             scrub=self._scrub,  # buildkitd's own log names the proxy routes it pushes to
@@ -558,28 +549,10 @@ class BuildkitToolchain:
         return copied_digest(lines)
 
 
-def create(
-    app: App, proxy: RegistryPort | None, steps_cgroup: BuildCgroup | None = None
-) -> BuildkitToolchain:
-    """The toolchain as the daemon runs it: ``app.sandbox`` (or no sandbox when it is off), the
-    binaries of :func:`buildkit_binaries` (StartupError when one is missing), the registry cache
-    of ``build.cache_repo`` (on each build's own route: flow.py)."""
-    from agent.ports import NoSandbox
-
-    return BuildkitToolchain(
-        app,
-        sandbox=app.sandbox or NoSandbox(),
-        proxy=proxy,
-        cache_repo=app.config.build.cache_repo if proxy is not None else None,
-        steps_cgroup=steps_cgroup,
-    )
-
-
 __all__ = [
     "BuildkitBinaries",
     "BuildkitToolchain",
     "buildkit_binaries",
-    "create",
     "parse_workers",
     "render_config",
 ]

@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from agent.build import records as rec
 from agent.build._metrics import BuildMetrics
@@ -158,7 +158,7 @@ class BuildManager:
         self._by_key: dict[str, Build] = {}
         self._queue: deque[Build] = deque()
         self._running: set[str] = set()
-        self.state = "running"
+        self.state: Literal["running", "draining", "stopped"] = "running"
         metrics.watch_storage(lambda: self.toolchain.storage)
 
     # --- queries --------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ share an entry). Concurrent lookups of one reference share a single upstream req
 ``build.prefetch_refs`` are resolved again every ``build.prefetch_interval`` seconds in the
 background, so lookups of them are answered from the cache.
 
-The build manager uses :meth:`Resolver.resolve` for ref-only builds (``base_ref`` without a
-Dockerfile), and the content key every external image of a Dockerfile (agent/build/keyed.py,
-with ``max_age`` = ``build.from_max_age``). The daemon enters :func:`open_resolver` once,
-which sets ``app.resolver``.
+A build request resolves every external image of its Dockerfile through it for the content key
+(agent/build/keyed.py, ``make_lookup``, with ``max_age`` = ``build.from_max_age``); ref-only builds
+ask the proxy directly (agent/build/flow.py). The daemon enters :func:`open_resolver` once and
+keeps the resolver as ``app.resolver``.
 
 Errors: a malformed reference is ``bad_request``; a reference that does not exist is
 ``not_found``; a registry that refuses or fails passes its own code (``upstream_unauthorized``,
@@ -33,7 +33,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from agent import reference
-from agent.app import App
+from agent.config import BuildConfig
 from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import AgentError, BadRequest, InternalError, NotFound
 from agent.ports import RegistryPort
@@ -213,33 +213,23 @@ class Resolver:
 
 
 @asynccontextmanager
-async def open_resolver(app: App, proxy: RegistryPort | None = None) -> AsyncIterator[Any]:
-    """Create ``app.resolver`` (once) for the daemon's lifetime, prefetching in the background.
-    Yields None when there is no registry to ask (no proxy)."""
-    if app.resolver is not None:
-        yield app.resolver
-        return
-    port = proxy or app.proxy
-    if port is None:
-        log.warning("resolve is unavailable: no registry proxy is running")
-        yield None
-        return
-    cfg = app.config.build
+async def open_resolver(
+    config: BuildConfig, registry: CollectorRegistry, proxy: RegistryPort
+) -> AsyncIterator[Resolver]:
+    """A :class:`Resolver` asking ``proxy`` (``build.resolve_ttl``, ``build.prefetch_refs``,
+    ``build.prefetch_interval``) for the daemon's lifetime, prefetching in the background."""
     resolver = Resolver(
-        port,
-        ttl=cfg.resolve_ttl,
-        prefetch_refs=cfg.prefetch_refs,
-        prefetch_interval=cfg.prefetch_interval,
-        registry=app.registry,
+        proxy,
+        ttl=config.resolve_ttl,
+        prefetch_refs=config.prefetch_refs,
+        prefetch_interval=config.prefetch_interval,
+        registry=registry,
     )
-    app.resolver = resolver
     resolver.start()
     try:
         yield resolver
     finally:
         await resolver.close()
-        if app.resolver is resolver:
-            app.resolver = None
 
 
 async def resolve_op(ctx: RequestContext, args: Args) -> dict[str, Any]:

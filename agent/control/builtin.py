@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from functools import partial
@@ -25,24 +24,16 @@ async def ping(ctx: RequestContext, args: Args) -> dict[str, Any]:
     return {"pong": True, "version": ctx.app.version}
 
 
-def _state_of(obj: Any, default: str) -> str:
-    state = getattr(obj, "state", None)
-    if state is None:
-        return default
-    return str(getattr(state, "value", state))
-
-
 def component_states(app: App) -> dict[str, str]:
-    states = {"control": "running"}
-    states["sandbox"] = "off" if app.sandbox is None else _state_of(app.sandbox, app.sandbox.mode)
-    states["proxy"] = _state_of(app.proxy, "running") if app.proxy is not None else "absent"
-    states["builds"] = _state_of(app.builds, "running") if app.builds is not None else "absent"
-    states["toolchain"] = (
-        _state_of(app.toolchain, "running") if app.toolchain is not None else "absent"
-    )
-    for name, comp in app.components.items():
-        states[name] = _state_of(comp, "unknown")
-    return states
+    """``info``'s ``components``: each started component's own ``state``."""
+    toolchain = app.toolchain
+    return {
+        "control": "running",
+        "sandbox": app.sandbox.state if app.sandbox is not None else "off",
+        "proxy": app.proxy.state if app.proxy is not None else "absent",
+        "builds": app.builds.state if app.builds is not None else "absent",
+        "toolchain": toolchain.state if toolchain is not None else "absent",
+    }
 
 
 def warnings(app: App) -> list[str]:
@@ -57,7 +48,7 @@ def warnings(app: App) -> list[str]:
                 "sandbox is OFF: the proxy's build listener is on the host's loopback, where "
                 "any local user can pull through its mirrors and children = true routes"
             )
-    cgroups = getattr(app.builds, "cgroups", None)
+    cgroups = app.builds.cgroups if app.builds is not None else None
     if cgroups is not None and cgroups.version == 0:
         out.append(
             f"per-build limits are NOT applied ({cgroups.reason}): a build may use all of the "
@@ -72,7 +63,7 @@ def _limits(app: App) -> dict[str, Any]:
     """The node's per-build ceilings (build.memory_max, pids_max, cpu_max) and whether cgroups
     apply them."""
     b = app.config.build
-    cgroups = getattr(app.builds, "cgroups", None)
+    cgroups = app.builds.cgroups if app.builds is not None else None
     return {
         "memory_max": b.memory_max,
         "pids_max": b.pids_max,
@@ -84,8 +75,11 @@ def _limits(app: App) -> dict[str, Any]:
 def _proxy_access(app: App) -> dict[str, Any]:
     """Who may use the proxy from where (docs/proxy.md "Access"): the host listener's address
     and authorization, and what build children may do with each static route."""
-    listener = getattr(app.proxy, "host_listener", None)
-    host = listener() if callable(listener) else {"address": "off", "auth": "none (no proxy)"}
+    host: dict[str, str] = (
+        app.proxy.host_listener()
+        if app.proxy is not None
+        else {"address": "off", "auth": "none (no proxy)"}
+    )
     routes = [
         {"name": r.name, "access": r.access, "children": _children_may(r)}
         for r in app.config.proxy.routes
@@ -117,7 +111,7 @@ async def info(ops: Registry, ctx: RequestContext, args: Args) -> dict[str, Any]
         "components": component_states(app),
         "config": {
             "source": c.source,
-            "toolchain": getattr(app.toolchain, "name", c.build.toolchain),
+            "toolchain": app.toolchain.name if app.toolchain is not None else c.build.toolchain,
             "max_concurrent_builds": c.build.max_concurrent_builds,
             "max_queued": c.build.max_queued,
             "sandbox": c.sandbox.mode,
@@ -145,23 +139,19 @@ async def drain(ctx: RequestContext, args: Args) -> dict[str, Any]:
 
 
 async def reload_components(app: App) -> dict[str, str]:
-    """Call ``reload()`` (sync or async) on every component that has one (SIGHUP and ``reload``)."""
+    """Reload what can be reloaded (SIGHUP and ``reload``): the proxy re-reads its credentials
+    and the host token."""
     done: dict[str, str] = {}
-    for name, comp in (("proxy", app.proxy), ("builds", app.builds), ("sandbox", app.sandbox)):
-        fn = getattr(comp, "reload", None)
-        if fn is None:
-            continue
+    if app.proxy is not None:
         try:
-            outcome = fn()
-            if inspect.isawaitable(outcome):
-                await outcome
+            app.proxy.reload()
         except Exception as exc:
-            _log.exception("reloading %s failed", name)
+            _log.exception("reloading proxy failed")
             # Only our own errors have messages known to be free of credentials.
             why = exc.message if isinstance(exc, AgentError) else type(exc).__name__
-            done[name] = f"failed: {why}"
+            done["proxy"] = f"failed: {why}"
         else:
-            done[name] = "reloaded"
+            done["proxy"] = "reloaded"
     _log.info("reload: %s", ", ".join(f"{k} {v}" for k, v in done.items()) or "nothing to reload")
     return done
 

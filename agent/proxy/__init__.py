@@ -13,18 +13,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from agent.app import App
+from prometheus_client import CollectorRegistry
+
+from agent.config import Config
 from agent.ports import SandboxPort
 from agent.proxy._server import MANIFEST_ACCEPT, Proxy
 
 
 @asynccontextmanager
-async def open_proxy(app: App, sandbox: SandboxPort) -> AsyncIterator[Proxy]:
+async def open_proxy(
+    config: Config, registry: CollectorRegistry, sandbox: SandboxPort
+) -> AsyncIterator[Proxy]:
     """Start the proxy's listeners (in the sandbox and on the host) for the daemon's lifetime."""
-    proxy = Proxy(app, sandbox)
+    proxy = Proxy(config, registry, sandbox)
     try:
         await proxy.start()
-        app.components.setdefault("proxy", proxy)
         yield proxy
     finally:
         await proxy.close()

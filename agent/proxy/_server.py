@@ -6,12 +6,14 @@ import hashlib
 import logging
 import socket
 import time
+from typing import Literal
 
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
 
 from agent import reference
-from agent.app import App
+from agent.config import Config
 from agent.errors import (
     AgentError,
     ConfigError,
@@ -44,20 +46,21 @@ MANIFEST_ACCEPT = ", ".join(
 )
 _MAX_MANIFEST = 4 << 20
 
+ProxyState = Literal["stopped", "starting", "running"]
+
 
 class Proxy:
     """The running registry proxy; satisfies :class:`agent.ports.RegistryPort`."""
 
-    def __init__(self, app: App, sandbox: SandboxPort) -> None:
-        cfg = app.config.proxy
-        self._app = app
+    def __init__(self, config: Config, registry: CollectorRegistry, sandbox: SandboxPort) -> None:
+        cfg = config.proxy
         self._sandbox = sandbox
         self._port = cfg.port
         self._host_address = cfg.host_address
-        self.metrics = ProxyMetrics(app.registry)
+        self.metrics = ProxyMetrics(registry)
         self.transport = Transport(cfg)
         self.credentials = CredentialStore(
-            app.config.build.docker_config, cfg.credentials, helper_timeout=cfg.helper_timeout
+            config.build.docker_config, cfg.credentials, helper_timeout=cfg.helper_timeout
         )
         self.auth = Authenticator(
             self.credentials, self.transport, self.metrics, token_ttl=cfg.token_ttl
@@ -71,7 +74,7 @@ class Proxy:
         )
         self.router = Router(cfg)
         self.rules = StaticRules(cfg.routes)
-        self.host_token = HostToken(app.config)
+        self.host_token = HostToken(config)
         self.uploads = Uploads()
         self._runners: list[web.ServerRunner] = []
         self._child_address = ""
@@ -89,7 +92,7 @@ class Proxy:
                 self.host_token.generation,
             ),
         )
-        self._state = "stopped"
+        self._state: ProxyState = "stopped"
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -159,7 +162,7 @@ class Proxy:
         self._state = "stopped"
 
     @property
-    def state(self) -> str:
+    def state(self) -> ProxyState:
         return self._state
 
     # --- RegistryPort -------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The build sandbox (DESIGN section 4): every child of the daemon runs in it.
 
 ``open_sandbox(app)`` (async context manager, daemon start order: config, dirs, metrics,
-**sandbox**, proxy, builds, control socket) yields a :class:`agent.ports.SandboxPort`:
+**sandbox**, proxy, builds, control socket) yields a :class:`agent.ports.SandboxPort` (a
+:class:`Sandbox` or an :class:`OffSandbox`, each with a ``state`` for ``info``):
 
 - ``sandbox.mode = "on"``: a named network namespace (``sandbox.netns``, pyroute2, ``lo`` up; a
   leftover of a crashed daemon, with any process still in it, is removed first) and, with
@@ -9,8 +10,8 @@
   ``inet ba_<netns>`` that masquerades and blocks the host's own addresses and 169.254.0.0/16.
   All of it is removed when the context exits. A kernel or privilege refusal raises StartupError
   naming the step and the fix.
-- ``sandbox.mode = "off"``: :class:`OffSandbox` (``NoSandbox``); logged as a WARNING at start and
-  reported as ``"off"`` by ``app.components["sandbox"].state``.
+- ``sandbox.mode = "off"``: :class:`OffSandbox`: children run on the host, the proxy listens on
+  the host's loopback; logged as a WARNING at start and reported as ``"off"`` by its ``state``.
 
 ``listen(port)`` returns the proxy's listening socket, bound on 127.0.0.1:<port> inside the
 namespace. ``wrap(argv, pid_namespace=...)`` returns the argv that runs ``argv`` in the sandbox:

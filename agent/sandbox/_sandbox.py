@@ -9,11 +9,10 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from agent.app import App
 from agent.errors import StartupError
-from agent.ports import NoSandbox, SandboxPort
 from agent.sandbox import _egress, _netns
 from agent.sandbox._listen import listen_inside
 from agent.sandbox._wrap import HidePlan, Wrapper, hide_plan
@@ -23,20 +22,23 @@ log = logging.getLogger("agent.sandbox")
 _PROBE_TIMEOUT = 10.0
 
 
-class Sandbox:
-    """The sandbox while it is on: :class:`agent.ports.SandboxPort` plus ``state`` for ``info``."""
+SandboxState = Literal["starting", "on", "removed"]
 
-    mode = "on"
+
+class Sandbox:
+    """The sandbox while on: :class:`agent.ports.SandboxPort` plus ``state`` for ``info``."""
+
+    mode: Literal["on"] = "on"
 
     def __init__(self, netns: str, plan: HidePlan, egress: _egress.Egress | None) -> None:
         self.netns = netns
         self.plan = plan
         self.egress = egress
         self._wrapper = Wrapper(_netns.path(netns), plan, parent=os.getpid())
-        self._state = "starting"
+        self._state: SandboxState = "starting"
 
     @property
-    def state(self) -> str:
+    def state(self) -> SandboxState:
         return self._state
 
     def describe(self) -> dict[str, Any]:
@@ -127,15 +129,35 @@ class Sandbox:
             )
 
 
-class OffSandbox(NoSandbox):
-    """``sandbox.mode = "off"``: children run on the host (reported as "off" by ``info``)."""
+class OffSandbox:
+    """``sandbox.mode = "off"`` (:class:`agent.ports.SandboxPort`): children run on the
+    host; the proxy listens on the host's loopback. Reported as "off" by ``info``."""
+
+    mode: Literal["off"] = "off"
 
     @property
-    def state(self) -> str:
+    def state(self) -> Literal["off"]:
         return "off"
 
     def describe(self) -> dict[str, Any]:
         return {"mode": "off", "state": "off"}
+
+    def wrap(
+        self, argv: list[str], *, pid_namespace: bool = False, visible: Sequence[str] = ()
+    ) -> list[str]:
+        return list(argv)
+
+    def listen(self, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen(1024)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
 
 
 def _require_root() -> None:
@@ -161,7 +183,7 @@ def _prepare_dirs(plan: HidePlan, app: App) -> None:
 
 
 @asynccontextmanager
-async def open_sandbox(app: App) -> AsyncIterator[SandboxPort]:
+async def open_sandbox(app: App) -> AsyncIterator[Sandbox | OffSandbox]:
     """Create the sandbox for the daemon's lifetime; remove it on exit."""
     cfg = app.config.sandbox
     if cfg.mode == "off":
@@ -169,9 +191,7 @@ async def open_sandbox(app: App) -> AsyncIterator[SandboxPort]:
             'sandbox.mode = "off": build children run on the host network and see the host\'s '
             "files and processes (credentials included); for development only"
         )
-        off = OffSandbox()
-        app.components["sandbox"] = off
-        yield off
+        yield OffSandbox()
         return
     _require_root()
     plan = hide_plan(app.config)
@@ -180,7 +200,6 @@ async def open_sandbox(app: App) -> AsyncIterator[SandboxPort]:
     _prepare_dirs(plan, app)
     egress = _egress.plan(cfg.netns, cfg.nat_subnet) if cfg.egress == "nat" else None
     sb = Sandbox(cfg.netns, plan, egress)
-    app.components["sandbox"] = sb
     try:
         sb.create()
         await sb.probe()

@@ -1,4 +1,4 @@
-"""Fixtures for the proxy tests: the proxy in-process (open_proxy with an App and NoSandbox),
+"""Fixtures for the proxy tests: the proxy in-process (open_proxy with an OffSandbox),
 the htpasswd and token-auth registries, and a helper to run real clients without blocking the
 loop the proxy serves on."""
 
@@ -29,8 +29,8 @@ from agent.config import (
     RegistryConfig,
     RouteConfig,
 )
-from agent.ports import NoSandbox
 from agent.proxy import Proxy, open_proxy
+from agent.sandbox import OffSandbox
 from tests.infra.registry import Registry, free_port, start_registry
 from tests.infra.token_server import TokenRegistry, start_token_registry
 
@@ -108,7 +108,7 @@ async def make_proxy(short_tmp: Path) -> AsyncIterator[ProxyFactory]:
             ),
         )
         app = App(config=cfg)
-        proxy = await stack.enter_async_context(open_proxy(app, NoSandbox()))
+        proxy = await stack.enter_async_context(open_proxy(cfg, app.registry, OffSandbox()))
         return Harness(proxy, app)
 
     try:

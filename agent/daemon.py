@@ -28,7 +28,6 @@ from contextlib import AsyncExitStack
 from agent import build as _build
 from agent import proxy as _proxy
 from agent import sandbox as _sandbox
-from agent.app import App
 from agent.build import explain as _explain
 from agent.build import ops as _build_ops
 from agent.build import resolve as _resolve
@@ -49,6 +48,7 @@ from agent.errors import (
 )
 from agent.metrics import DaemonMetrics, open_metrics
 from agent.notify import SD_LISTEN_FDS_START, Notifier, SystemdEnv, watchdog
+from agent.runtime import App
 
 _log = logging.getLogger("agent.daemon")
 

@@ -1,6 +1,6 @@
 """Image references and registry hosts, parsed the way Docker does: the one reference type of
 the build side and the proxy (here, not in agent/proxy/, so that agent/build reaches the proxy
-only through agent/ports.py).
+only through agent/contracts.py).
 
 ``parse("busybox")`` reads as ``docker.io/library/busybox:latest`` and keeps its spelling;
 ``parse("localhost:5000/a/b@sha256:..")`` keeps the port; the first path component is a

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent import config as config_mod  # noqa: E402
-from agent.app import App  # noqa: E402
-from agent.ports import SandboxPort  # noqa: E402
+from agent.contracts import SandboxPort  # noqa: E402
+from agent.runtime import App  # noqa: E402
 from agent.sandbox import open_sandbox  # noqa: E402
 from bench._common import DOC, replace_section, write_section  # noqa: E402
 

@@ -32,6 +32,7 @@ from agent.build.buildkit import (
     render_config,
 )
 from agent.build.toolchain import BuildSpec
+from agent.contracts import Mirror
 from agent.errors import (
     BuildFailed,
     InternalError,
@@ -39,7 +40,6 @@ from agent.errors import (
     StartupError,
     UpstreamUnauthorized,
 )
-from agent.ports import Mirror
 from agent.sandbox import OffSandbox
 from tests.infra.registry import Registry, start_registry
 from tests.standins import FIXTURES_DIR, VERSIONS, Standins, install
@@ -608,7 +608,7 @@ def test_cache_repo_is_on_the_build_route_alone() -> None:
     """build.cache_repo is written through the build's own capability route, pinned to the cache
     tag; static routes have nothing to do with it (a RUN step has no capability)."""
     from agent.config import ProxyConfig, RouteConfig
-    from agent.ports import RouteTarget
+    from agent.contracts import RouteTarget
     from agent.proxy._routes import Router, denial
 
     router = Router(ProxyConfig(routes=[RouteConfig("ws", "registry.example.com/team", "push")]))

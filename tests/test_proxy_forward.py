@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from agent.contracts import ProxyLogin, RouteTarget
 from agent.errors import BadRequest, UpstreamUnavailable
-from agent.ports import ProxyLogin, RouteTarget
 from agent.proxy._routes import mirror_name
 from tests.infra.images import buildah_cmd
 from tests.infra.proxy_harness import (

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from agent.config import RouteConfig
+from agent.contracts import RouteTarget
 from agent.errors import ConfigError, StartupError
-from agent.ports import RouteTarget
 from tests.infra.proxy_harness import (
     OCI_MANIFEST,
     ProxyFactory,

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from agent.config import ProxyConfig, RegistryConfig, RouteConfig
+from agent.contracts import RouteTarget
 from agent.errors import BadRequest
-from agent.ports import RouteTarget
 from agent.proxy._access import SANDBOX, StaticRules
 from agent.proxy._auth import _lifetime, parse_challenges, pick_challenge
 from agent.proxy._forward import Forwarder
@@ -288,7 +288,7 @@ def test_link_mapping_for_pagination() -> None:
 def test_scrubber_finds_capabilities_by_shape_and_other_secrets_by_value() -> None:
     import secrets as random_secrets
 
-    from agent.ports import ProxyLogin
+    from agent.contracts import ProxyLogin
     from agent.proxy._scrub import KEEP_CAPS, Scrubber
 
     others = ["hunter2-password", "abc"]  # "abc": too short to scrub, as before

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.build.buildkit import buildkit_binaries
-from agent.ports import ProxyLogin
+from agent.contracts import ProxyLogin
 from agent.proxy._routes import mirror_name
 from agent.sandbox import _egress, _netns
 from tests.infra.builds import (

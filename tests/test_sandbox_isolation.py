@@ -21,9 +21,9 @@ import pytest
 from aiohttp import web
 
 from agent import config as config_mod
-from agent.app import App
 from agent.build import child as children
 from agent.errors import StartupError
+from agent.runtime import App
 from agent.sandbox import Sandbox, _egress, _netns, hide_plan, open_sandbox
 from agent.sandbox._sandbox import Sandbox as SandboxImpl
 from tests.infra.registry import Registry, free_port

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from agent.config import Config
+from agent.contracts import RegistryPort, SandboxPort
 from agent.limits import Limits, parse_bytes
-from agent.ports import RegistryPort, SandboxPort
 from agent.sandbox import (
     BuildCgroup,
     Support,

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from agent.build.child import popen
-from agent.ports import SandboxPort
+from agent.contracts import SandboxPort
 
 log = logging.getLogger("agent.build")
 

@@ -55,6 +55,7 @@ from agent.build.child import (
 from agent.build.secretfds import secret_flags
 from agent.build.storage import StorageReport
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
+from agent.contracts import CgroupPort, Mirror, ProxyLogin, SandboxPort
 from agent.errors import (
     AgentError,
     BuildErrorDetails,
@@ -64,7 +65,6 @@ from agent.errors import (
     UpstreamUnavailable,
     build_details,
 )
-from agent.ports import CgroupPort, Mirror, ProxyLogin, SandboxPort
 
 log = logging.getLogger("agent.build")
 

@@ -65,8 +65,8 @@ from agent.build.buildkit_store import BuildkitStore
 from agent.build.secretfds import secret_flags
 from agent.build.storage import StorageReport
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
+from agent.contracts import CgroupPort, Mirror, ProxyLogin, RegistryPort, SandboxPort
 from agent.errors import AgentError, BuildFailed, InternalError, StartupError
-from agent.ports import CgroupPort, Mirror, ProxyLogin, RegistryPort, SandboxPort
 from agent.sandbox import cleanup_buildkitd
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from agent.build.toolchain import LogSink
-from agent.ports import CgroupPort, ProxyLogin, SandboxPort
+from agent.contracts import CgroupPort, ProxyLogin, SandboxPort
 
 log = logging.getLogger("agent.build")
 

@@ -38,9 +38,9 @@ from agent.build.context import ROOT, Caller, hash_context
 from agent.build.keyed import Keyed, write_pinned
 from agent.build.secretfds import secret_fds
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink, Toolchain
+from agent.contracts import CgroupPort, RegistryPort, RouteTarget
 from agent.errors import AgentError, BuildFailed, NotFound, UpstreamError
 from agent.limits import Limits
-from agent.ports import CgroupPort, RegistryPort, RouteTarget
 from agent.reference import Reference
 
 log = logging.getLogger("agent.build")

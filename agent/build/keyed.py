@@ -28,8 +28,8 @@ from agent.build.context import ContextDigest
 from agent.build.dockerfile import parse
 from agent.build.records import BuildRecord
 from agent.build.stages import analyse
+from agent.contracts import RegistryPort
 from agent.errors import NotFound
-from agent.ports import RegistryPort
 
 log = logging.getLogger("agent.build")
 

@@ -36,6 +36,7 @@ from agent.build.flow import Flow, Plan
 from agent.build.records import BuildRecord, RecordStore
 from agent.build.storage import StorageReport, disk_full, free_bytes, full_message
 from agent.build.toolchain import Toolchain
+from agent.contracts import RegistryPort
 from agent.errors import (
     AgentError,
     BadRequest,
@@ -51,7 +52,6 @@ from agent.errors import (
     UpstreamUnavailable,
 )
 from agent.limits import Limits
-from agent.ports import RegistryPort
 from agent.sandbox import BuildCgroup, Support, create_cgroup
 
 log = logging.getLogger("agent.build")

@@ -1,7 +1,7 @@
 """Resolving image references to manifest digests (the ``resolve`` op; mk3's ref cache).
 
 A lookup is a HEAD of the manifest through the registry proxy, with the proxy's credentials
-(:meth:`agent.ports.RegistryPort.manifest_digest`). Results are cached for ``build.resolve_ttl``
+(:meth:`agent.contracts.RegistryPort.manifest_digest`). Results are cached for ``build.resolve_ttl``
 seconds, keyed by the normalised reference (``busybox`` and ``docker.io/library/busybox:latest``
 share an entry). Concurrent lookups of one reference share a single upstream request
 (single-flight); a caller that gives up does not cancel it for the others. The refs in
@@ -34,9 +34,9 @@ from prometheus_client import CollectorRegistry, Counter
 
 from agent import reference
 from agent.config import BuildConfig
+from agent.contracts import RegistryPort
 from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import AgentError, BadRequest, InternalError, NotFound
-from agent.ports import RegistryPort
 
 log = logging.getLogger("agent.build")
 

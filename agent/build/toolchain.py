@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.build.storage import StorageReport
-from agent.ports import CgroupPort, Mirror, ProxyLogin
+from agent.contracts import CgroupPort, Mirror, ProxyLogin
 
 
 class LogSink(Protocol):

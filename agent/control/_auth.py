@@ -13,8 +13,8 @@ import socket
 import struct
 from collections.abc import Callable
 
-from agent.app import App
 from agent.control.ops import Access, Op, Peer
+from agent.runtime import App
 
 UCRED = struct.Struct("3i")
 

@@ -11,10 +11,10 @@ from functools import partial
 from typing import Any
 
 from agent import PROCESS_VERSION
-from agent.app import App
 from agent.config import RouteConfig
 from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import AgentError
+from agent.runtime import App
 from ctl import protocol
 
 _log = logging.getLogger("agent.control")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from agent.errors import BadRequest
 
 if TYPE_CHECKING:
-    from agent.app import App
+    from agent.runtime import App
 
 
 class Access(enum.Enum):

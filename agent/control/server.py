@@ -34,12 +34,12 @@ import time
 from functools import partial
 from typing import Any
 
-from agent.app import App
 from agent.control._auth import Authorizer, peer_credentials
 from agent.control._request import Refused, read_request
 from agent.control.ops import Args, Op, Peer, Registry, RequestContext
 from agent.errors import AgentError
 from agent.metrics import DaemonMetrics
+from agent.runtime import App
 from ctl import protocol
 
 _log = logging.getLogger("agent.control")

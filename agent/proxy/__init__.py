@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from prometheus_client import CollectorRegistry
 
 from agent.config import Config
-from agent.ports import SandboxPort
+from agent.contracts import SandboxPort
 from agent.proxy._server import MANIFEST_ACCEPT, Proxy
 
 

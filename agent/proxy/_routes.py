@@ -22,8 +22,8 @@ import threading
 from dataclasses import dataclass
 
 from agent.config import ProxyConfig
+from agent.contracts import BuildRoute, Mirror, ProxyLogin, RouteTarget
 from agent.errors import ConfigError
-from agent.ports import BuildRoute, Mirror, ProxyLogin, RouteTarget
 from agent.reference import (
     DOCKER_HUB,
     canonical_host,

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import reference
 from agent.config import Config
+from agent.contracts import BuildRoute, Mirror, RouteTarget, SandboxPort
 from agent.errors import (
     AgentError,
     ConfigError,
@@ -21,7 +22,6 @@ from agent.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
-from agent.ports import BuildRoute, Mirror, RouteTarget, SandboxPort
 from agent.proxy._access import HOST, SANDBOX, HostToken, StaticRules
 from agent.proxy._auth import Authenticator, scope
 from agent.proxy._credentials import CredentialStore
@@ -50,7 +50,7 @@ ProxyState = Literal["stopped", "starting", "running"]
 
 
 class Proxy:
-    """The running registry proxy; satisfies :class:`agent.ports.RegistryPort`."""
+    """The running registry proxy; satisfies :class:`agent.contracts.RegistryPort`."""
 
     def __init__(self, config: Config, registry: CollectorRegistry, sandbox: SandboxPort) -> None:
         cfg = config.proxy

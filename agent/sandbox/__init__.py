@@ -1,7 +1,7 @@
 """The build sandbox (DESIGN section 4): every child of the daemon runs in it.
 
 ``open_sandbox(app)`` (async context manager, daemon start order: config, dirs, metrics,
-**sandbox**, proxy, builds, control socket) yields a :class:`agent.ports.SandboxPort` (a
+**sandbox**, proxy, builds, control socket) yields a :class:`agent.contracts.SandboxPort` (a
 :class:`Sandbox` or an :class:`OffSandbox`, each with a ``state`` for ``info``):
 
 - ``sandbox.mode = "on"``: a named network namespace (``sandbox.netns``, pyroute2, ``lo`` up; a

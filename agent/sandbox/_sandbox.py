@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from agent.app import App
 from agent.errors import StartupError
+from agent.runtime import App
 from agent.sandbox import _egress, _netns
 from agent.sandbox._listen import listen_inside
 from agent.sandbox._wrap import HidePlan, Wrapper, hide_plan
@@ -26,7 +26,7 @@ SandboxState = Literal["starting", "on", "removed"]
 
 
 class Sandbox:
-    """The sandbox while on: :class:`agent.ports.SandboxPort` plus ``state`` for ``info``."""
+    """The sandbox while on: :class:`agent.contracts.SandboxPort` plus ``state`` for ``info``."""
 
     mode: Literal["on"] = "on"
 
@@ -130,7 +130,7 @@ class Sandbox:
 
 
 class OffSandbox:
-    """``sandbox.mode = "off"`` (:class:`agent.ports.SandboxPort`): children run on the
+    """``sandbox.mode = "off"`` (:class:`agent.contracts.SandboxPort`): children run on the
     host; the proxy listens on the host's loopback. Reported as "off" by ``info``."""
 
     mode: Literal["off"] = "off"

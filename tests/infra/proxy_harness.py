@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.app import App
 from agent.config import (
     BuildConfig,
     Config,
@@ -30,6 +29,7 @@ from agent.config import (
     RouteConfig,
 )
 from agent.proxy import Proxy, open_proxy
+from agent.runtime import App
 from agent.sandbox import OffSandbox
 from tests.infra.registry import Registry, free_port, start_registry
 from tests.infra.token_server import TokenRegistry, start_token_registry

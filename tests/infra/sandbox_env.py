@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from agent import config as config_mod
-from agent.app import App
 from agent.build import child as children
-from agent.ports import SandboxPort
+from agent.contracts import SandboxPort
+from agent.runtime import App
 from agent.sandbox import _egress
 from tests.infra.daemon import to_toml
 

@@ -29,7 +29,7 @@ from agent import build as _build
 from agent import proxy as _proxy
 from agent import sandbox as _sandbox
 from agent.build import explain as _explain
-from agent.build import ops as _build_ops
+from agent.build import handlers as _build_ops
 from agent.build import resolve as _resolve
 from agent.build.resolve import open_resolver
 from agent.config import Config

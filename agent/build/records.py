@@ -121,7 +121,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 class BuildRecord:
     """One build: the one shape of a record, in memory and in ``<id>.json``.
 
-    Made by ``build/ops.py`` (who asked for what), moved by :meth:`move` (the only way the state
+    Made by ``build/handlers.py`` (who asked for what), moved by :meth:`move` (the only way the state
     changes: it refuses a move the table forbids), filled in with the outcome by the manager,
     written by :meth:`to_json` and read back by :meth:`from_json`, which also reads what older
     versions wrote (no ``owners``: the submitter owns it). A field that is None is left out of
@@ -134,7 +134,7 @@ class BuildRecord:
     transitions: list[Transition] = field(default_factory=list)
     started: float | None = None
     finished: float | None = None
-    # What was asked, by whom (build/ops.py); docs/protocol.md section 7.2 ("status").
+    # What was asked, by whom (build/handlers.py); docs/protocol.md section 7.2 ("status").
     labels: dict[str, str] = field(default_factory=dict)
     peer: dict[str, int] | None = None  # uid, gid, pid of the submitter
     owners: list[int] = field(default_factory=list)  # submitter first, then joiners

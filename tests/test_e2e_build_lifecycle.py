@@ -173,7 +173,7 @@ def test_ctrl_c_cancels_unless_another_caller_waits(
             )
         wait_started(d, build_id)
         # Both callers must be attached before the first leaves: alone, it would cancel the
-        # build. The join is logged in the same loop step that attaches the caller (build/handlers.py).
+        # build. The join is logged in the loop step that attaches the caller (build/handlers.py).
         wait_for(lambda: "joined this build" in log_of(d, build_id), 30, "the second caller")
         first.send_signal(signal.SIGINT)
         assert first.wait(10) == 130

@@ -121,8 +121,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 class BuildRecord:
     """One build: the one shape of a record, in memory and in ``<id>.json``.
 
-    Made by ``build/handlers.py`` (who asked for what), moved by :meth:`move` (the only way the state
-    changes: it refuses a move the table forbids), filled in with the outcome by the manager,
+    Made by ``build/handlers.py`` (who asked for what), moved by :meth:`move` (the only way the
+    state changes: it refuses a move the table forbids), filled in with the outcome by the manager,
     written by :meth:`to_json` and read back by :meth:`from_json`, which also reads what older
     versions wrote (no ``owners``: the submitter owns it). A field that is None is left out of
     the JSON, so a record holds the keys it always held; keys this version does not know are

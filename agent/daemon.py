@@ -260,8 +260,10 @@ class Daemon:
         )
 
     async def _close_connections(self) -> None:
+        # After a second signal no wait is sat out, also one that begins after the signal
+        # cancelled an earlier one (say the toolchain's storage upkeep, at its close).
         if self.server is not None:
-            await self.server.close_connections(_REQUEST_GRACE)
+            await self.server.close_connections(0.0 if self._forced else _REQUEST_GRACE)
 
     async def _reloader(self) -> None:
         assert self._reload is not None

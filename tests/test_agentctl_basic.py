@@ -35,6 +35,14 @@ def test_ping_and_info(daemon_factory: Factory) -> None:
     assert r.returncode == 0
     assert "components" in r.stdout and "sandbox     off" in r.stdout
     assert "WARNING     sandbox is OFF" in r.stdout
+    # The node's per-build limits and the toolchain's store, as an operator reads them.
+    assert "limits      memory_max 4GiB, pids_max 2048" in r.stdout, r.stdout
+    storage = next(ln for ln in r.stdout.splitlines() if ln.startswith("storage "))
+    assert " of 20 GiB" in storage and storage.split()[1].rstrip(":") in (
+        "overlay",
+        "vfs",
+        "buildkitd",
+    )
 
 
 def test_json_everywhere(daemon_factory: Factory) -> None:

@@ -56,6 +56,19 @@ def _format_info(r: dict[str, Any]) -> str:
         f"builds      toolchain {cfg.get('toolchain')}, {cfg.get('max_concurrent_builds')} at once,"
         f" {cfg.get('max_queued')} queued"
     )
+    lim = cfg.get("limits") or {}
+    if lim:
+        lines.append(
+            f"limits      memory_max {lim.get('memory_max')}, pids_max {lim.get('pids_max')}, "
+            f"cpu_max {lim.get('cpu_max') or 'none'} a build ({lim.get('cgroups')})"
+        )
+    st = cfg.get("storage") or {}
+    if st:
+        note = f"; {st['note']}" if st.get("note") else ""
+        lines.append(
+            f"storage     {st.get('driver')}: {st.get('used')} of {st.get('max')}, "
+            f"{st.get('reclaimed_bytes', 0)} bytes reclaimed{note}"
+        )
     lines.append(f"sandbox     {cfg.get('sandbox')} (egress {cfg.get('egress')})")
     lines.append(f"metrics     {cfg.get('metrics_address') or 'off'}")
     px = cfg.get("proxy") or {}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.build.buildah import BuildahToolchain, _diagnose
+from agent.build._buildah_output import diagnose
+from agent.build.buildah import BuildahToolchain
 from agent.errors import StartupError
 from agent.sandbox import OffSandbox
 
@@ -31,14 +32,14 @@ STEP_FAILED = [
 
 
 def test_a_runtime_refusal_names_the_runtimes_reason() -> None:
-    err = _diagnose("buildah bud", 1, RUNTIME_REFUSED, "exited with status 1")
+    err = diagnose("buildah bud", 1, RUNTIME_REFUSED, "exited with status 1")
     assert err.message.startswith("RUN true could not start its container: cgroup mount refused")
     assert "runc" in err.message
     assert err.details["step"] == "RUN true"
 
 
 def test_a_failing_step_is_still_its_exit_status() -> None:
-    err = _diagnose("buildah bud", 1, STEP_FAILED, "exited with status 1")
+    err = diagnose("buildah bud", 1, STEP_FAILED, "exited with status 1")
     assert err.message == "RUN exit 3 failed with exit status 3"
     assert err.details["exit_code"] == 3 and err.details["tool_exit_code"] == 1
 

@@ -6,8 +6,8 @@ for the step, its line and its exit status. The daemon-level checks are in test_
 from __future__ import annotations
 
 from agent import reference
+from agent.build._buildah_output import diagnose
 from agent.build._buildkit_progress import build_error
-from agent.build.buildah import _diagnose
 from agent.build.flow import Plan, _explain
 from agent.errors import AgentError, BuildErrorDetails
 from tests.standins import FIXTURES_DIR
@@ -42,7 +42,7 @@ def test_a_failing_run_step_has_the_same_details_on_buildah_and_buildkit() -> No
     buildkit = _as_the_flow_reports(
         build_error(lines[:-1], int(lines[-1].removeprefix("rc=")), tail_lines=5)
     )
-    buildah = _as_the_flow_reports(_diagnose("buildah bud", 1, BUILDAH, "exited with status 1"))
+    buildah = _as_the_flow_reports(diagnose("buildah bud", 1, BUILDAH, "exited with status 1"))
     assert set(buildah) == set(buildkit) == RUN_FAILED
     assert set(RUN_FAILED) <= set(BuildErrorDetails.__annotations__)
     for key in ("step", "line", "exit_code", "reason", "tool_exit_code"):

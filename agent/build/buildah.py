@@ -22,8 +22,8 @@ copies (DESIGN section 2). Daemonless, so it has nothing to supervise.
 - The context is the caller's directory fd, named ``/dev/fd/<n>`` for the child (``pass_fds``).
 - Build-arg values travel in bud's environment (``--build-arg NAME`` reads it), never on its
   argv, but for names the builder itself interprets (agent/build/buildargs.py).
-- Failures are turned into messages a user can act on (:func:`_diagnose`): the failing step and
-  its exit status, which registry refused and why, and the last lines of the log.
+- Failures are turned into messages a user can act on (agent/build/_buildah_output.py): the
+  failing step and its exit status, which registry refused and why, and the last lines of the log.
 """
 
 from __future__ import annotations
@@ -32,16 +32,14 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import secrets
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from agent.build import _runc
-from agent.build._sources import missing_source, missing_source_message
+from agent.build._buildah_output import Tail, diagnose
 from agent.build.buildah_store import BuildahStore
 from agent.build.buildargs import split_for_env
 from agent.build.child import (
@@ -56,45 +54,9 @@ from agent.build.secretfds import secret_flags
 from agent.build.storage import StorageReport
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
 from agent.contracts import CgroupPort, Mirror, ProxyLogin, SandboxPort
-from agent.errors import (
-    AgentError,
-    BuildErrorDetails,
-    BuildFailed,
-    StartupError,
-    UpstreamUnauthorized,
-    UpstreamUnavailable,
-    build_details,
-)
+from agent.errors import StartupError
 
 log = logging.getLogger("agent.build")
-
-_STEP_FAIL = re.compile(r'building at STEP "(?P<step>.*?)": (?P<why>.*)$')
-_EXIT = re.compile(r"exit status (\d+)")
-_UNKNOWN = re.compile(r'Unknown instruction: "?(?P<word>[^"\s]+)"?', re.IGNORECASE)
-# buildah's line when the runtime failed to create a step's container (buildah 1.28).
-_RUNTIME_FAIL = re.compile(r"^error running container: from \S+ creating container for \[.*?\]: ")
-_REGISTRY_IN = re.compile(r"(?:docker://|in |registry )(?P<host>[A-Za-z0-9.-]+(?::\d+)?)")
-
-
-class _Tail:
-    """A LogSink that forwards every line and keeps the last ``n`` for the error message."""
-
-    def __init__(self, sink: LogSink, n: int) -> None:
-        self._sink = sink
-        self._n = max(n, 1)
-        self.lines: list[str] = []
-        self.steps: list[str] = []  # bud's "STEP n/m: ..." lines (which images FROM named)
-
-    def line(self, text: str) -> None:
-        self._sink.line(text)
-        self.lines.append(text)
-        if text.startswith("STEP "):
-            self.steps.append(text)
-        if len(self.lines) > self._n * 4:
-            del self.lines[: len(self.lines) - self._n]
-
-    def last(self) -> list[str]:
-        return self.lines[-self._n :]
 
 
 def registries_conf(
@@ -120,115 +82,6 @@ def registries_conf(
             "insecure = true",
         ]
     return "\n".join(out) + "\n"
-
-
-def _diagnose(what: str, code: int, tail: list[str], exit_words: str) -> AgentError:
-    """The error for a failed buildah/skopeo run, from its last lines."""
-    last_error = next(
-        (ln for ln in reversed(tail) if ln.startswith("Error:") or "level=fatal" in ln),
-        tail[-1] if tail else "",
-    )
-    # Only the tool's own error line is classified: a RUN step's output may say anything.
-    m = _STEP_FAIL.search(last_error)
-    if m:
-        return _step_failed(m.group("step"), m.group("why"), code, tail)
-    return _tool_failed(what, last_error, code, tail, exit_words)
-
-
-def _step_failed(step: str, why: str, code: int, tail: list[str]) -> BuildFailed:
-    """A Dockerfile step failed (``building at STEP "<step>": <why>``)."""
-
-    def failed(message: str, reason: str, **known: Any) -> BuildFailed:
-        details = build_details(
-            log_tail=tail, tool_exit_code=code, reason=reason, step=step, **known
-        )
-        return BuildFailed(message, details=details)
-
-    refusal = next((ln for ln in tail if _RUNTIME_FAIL.match(ln)), None)
-    if refusal is not None and "while running runtime" in why:
-        # The step's container never started: the runtime said why (cgroups, namespaces, a
-        # missing program), which the step's exit status would hide. (A step printing such a
-        # line only rewords its own build's error.)
-        reason = _RUNTIME_FAIL.sub("", refusal)
-        return failed(
-            f"{step} could not start its container: {_short(reason)} (the OCI runtime refused; "
-            "if every RUN step fails so, check that runc works on this node: cgroups, namespaces)",
-            "runtime_refused",
-        )
-    unknown = _UNKNOWN.search(why)
-    if unknown:
-        return failed(
-            f"Dockerfile syntax error at {step.strip()!r}: unknown instruction "
-            f"{unknown.group('word')!r}",
-            "dockerfile_syntax",
-        )
-    status = _EXIT.search(why)
-    if status:
-        return failed(
-            f"{step} failed with exit status {status.group(1)}",
-            "run_failed",
-            exit_code=int(status.group(1)),
-        )
-    missing = missing_source(why)
-    if missing is not None:
-        return failed(
-            missing_source_message(step, missing), "copy_source_missing", missing_path=missing
-        )
-    return failed(f"{step} failed: {_short(why)}", "build_failed")
-
-
-def _tool_failed(
-    what: str, last_error: str, code: int, tail: list[str], exit_words: str
-) -> AgentError:
-    """buildah or skopeo failed outside a step: a registry refused, an image is missing."""
-    low = last_error.lower()
-    host_match = _REGISTRY_IN.search(last_error)
-    host = host_match.group("host") if host_match else ""
-
-    def details(reason: str) -> BuildErrorDetails:
-        return build_details(log_tail=tail, tool_exit_code=code, reason=reason)
-
-    if "unauthorized" in low or "authentication required" in low or "denied" in low:
-        why = re.search(r"(unauthorized|denied|forbidden)[^;]*$", last_error, re.IGNORECASE)
-        return UpstreamUnauthorized(
-            f"{what} was refused by the registry ({why.group(0) if why else 'unauthorized'}); "
-            "give the proxy credentials for it (build.docker_config) or use a repository "
-            "they cover",
-            registry=host,
-            details=details("registry_refused"),
-        )
-    if "manifest unknown" in low or "name unknown" in low or "not found" in low:
-        return BuildFailed(
-            f"{what}: an image it needs does not exist: {_short(last_error)}; "
-            "check the FROM line or the base reference",
-            details=details("image_missing"),
-        )
-    if (
-        "connection refused" in low
-        or "no such host" in low
-        or "i/o timeout" in low
-        or ("503" in low and "service unavailable" in low)
-    ):
-        return UpstreamUnavailable(
-            f"{what}: a registry could not be reached: {_short(last_error)}",
-            registry=host,
-            details=details("registry_unreachable"),
-        )
-    return BuildFailed(
-        f"{what} {exit_words}: {_short(last_error) or 'no output'}",
-        details=details("build_failed"),
-    )
-
-
-def _short(text: str, limit: int = 400) -> str:
-    text = text.strip()
-    for prefix in ("Error: ", "error: "):
-        if text.startswith(prefix):
-            text = text[len(prefix) :]
-    m = re.search(r'level=fatal msg="(.*)"\s*$', text)
-    if m:
-        text = m.group(1).replace('\\"', '"')
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _authfile(path: Path | None) -> list[str]:
@@ -386,86 +239,96 @@ class BuildahToolchain:
         try:
             conf = work / "registries.conf"
             conf.write_text(registries_conf(spec.proxy_address, spec.mirrors, self._insecure))
-            ctx = f"/dev/fd/{spec.context_fd}"
-            argv = [
-                *self._base(conf),
-                "bud",
-                "--isolation",
-                "oci",
-                "--runtime",
-                self._runtime,
-                "--network",
-                "host",
-                "--runtime-flag",
-                f"root={_runc.state_dir(work)}",
-                "--pull=true",
-                "--format",
-                "oci",
-                "-f",
-                f"{ctx}/{spec.dockerfile}",
-                "-t",
-                image,
-            ]
-            # Values in the environment, names alone on the argv (agent.build.buildargs).
-            env_args, argv_args = split_for_env(spec.build_args)
-            for k in sorted(spec.build_args):
-                argv += ["--build-arg", k if k in env_args else f"{k}={argv_args[k]}"]
-            argv += secret_flags(spec.secrets, file_type=True)
-            if spec.target:
-                argv += ["--target", spec.target]
-            if spec.platform:
-                argv += ["--platform", spec.platform]
-            if spec.no_cache:
-                argv.append("--no-cache")
-            if spec.cgroup is not None:  # containers of RUN steps go under the build's cgroup
-                argv += ["--cgroup-parent", spec.cgroup.parent]
-            argv.append(ctx)
-            tail = _Tail(log_sink, self._tail_n)
-            code = await run(
-                "buildah bud",
-                argv,
-                sandbox=self._sandbox,
-                env={**self._env(work), **env_args},
-                sink=tail,
-                pass_fds=(spec.context_fd, *(fd for _, fd in spec.secrets)),
-                cwd=str(work),
-                visible=(str(work),),
-                cgroup=spec.cgroup,
-            )
-            self.store.used(tail.steps)
-            if code != 0:
-                raise _diagnose("buildah bud", code, tail.last(), describe_exit(code))
-            digest_file = work / "digest"
-            argv = [
-                *self._base(conf),
-                "push",
-                "--tls-verify=false",
-                "--retry",
-                "0",
-                *_authfile(write_login(work, spec.login)),
-                "--digestfile",
-                str(digest_file),
-                image,
-                f"docker://{spec.push_ref}",
-            ]
-            tail = _Tail(log_sink, self._tail_n)
-            code = await run(
-                "buildah push",
-                argv,
-                sandbox=self._sandbox,
-                env=self._env(work),
-                sink=tail,
-                visible=(str(work),),
-                cgroup=spec.cgroup,
-            )
-            if code != 0:
-                raise _diagnose("pushing the built image", code, tail.last(), describe_exit(code))
-            digest = digest_file.read_text().strip() if digest_file.exists() else None
-            return BuildOutput(digest=digest or None)
+            await self._bud(spec, log_sink, work, image, conf)
+            return await self._push(spec, log_sink, work, image, conf)
         finally:
             self._buds -= 1
             if spec.secrets and self._buds == 0:
                 self._sweep_secret_copies()
+
+    async def _bud(
+        self, spec: BuildSpec, log_sink: LogSink, work: Path, image: str, conf: Path
+    ) -> None:
+        ctx = f"/dev/fd/{spec.context_fd}"
+        argv = [
+            *self._base(conf),
+            "bud",
+            "--isolation",
+            "oci",
+            "--runtime",
+            self._runtime,
+            "--network",
+            "host",
+            "--runtime-flag",
+            f"root={_runc.state_dir(work)}",
+            "--pull=true",
+            "--format",
+            "oci",
+            "-f",
+            f"{ctx}/{spec.dockerfile}",
+            "-t",
+            image,
+        ]
+        # Values in the environment, names alone on the argv (agent.build.buildargs).
+        env_args, argv_args = split_for_env(spec.build_args)
+        for k in sorted(spec.build_args):
+            argv += ["--build-arg", k if k in env_args else f"{k}={argv_args[k]}"]
+        argv += secret_flags(spec.secrets, file_type=True)
+        if spec.target:
+            argv += ["--target", spec.target]
+        if spec.platform:
+            argv += ["--platform", spec.platform]
+        if spec.no_cache:
+            argv.append("--no-cache")
+        if spec.cgroup is not None:  # containers of RUN steps go under the build's cgroup
+            argv += ["--cgroup-parent", spec.cgroup.parent]
+        argv.append(ctx)
+        tail = Tail(log_sink, self._tail_n)
+        code = await run(
+            "buildah bud",
+            argv,
+            sandbox=self._sandbox,
+            env={**self._env(work), **env_args},
+            sink=tail,
+            pass_fds=(spec.context_fd, *(fd for _, fd in spec.secrets)),
+            cwd=str(work),
+            visible=(str(work),),
+            cgroup=spec.cgroup,
+        )
+        self.store.used(tail.steps)
+        if code != 0:
+            raise diagnose("buildah bud", code, tail.last(), describe_exit(code))
+
+    async def _push(
+        self, spec: BuildSpec, log_sink: LogSink, work: Path, image: str, conf: Path
+    ) -> BuildOutput:
+        digest_file = work / "digest"
+        argv = [
+            *self._base(conf),
+            "push",
+            "--tls-verify=false",
+            "--retry",
+            "0",
+            *_authfile(write_login(work, spec.login)),
+            "--digestfile",
+            str(digest_file),
+            image,
+            f"docker://{spec.push_ref}",
+        ]
+        tail = Tail(log_sink, self._tail_n)
+        code = await run(
+            "buildah push",
+            argv,
+            sandbox=self._sandbox,
+            env=self._env(work),
+            sink=tail,
+            visible=(str(work),),
+            cgroup=spec.cgroup,
+        )
+        if code != 0:
+            raise diagnose("pushing the built image", code, tail.last(), describe_exit(code))
+        digest = digest_file.read_text().strip() if digest_file.exists() else None
+        return BuildOutput(digest=digest or None)
 
     async def _cleanup(self, work: Path) -> None:
         # Not part of the build: the image is upstream already (the store removes its local
@@ -499,7 +362,7 @@ class BuildahToolchain:
                 f"docker://{src}",
                 f"docker://{dst}",
             ]
-            tail = _Tail(log_sink, self._tail_n)
+            tail = Tail(log_sink, self._tail_n)
             code = await run(
                 "skopeo copy",
                 argv,
@@ -510,7 +373,7 @@ class BuildahToolchain:
                 cgroup=cgroup,
             )
             if code != 0:
-                raise _diagnose("copying the image", code, tail.last(), describe_exit(code))
+                raise diagnose("copying the image", code, tail.last(), describe_exit(code))
             return digest_file.read_text().strip() if digest_file.exists() else None
         finally:
             shutil.rmtree(work, ignore_errors=True)

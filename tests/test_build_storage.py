@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from agent.build.buildkit import buildkit_binaries, render_config
+from agent.build._buildkitd import render_config
+from agent.build.buildkit import buildkit_binaries
 from agent.build.storage import measure
 from agent.build.storegate import StoreGate
 from agent.devmode import make_busybox_image

@@ -23,14 +23,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from agent.build._buildkitd import parse_workers, render_config
 from agent.build._supervisor import Policy, State
-from agent.build.buildkit import (
-    BuildkitBinaries,
-    BuildkitToolchain,
-    buildkit_binaries,
-    parse_workers,
-    render_config,
-)
+from agent.build.buildkit import BuildkitBinaries, BuildkitToolchain, buildkit_binaries
 from agent.build.toolchain import BuildSpec
 from agent.contracts import Mirror
 from agent.errors import (

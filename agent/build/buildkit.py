@@ -2,9 +2,9 @@
 
 For the wiring code (``agent/build/__init__.py``):
 
-- :func:`buildkit_binaries` returns the three programs (``AGENT_BUILDKITD``, ``AGENT_BUILDCTL``,
-  ``AGENT_CRANE``, else ``PATH``) or None when one is missing: ``toolchain = "auto"`` picks BuildKit
-  exactly when it is not None.
+- :func:`buildkit_binaries` (agent/build/_buildkitd.py) returns the three programs
+  (``AGENT_BUILDKITD``, ``AGENT_BUILDCTL``, ``AGENT_CRANE``, else ``PATH``) or None when one is
+  missing: ``toolchain = "auto"`` picks BuildKit exactly when it is not None.
 - ``BuildkitToolchain(state_dir=..., runtime_dir=..., registry=..., sandbox=..., proxy=...)``
   (``binaries`` defaults to :func:`buildkit_binaries`, StartupError when one is missing; ``cleanup``
   to the sandbox's ``cleanup_buildkitd``); ``await tc.start()`` writes
@@ -18,21 +18,7 @@ and ``home/`` (the children's empty HOME and DOCKER_CONFIG); BuildKit's own stat
 PID and mount namespace, so that when it dies every RUN process and overlay mount goes with it
 (BuildKit v0.11.6 killed with SIGKILL leaves both behind, see ``fixtures/toolchain/README.md``).
 
-buildkitd.toml marks the proxy's child address as plain HTTP and points every FROM-line registry
-the proxy serves at the proxy, with no path::
-
-    [registry."localhost:8080"]
-      http = true
-    [registry."docker.io"]
-      mirrors = ["localhost:8080"]
-
-Every BuildKit generation then asks ``http://localhost:8080/v2/<repo>/...?ns=docker.io`` (containerd
-adds ``ns`` whenever the mirror is not the image's own registry) and the proxy routes by ``ns``. A
-mirror with a path is not portable: v0.11 puts the whole string in the host and ``/v2`` after it
-(``/<path>/v2/<repo>``) and looks its ``http`` setting up under the whole string; v0.12 and later
-send ``/v2/<path>/<repo>`` and look it up under the host alone (docs/proxy.md). ``insecure`` is not
-written: with ``http`` and ``insecure`` both set, v0.11 tries plain HTTP and then HTTPS and reports
-the HTTPS failure, hiding the real one.
+What buildkitd.toml says, and why its mirrors carry no path: agent/build/_buildkitd.py.
 
 The context travels as the caller's directory fd: buildctl gets ``--local context=/dev/fd/N``
 (and the same for ``dockerfile``, with ``--opt filename=``). Not verified here against the real
@@ -48,10 +34,8 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,13 +43,20 @@ from prometheus_client import CollectorRegistry
 
 from agent.build import child as children
 from agent.build._buildkit_progress import Transcript, build_error, copied_digest, copy_error
+from agent.build._buildkitd import (
+    BuildkitBinaries,
+    buildkit_binaries,
+    fatal_messages,
+    parse_workers,
+    render_config,
+)
 from agent.build._supervisor import Policy, State, Supervisor
 from agent.build.buildargs import looks_secret
 from agent.build.buildkit_store import BuildkitStore
 from agent.build.secretfds import secret_flags
 from agent.build.storage import StorageReport
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
-from agent.contracts import CgroupPort, Mirror, ProxyLogin, RegistryPort, SandboxPort
+from agent.contracts import CgroupPort, ProxyLogin, RegistryPort, SandboxPort
 from agent.errors import AgentError, BuildFailed, InternalError, StartupError
 from agent.sandbox import cleanup_buildkitd
 
@@ -74,108 +65,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agent.build")
 
-ENV_VARS = {"buildkitd": "AGENT_BUILDKITD", "buildctl": "AGENT_BUILDCTL", "crane": "AGENT_CRANE"}
-
 # How long a build waits for a buildkitd that is (re)starting before it gives up.
 _BUILD_WAIT_READY = 60.0
-
-
-@dataclass(frozen=True)
-class BuildkitBinaries:
-    """Absolute paths of the three programs the toolchain runs."""
-
-    buildkitd: str
-    buildctl: str
-    crane: str
-
-
-def buildkit_binaries(environ: Mapping[str, str] | None = None) -> BuildkitBinaries | None:
-    """The BuildKit programs: ``AGENT_BUILDKITD``/``AGENT_BUILDCTL``/``AGENT_CRANE`` when set,
-    else found on ``PATH``. None when any of the three is missing (or not executable)."""
-    env = os.environ if environ is None else environ
-    found: dict[str, str] = {}
-    for name, var in ENV_VARS.items():
-        given = env.get(var, "")
-        path = shutil.which(given) if given else shutil.which(name, path=env.get("PATH"))
-        if not path:
-            return None
-        found[name] = os.path.abspath(path)
-    return BuildkitBinaries(**found)
-
-
-def _toml_str(s: str) -> str:
-    # A TOML basic string accepts JSON's escapes for everything json.dumps produces here.
-    return json.dumps(s)
-
-
-def render_config(
-    *,
-    root: Path,
-    socket: Path,
-    proxy_address: str,
-    mirrors: list[Mirror],
-    cgroup_parent: str = "",
-    keep_bytes: int = 0,
-) -> str:
-    """buildkitd.toml: OCI worker only (its RUN steps' containers under ``cgroup_parent`` when
-    given), the proxy as a plain-HTTP registry, mirrors onto it."""
-    out = [
-        "# Written by build-agent at every start; edits are lost.",
-        f"root = {_toml_str(str(root))}",
-        "",
-        "[grpc]",
-        f"  address = [{_toml_str('unix://' + str(socket))}]",
-        "",
-        "[worker.oci]",
-        "  enabled = true",
-        *([f"  defaultCgroupParent = {_toml_str(cgroup_parent)}"] if cgroup_parent else []),
-        # The budget (build.storage_max): v0.11 reads bytes, v0.24 its reserved space.
-        *(["  gc = true", f"  gckeepstorage = {keep_bytes}"] if keep_bytes else []),
-        "",
-        "[worker.containerd]",
-        "  enabled = false",
-    ]
-    hosts: list[str] = []
-    if proxy_address:
-        hosts.append(proxy_address)
-        port = proxy_address.rpartition(":")[2]
-        for alias in (f"localhost:{port}", f"127.0.0.1:{port}"):
-            if alias not in hosts:
-                hosts.append(alias)
-    for host in hosts:
-        out += ["", f"[registry.{_toml_str(host)}]", "  http = true"]
-    if proxy_address:
-        mirror = f"  mirrors = [{_toml_str(proxy_address)}]"
-        for m in mirrors:
-            out += ["", f"[registry.{_toml_str(m.host)}]", mirror]
-    return "\n".join(out) + "\n"
-
-
-def parse_workers(output: str) -> list[dict[str, object]]:
-    """Workers from ``buildctl debug workers --format '{{json .}}'`` (fixtures/workers.json), or
-    from the plain table (fixtures/workers.txt). Empty when there are none or it is unreadable."""
-    text = output.strip()
-    if text.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            return []
-        return [w for w in data if isinstance(w, dict) and w.get("id")]
-    rows = [ln.split() for ln in text.splitlines()[1:] if ln.strip()]
-    return [{"id": r[0], "platforms": r[1] if len(r) > 1 else ""} for r in rows]
-
-
-def _messages(lines: list[str]) -> list[str]:
-    """``lines`` without a Go stack trace: buildkitd prints a fatal error with pkg/errors' ``%+v``,
-    the messages and then, per frame, a function line and a tab-indented ``file:line``
-    (tests/fixtures/toolchain/buildkitd-root-not-dir.txt)."""
-    out = []
-    for i, line in enumerate(lines):
-        frame_next = i + 1 < len(lines) and lines[i + 1].startswith("\t")
-        if line.startswith("\t") or (frame_next and " " not in line.strip()):
-            continue
-        out.append(line)
-    return out
 
 
 def _read_json(path: str) -> object:
@@ -331,7 +222,7 @@ class BuildkitToolchain:
         await self._after_exit()
 
     def _not_running(self, state: State) -> str:
-        out = _messages([ln for ln in self.supervisor.output if ln.strip()])[-5:]
+        out = fatal_messages([ln for ln in self.supervisor.output if ln.strip()])[-5:]
         last = " | ".join(out) if out else "no output"  # scrubbed as the supervisor read it
         return (
             f"buildkitd is {state.value}: it {self.supervisor.last_exit or 'did not start'} "
@@ -549,10 +440,6 @@ class BuildkitToolchain:
         return copied_digest(lines)
 
 
-__all__ = [
-    "BuildkitBinaries",
-    "BuildkitToolchain",
-    "buildkit_binaries",
-    "parse_workers",
-    "render_config",
-]
+# BuildkitBinaries and buildkit_binaries stay importable here: the wiring code and the
+# constructor's ``binaries`` name them with the toolchain.
+__all__ = ["BuildkitBinaries", "BuildkitToolchain", "buildkit_binaries"]

@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 
 from agent import PROCESS_VERSION
 from agent.build._safeopen import kind, open_beneath, open_entry, path_stat
+from agent.build.dockerfile_path import resolve_dockerfile
 from agent.build.dockerignore import Matcher
 from agent.errors import BadRequest, Forbidden
 
-_MAX_LINKS = 40
 _CHUNK = 1 << 20
 _MAX_DOCKERFILE = 4 << 20
 _MAX_DOCKERIGNORE = 4 << 20
@@ -126,75 +126,6 @@ class ContextDigest:
     # (kind, path, mode, hash or link target) of every kept entry: the per-file summary the
     # record keeps for explain (agent/build/keyinputs.py)
     items: list[_Item] = field(default_factory=list)
-
-
-def check_dockerfile_path(path: str) -> list[str]:
-    """The path's components; refuses absolute paths, '..' and empty paths (the request's fault)."""
-    if not path or path.startswith("/"):
-        raise BadRequest(
-            f"dockerfile path {path!r} must be relative to the context directory, "
-            "e.g. 'Dockerfile'",
-            details={"field": "dockerfile"},
-        )
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
-        raise BadRequest(
-            f"dockerfile path {path!r} leaves the context directory; "
-            "give a path inside the context without '..'",
-            details={"field": "dockerfile"},
-        )
-    return parts
-
-
-def _escape(path: str, why: str) -> BadRequest:
-    return BadRequest(
-        f"dockerfile path {path!r} {why}; the Dockerfile must be a file inside the context "
-        "directory",
-        details={"field": "dockerfile"},
-    )
-
-
-def resolve_dockerfile(root_fd: int, path: str) -> str:
-    """Follow ``path`` inside the tree, resolving relative links by hand; a link that is absolute
-    or climbs above the context root is refused. Returns the link-free relative path."""
-    todo = check_dockerfile_path(path)
-    done: list[str] = []
-    links = 0
-    while todo:
-        name = todo.pop(0)
-        if name == ".":
-            continue
-        if name == "..":
-            if not done:
-                raise _escape(path, "follows a symbolic link out of the context directory")
-            done.pop()
-            continue
-        rel = "/".join([*done, name])
-        try:
-            st = os.stat(rel, dir_fd=root_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            raise BadRequest(
-                f"dockerfile {path!r} does not exist in the context directory; "
-                "pass --file with a path relative to --context",
-                details={"field": "dockerfile"},
-            ) from None
-        except NotADirectoryError:
-            raise _escape(path, "goes through something that is not a directory") from None
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > _MAX_LINKS:
-                raise _escape(path, "has too many levels of symbolic links")
-            target = os.readlink(rel, dir_fd=root_fd)
-            if target.startswith("/"):
-                raise _escape(path, "follows a symbolic link out of the context directory")
-            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
-            continue
-        done.append(name)
-    final = "/".join(done)
-    st = os.stat(final, dir_fd=root_fd, follow_symlinks=False)
-    if not stat.S_ISREG(st.st_mode):
-        raise _escape(path, f"is {kind(st.st_mode)}, not a regular file")
-    return final
 
 
 def _read_small(root_fd: int, rel: str, caller: Caller, limit: int, what: str) -> bytes:
@@ -513,7 +444,5 @@ __all__ = [
     "Caller",
     "ContextDigest",
     "HashCache",
-    "check_dockerfile_path",
     "hash_context",
-    "resolve_dockerfile",
 ]

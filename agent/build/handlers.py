@@ -21,7 +21,8 @@ from agent import reference
 from agent.build import ownership
 from agent.build import records as rec
 from agent.build.buildlog import follow_file, read_file
-from agent.build.context import Caller, ContextDigest, check_dockerfile_path, hash_context
+from agent.build.context import Caller, ContextDigest, hash_context
+from agent.build.dockerfile_path import check_dockerfile_path
 from agent.build.flow import Plan
 from agent.build.keyed import Keyed, key_build, make_lookup, node_secret
 from agent.build.manager import Build, BuildManager, error_of

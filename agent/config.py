@@ -3,155 +3,37 @@
 Every key is declared once, as a dataclass field whose metadata holds its help text and validator.
 Loading goes: TOML file (optional) -> environment overrides -> type coercion -> per-field
 validation -> cross-field checks. Any problem raises :class:`ConfigError` naming the key, the value
-and what would be valid; only the entry point turns that into an exit code.
+and what would be valid; only the entry point turns that into an exit code. The validators are
+in agent/_config_checks.py, the type coercion of TOML and environment values in
+agent/_config_values.py; the sections, the loading order and the cross-field checks are here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import os
-import re
 import tomllib
-import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import _config_checks as valid
+from agent._config_values import build_section, from_env
 from agent.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/build-agent/config.toml")
 ENV_PREFIX = "AGENT_"
 
-Check = Callable[[Any], str | None]  # returns an explanation when the value is invalid
 
-
-def _key(default: Any, help: str, check: Check | None = None, *, secret: bool = False) -> Any:
+def _key(default: Any, help: str, check: valid.Check | None = None, *, secret: bool = False) -> Any:
     meta = {"help": help, "check": check, "secret": secret}
     if isinstance(default, list):
         items = list(default)
         return field(default_factory=lambda: list(items), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-# --- validators ---------------------------------------------------------------------------------
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be greater than 0"
-
-
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "must be 0 or greater"
-
-
-def _port(v: Any) -> str | None:
-    return None if 1 <= v <= 65535 else "must be a TCP port from 1 to 65535"
-
-
-def _one_of(*choices: str) -> Check:
-    def check(v: Any) -> str | None:
-        return None if v in choices else "must be one of " + ", ".join(repr(c) for c in choices)
-
-    return check
-
-
-def _absolute(v: Any) -> str | None:
-    return None if os.path.isabs(v) else "must be an absolute path"
-
-
-def _host_port(v: Any, *, empty_ok: bool = False) -> str | None:
-    if v == "" and empty_ok:
-        return None
-    host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        return "must be HOST:PORT, e.g. 127.0.0.1:9500" + (
-            ', or "" to turn it off' if empty_ok else ""
-        )
-    return None
-
-
-def _metrics_address(v: Any) -> str | None:
-    return _host_port(v, empty_ok=True)
-
-
-def _listen_address(v: Any) -> str | None:
-    """HOST:PORT where port 0 asks the kernel for a free port (tests, several daemons)."""
-    if isinstance(v, str) and v.endswith(":0") and v[:-2]:
-        return None
-    return _host_port(v)
-
-
-def _host_listener(v: Any) -> str | None:
-    if v == "":
-        return None
-    why = _listen_address(v)
-    return f'{why}, or "" to turn the host listener off' if why else None
-
-
-def _absolute_or_empty(v: Any) -> str | None:
-    return None if v == "" else _absolute(v)
-
-
-def _repositories(v: Any) -> str | None:
-    for item in v:
-        why = _repository(item)
-        if why:
-            return f"has {item!r}, which {why}"
-    return None
-
-
-def _ids(v: Any) -> str | None:
-    return None if all(0 <= i < 2**32 for i in v) else "must be a list of ids from 0 to 4294967295"
-
-
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62})$")
-
-
-def _name(v: Any) -> str | None:
-    return None if _NAME.match(v) else "must be 1-63 characters of a-z, 0-9, '.', '_', '-'"
-
-
-def _size(v: Any) -> str | None:
-    from agent.limits import parse_bytes
-
-    if v in ("", "0"):
-        return None
-    try:
-        parse_bytes(v)
-    except ValueError as exc:
-        return f'{exc}; write bytes or a size such as 512MiB or 4GiB, or "0" for no limit'
-    return None
-
-
-def _repo_or_empty(v: Any) -> str | None:
-    if v == "":
-        return None
-    return _repository(v)
-
-
-_REPO = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+$")
-
-
-def _repository(v: Any) -> str | None:
-    if not _REPO.match(v):
-        return "must be a repository like registry.example.com/team/images (no tag, no digest)"
-    return None
-
-
-def _subnet(v: Any) -> str | None:
-    try:
-        net = ipaddress.ip_network(v)
-    except ValueError:
-        return "must be an IPv4 network like 10.203.0.0/30"
-    return (
-        None
-        if net.version == 4 and net.num_addresses >= 4
-        else "must be IPv4 with room for 2 hosts"
-    )
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -162,106 +44,110 @@ class DaemonConfig:
     socket: str = _key(
         "/run/build-agent/agent.sock",
         "control socket path (ignored under socket activation)",
-        _absolute,
+        valid.absolute,
     )
     socket_group: str = _key(
         "build-agent", 'group owning the 0660 socket ("" keeps the daemon\'s group)'
     )
-    state_dir: str = _key("/var/lib/build-agent", "records, logs and toolchain storage", _absolute)
+    state_dir: str = _key(
+        "/var/lib/build-agent", "records, logs and toolchain storage", valid.absolute
+    )
     runtime_dir: str = _key(
-        "/run/build-agent", "runtime files (pid files, generated configs)", _absolute
+        "/run/build-agent", "runtime files (pid files, generated configs)", valid.absolute
     )
     metrics_address: str = _key(
-        "127.0.0.1:9500", 'HOST:PORT of /metrics; "" turns metrics off', _metrics_address
+        "127.0.0.1:9500", 'HOST:PORT of /metrics; "" turns metrics off', valid.metrics_address
     )
     allowed_uids: list[int] = _key(
-        [0], "uids that may build, and read and cancel their own builds", _ids
+        [0], "uids that may build, and read and cancel their own builds", valid.ids
     )
     allowed_gids: list[int] = _key(
-        [], "gids that may build, and read and cancel their own builds", _ids
+        [], "gids that may build, and read and cancel their own builds", valid.ids
     )
     read_uids: list[int] = _key(
-        [], "uids that may read every build (status, list, logs), resolve and info", _ids
+        [], "uids that may read every build (status, list, logs), resolve and info", valid.ids
     )
-    read_gids: list[int] = _key([], "gids that may read every build, resolve and info", _ids)
+    read_gids: list[int] = _key([], "gids that may read every build, resolve and info", valid.ids)
     shutdown_grace: float = _key(
-        30.0, "seconds running builds get to finish at shutdown", _non_negative
+        30.0, "seconds running builds get to finish at shutdown", valid.non_negative
     )
-    max_frame: int = _key(1 << 20, "largest control frame in bytes", _positive)
+    max_frame: int = _key(1 << 20, "largest control frame in bytes", valid.positive)
     log_level: str = _key(
-        "info", "debug | info | warning | error", _one_of("debug", "info", "warning", "error")
+        "info", "debug | info | warning | error", valid.one_of("debug", "info", "warning", "error")
     )
     log_format: str = _key(
-        "auto", "auto (json off a TTY) | json | text", _one_of("auto", "json", "text")
+        "auto", "auto (json off a TTY) | json | text", valid.one_of("auto", "json", "text")
     )
 
 
 @dataclass(frozen=True)
 class BuildConfig:
     toolchain: str = _key(
-        "auto", "auto | buildkit | buildah", _one_of("auto", "buildkit", "buildah")
+        "auto", "auto | buildkit | buildah", valid.one_of("auto", "buildkit", "buildah")
     )
-    max_concurrent_builds: int = _key(2, "builds running at once", _positive)
+    max_concurrent_builds: int = _key(2, "builds running at once", valid.positive)
     max_queued: int = _key(
-        100, "builds waiting beyond the running ones; more get 'busy'", _non_negative
+        100, "builds waiting beyond the running ones; more get 'busy'", valid.non_negative
     )
-    timeout: float = _key(3600.0, "default build timeout in seconds", _positive)
-    base_repo: str = _key("", "repository where built base images go", _repo_or_empty)
+    timeout: float = _key(3600.0, "default build timeout in seconds", valid.positive)
+    base_repo: str = _key("", "repository where built base images go", valid.repo_or_empty)
     docker_config: str = _key(
         "/etc/build-agent/docker-config.json", "registry credentials (read by the proxy alone)"
     )
-    retention_days: float = _key(14.0, "records and logs older than this are pruned", _positive)
-    retention_count: int = _key(1000, "at most this many finished records are kept", _positive)
-    resolve_ttl: float = _key(60.0, "seconds a resolved ref stays cached", _non_negative)
+    retention_days: float = _key(
+        14.0, "records and logs older than this are pruned", valid.positive
+    )
+    retention_count: int = _key(1000, "at most this many finished records are kept", valid.positive)
+    resolve_ttl: float = _key(60.0, "seconds a resolved ref stays cached", valid.non_negative)
     prefetch_refs: list[str] = _key([], "refs resolved periodically so lookups are warm")
-    prefetch_interval: float = _key(300.0, "seconds between prefetch rounds", _positive)
+    prefetch_interval: float = _key(300.0, "seconds between prefetch rounds", valid.positive)
     from_max_age: float = _key(
         0.0,
         "seconds a cached digest of a FROM image may be old to go into a content key (0: ask "
         "the registry on every build; at most build.resolve_ttl)",
-        _non_negative,
+        valid.non_negative,
     )
     cache_repo: str = _key(
-        "", "BuildKit registry cache repository (buildkit toolchain only)", _repo_or_empty
+        "", "BuildKit registry cache repository (buildkit toolchain only)", valid.repo_or_empty
     )
-    log_tail_lines: int = _key(20, "log lines quoted in a failed build's error", _positive)
+    log_tail_lines: int = _key(20, "log lines quoted in a failed build's error", valid.positive)
     memory_max: str = _key(
         "4GiB",
         'memory of one build\'s processes together (bytes or e.g. 512MiB, 4GiB; "0": no '
         "limit); a request may ask for less",
-        _size,
+        valid.size,
     )
     pids_max: int = _key(
         2048,
         "processes of one build at once (0: no limit); a request may ask for less",
-        _non_negative,
+        valid.non_negative,
     )
     cpu_max: float = _key(
         0.0,
         "CPUs one build may use, fractional (0: no limit); a request may ask for less",
-        _non_negative,
+        valid.non_negative,
     )
     storage_max: str = _key(
         "20GiB",
         "disk the toolchain's local storage may keep (buildah's image store, BuildKit's cache; "
         'bytes or e.g. 20GiB; "0": no budget): pruned back under it, least recently used first',
-        _size,
+        valid.size,
     )
     buildah_driver: str = _key(
         "auto",
         "buildah's storage driver: auto (overlay where a native overlay mount works, else vfs), "
         "overlay, vfs",
-        _one_of("auto", "overlay", "vfs"),
+        valid.one_of("auto", "overlay", "vfs"),
     )
 
 
 @dataclass(frozen=True)
 class RouteConfig:
-    name: str = _key("", "route name: /v2/<name>/... on the proxy", _name)
+    name: str = _key("", "route name: /v2/<name>/... on the proxy", valid.name)
     upstream: str = _key(
-        "", "upstream repository prefix, e.g. registry.example.com/team/images", _repository
+        "", "upstream repository prefix, e.g. registry.example.com/team/images", valid.repository
     )
-    access: str = _key("pull", "push | pull", _one_of("push", "pull"))
+    access: str = _key("pull", "push | pull", valid.one_of("push", "pull"))
     children: bool = _key(
         False, "serve the route to build children (in the sandbox), read-only unless builds"
     )
@@ -269,7 +155,7 @@ class RouteConfig:
         [],
         "repositories whose builds (their push targets) may also write through it from the "
         "sandbox, with their build login",
-        _repositories,
+        valid.repositories,
     )
 
 
@@ -292,18 +178,18 @@ class CredentialConfig:
 @dataclass(frozen=True)
 class ProxyConfig:
     port: int = _key(
-        8080, "port of the proxy inside the sandbox: children use localhost:<port>", _port
+        8080, "port of the proxy inside the sandbox: children use localhost:<port>", valid.port
     )
     host_address: str = _key(
         "127.0.0.1:8079",
         'host-side listener for operators, token required (port 0: any free port; "": off)',
-        _host_listener,
+        valid.host_listener,
     )
     host_token_file: str = _key(
         "",
         'file (0600) holding the host listener\'s token; "": the daemon makes one at '
         "<runtime_dir>/proxy-host.token",
-        _absolute_or_empty,
+        valid.absolute_or_empty,
     )
     routes: list[RouteConfig] = _key([], "static routes ([[proxy.routes]])")
     registries: list[RegistryConfig] = _key(
@@ -311,22 +197,24 @@ class ProxyConfig:
     )
     credentials: list[CredentialConfig] = _key([], "inline credentials ([[proxy.credentials]])")
     token_ttl: float = _key(
-        60.0, "bearer token lifetime when the token server gives none", _positive
+        60.0, "bearer token lifetime when the token server gives none", valid.positive
     )
-    helper_timeout: float = _key(10.0, "seconds a docker-credential helper may take", _positive)
-    retries: int = _key(4, "attempts for retryable upstream requests", _positive)
-    retry_max_backoff: float = _key(5.0, "cap of the retry backoff in seconds", _positive)
-    connect_timeout: float = _key(10.0, "upstream connect timeout in seconds", _positive)
+    helper_timeout: float = _key(
+        10.0, "seconds a docker-credential helper may take", valid.positive
+    )
+    retries: int = _key(4, "attempts for retryable upstream requests", valid.positive)
+    retry_max_backoff: float = _key(5.0, "cap of the retry backoff in seconds", valid.positive)
+    connect_timeout: float = _key(10.0, "upstream connect timeout in seconds", valid.positive)
 
 
 @dataclass(frozen=True)
 class SandboxConfig:
     mode: str = _key(
-        "on", "on | off (off is reported loudly by info and the logs)", _one_of("on", "off")
+        "on", "on | off (off is reported loudly by info and the logs)", valid.one_of("on", "off")
     )
-    netns: str = _key("build-agent", "name of the children's network namespace", _name)
-    egress: str = _key("none", "none | nat", _one_of("none", "nat"))
-    nat_subnet: str = _key("10.203.0.0/30", "veth addresses for egress = nat", _subnet)
+    netns: str = _key("build-agent", "name of the children's network namespace", valid.name)
+    egress: str = _key("none", "none | nat", valid.one_of("none", "nat"))
+    nat_subnet: str = _key("10.203.0.0/30", "veth addresses for egress = nat", valid.subnet)
 
 
 @dataclass(frozen=True)
@@ -402,7 +290,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         table = raw.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{name} must be a table ([{name}]), got {type(table).__name__}")
-        sections[name] = _build(cls, table, name)
+        sections[name] = build_section(cls, table, name)
     config = Config(**sections, source=source)
     _cross_check(config)
     return config
@@ -422,117 +310,11 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
             raise ConfigError(
                 f"{var}: [{section}] has no key {key!r}; valid keys: " + ", ".join(fields)
             )
-        raw.setdefault(section, {})[key] = _from_env(var, text, _hint(cls, key))
+        raw.setdefault(section, {})[key] = from_env(var, text, _hint(cls, key))
 
 
 def _hint(cls: type, key: str) -> Any:
     return typing.get_type_hints(cls)[key]
-
-
-def _from_env(var: str, text: str, hint: Any) -> Any:
-    """Environment values are strings; turn them into what the TOML would have held."""
-    if hint is bool:
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{var}={text!r} is not a boolean; use true or false")
-    if hint is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"{var}={text!r} is not an integer") from None
-    if hint is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"{var}={text!r} is not a number") from None
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        if dataclasses.is_dataclass(item):
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{var} must be a JSON list of tables: {exc}") from None
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        return [_from_env(var, p, item) for p in parts]
-    return text
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        return f"a list of {_type_name(item)}"
-    if dataclasses.is_dataclass(hint):
-        return "a table"
-    return {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}.get(
-        hint, str(hint)
-    )
-
-
-def _coerce(where: str, value: Any, hint: Any, *, secret: bool = False) -> Any:
-    shown = "***" if secret else repr(value)  # a mistyped password must not reach the message
-    bad = ConfigError(f"{where} = {shown} must be {_type_name(hint)}")
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if typing.get_origin(hint) is list:
-        if not isinstance(value, list):
-            raise bad
-        (item,) = typing.get_args(hint)
-        if dataclasses.is_dataclass(item):
-            out = []
-            for i, v in enumerate(value):
-                if not isinstance(v, dict):
-                    # Not the value: an entry of [[proxy.credentials]] may hold a password.
-                    raise ConfigError(f"{where}[{i}] must be a table, not {type(v).__name__}")
-                out.append(_build(typing.cast(type, item), v, f"{where}[{i}]"))
-            return out
-        return [_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
-    if isinstance(hint, types.UnionType):  # pragma: no cover - no union keys yet
-        return value
-    raise bad
-
-
-def _build(cls: type, table: dict[str, Any], where: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in table:
-        if key not in fields:
-            raise ConfigError(f"unknown key {where}.{key}; valid keys: " + ", ".join(fields))
-    values = {}
-    for key, value in table.items():
-        label = f"{where}.{key}"
-        secret = bool(fields[key].metadata.get("secret"))
-        coerced = _coerce(label, value, hints[key], secret=secret)
-        check = fields[key].metadata.get("check")
-        if check is not None:
-            why = check(coerced)
-            if why:
-                shown = "***" if secret else repr(value)
-                raise ConfigError(f"{label} = {shown} {why}")
-        values[key] = coerced
-    # Required keys of array-of-table entries (routes, registries): "" defaults fail their check.
-    for key, f in fields.items():
-        if key not in values and f.metadata.get("check") is not None and f.default == "":
-            why = f.metadata["check"]("")
-            if why:
-                raise ConfigError(f"{where}.{key} is required: it {why}")
-    return cls(**values)
 
 
 def _cross_check(c: Config) -> None:

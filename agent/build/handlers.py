@@ -23,9 +23,10 @@ from agent.build import records as rec
 from agent.build.buildlog import follow_file, read_file
 from agent.build.context import Caller, ContextDigest, hash_context
 from agent.build.dockerfile_path import check_dockerfile_path
+from agent.build.failure import error_of
 from agent.build.flow import Plan
 from agent.build.keyed import Keyed, key_build, make_lookup, node_secret
-from agent.build.manager import Build, BuildManager, error_of
+from agent.build.manager import Build, BuildManager
 from agent.build.records import BuildRecord, new_id
 from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import BadRequest, Busy, Cancelled, InternalError

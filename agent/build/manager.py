@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agent.build import failure
 from agent.build import records as rec
 from agent.build._metrics import BuildMetrics
 from agent.build.buildargs import secret_values
@@ -34,23 +35,9 @@ from agent.build.buildlog import BuildLog, SecretScrub
 from agent.build.context import HashCache
 from agent.build.flow import Flow, Plan
 from agent.build.records import BuildRecord, RecordStore
-from agent.build.storage import StorageReport, disk_full, free_bytes, full_message
 from agent.build.toolchain import Toolchain
 from agent.contracts import RegistryPort
-from agent.errors import (
-    AgentError,
-    BadRequest,
-    BuildFailed,
-    Busy,
-    Cancelled,
-    ErrorDict,
-    Forbidden,
-    InternalError,
-    NotFound,
-    TimedOut,
-    UpstreamUnauthorized,
-    UpstreamUnavailable,
-)
+from agent.errors import AgentError, Busy, ErrorDict, InternalError
 from agent.limits import Limits
 from agent.sandbox import BuildCgroup, Support, create_cgroup
 
@@ -97,33 +84,6 @@ class Build:
 
     def progress(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "phase": self.phase}
-
-
-def error_of(record: BuildRecord) -> AgentError | None:
-    """The error a finished record's callers get (None on success)."""
-    err = record.error
-    if record.state == rec.SUCCEEDED or not err:
-        return None
-    cls = _ERRORS.get(err.get("code", ""), InternalError)
-    details = dict(err.get("details") or {})
-    details.setdefault("id", record.id)
-    return cls(err.get("message", ""), details=details)
-
-
-_ERRORS: dict[str, type[AgentError]] = {
-    c.code: c
-    for c in (
-        BadRequest,
-        Forbidden,
-        NotFound,
-        BuildFailed,
-        Cancelled,
-        TimedOut,
-        UpstreamUnauthorized,
-        UpstreamUnavailable,
-        InternalError,
-    )
-}
 
 
 class BuildManager:
@@ -366,11 +326,11 @@ class BuildManager:
             try:
                 outcome = await flow.run(build.plan)
             except AgentError as exc:
-                full = _out_of_disk(exc, self.toolchain.storage)
+                full = failure.out_of_disk(exc, self.toolchain.storage)
                 if full is not None:
                     out_of_disk = True
                     raise full from exc
-                raise _limited(exc, cgroup, self.toolchain.steps_in_build_cgroup) from exc
+                raise failure.limited(exc, cgroup, self.toolchain.steps_in_build_cgroup) from exc
             finally:
                 if cgroup is not None:  # kills what is left of the build's processes
                     await asyncio.shield(asyncio.to_thread(cgroup.remove))
@@ -492,34 +452,4 @@ def _close(fd: int | None) -> None:
             os.close(fd)
 
 
-__all__ = ["Build", "BuildManager", "error_of"]
-
-
-def _out_of_disk(exc: AgentError, storage: StorageReport) -> AgentError | None:
-    """A BuildFailed saying that the disk is full, when the build's output says so; None else."""
-    tail = exc.details.get("log_tail")
-    lines = [str(x) for x in tail] if isinstance(tail, list) else []
-    text = "\n".join([*lines, exc.message])
-    if not disk_full(text):
-        return None
-    free = free_bytes(storage.paths[0]) if storage.paths else None
-    return BuildFailed(full_message(storage, free), details={**exc.details, "limit": "storage"})
-
-
-def _limited(exc: AgentError, cgroup: BuildCgroup | None, steps_inside: bool) -> AgentError:
-    """``exc``, or a BuildFailed naming the limit the build ran into (its cgroup's counters;
-    the build's output too when its RUN steps run inside that cgroup)."""
-    if cgroup is None or "limit" in exc.details:  # the toolchain named one already
-        return exc
-    tail = exc.details.get("log_tail")
-    output = [*(tail if isinstance(tail, list) else []), *exc.message.splitlines()]
-    if not steps_inside:
-        output = []
-    hit = cgroup.limit_hit([str(x) for x in output]) if cgroup is not None else None
-    if hit is None:
-        return exc
-    return BuildFailed(
-        f"{hit} ({exc.message.splitlines()[0]}); lower what the build needs, or ask the "
-        "node's operator for a higher limit (build.memory_max, build.pids_max)",
-        details={**exc.details, "limit": hit},
-    )
+__all__ = ["Build", "BuildManager"]

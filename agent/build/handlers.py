@@ -3,7 +3,8 @@
 ``build`` takes the context directory as the request's first file descriptor (SCM_RIGHTS). Its
 stream: one ``build`` event ``{id, joined, state}`` as soon as the build is known, ``state``
 events ``{id, state, phase}`` on every change, ``log`` events ``{offset, data}`` with the log as it
-grows (text, whole lines); then the result, or the build's error.
+grows (text, whole lines); then the result, or the build's error. Its arguments are checked by
+:mod:`agent.build.request` first.
 
 Every build belongs to the uids that submitted or joined it; ``status``, ``logs``, ``list`` and
 ``cancel`` apply :mod:`agent.build.ownership` on top of the op-level access check.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 from agent import reference
@@ -22,34 +22,16 @@ from agent.build import ownership
 from agent.build import records as rec
 from agent.build.buildlog import follow_file, read_file
 from agent.build.context import Caller, ContextDigest, hash_context
-from agent.build.dockerfile_path import check_dockerfile_path
 from agent.build.failure import error_of
 from agent.build.flow import Plan
 from agent.build.keyed import Keyed, key_build, make_lookup, node_secret
 from agent.build.manager import Build, BuildManager
 from agent.build.records import BuildRecord, new_id
+from agent.build.request import BuildRequest, parse_repo, parse_request
 from agent.control.ops import Access, Args, Registry, RequestContext
 from agent.errors import BadRequest, Busy, Cancelled, InternalError
-from ctl.protocol import MAX_SECRET_BYTES, MAX_SECRETS, SECRET_ID
 
 _LOG_CHUNK = 512 * 1024
-_BUILD_ARGS = (
-    "limits",
-    "dockerfile",
-    "base_ref",
-    "target_ref",
-    "target_repo",
-    "base_repo",
-    "build_args",
-    "target",
-    "platform",
-    "secrets",
-    "force",
-    "timeout",
-    "labels",
-    "detach",
-    "context_name",
-)
 
 
 def _manager(ctx: RequestContext) -> BuildManager:
@@ -59,24 +41,12 @@ def _manager(ctx: RequestContext) -> BuildManager:
     return m
 
 
-def _repo(text: str, what: str) -> str:
-    r = reference.parse(text, what=what)
-    if r.tag or r.digest or "/" not in r.repo:
-        raise BadRequest(
-            f"{what} {text!r} must be a repository without tag or digest, "
-            "e.g. registry.example.com/team/images",
-            details={"field": what},
-        )
-    return r.repo
-
-
 async def build(ctx: RequestContext, args: Args) -> Any:
     context_fd = ctx.fds.pop(0) if ctx.fds else None
     try:
         manager = _manager(ctx)
         if ctx.app.draining:
             raise Busy("the daemon is draining and takes no new builds; try another node")
-        args.only(*_BUILD_ARGS)
         build, joined, detach = await _submit(ctx, args, manager, context_fd)
         context_fd = None  # the manager owns it now
     finally:
@@ -93,34 +63,11 @@ async def build(ctx: RequestContext, args: Args) -> Any:
             manager.detach(build)
 
 
-@dataclass
-class _Request:
-    """A ``build`` request's arguments, checked (everything but the context's content)."""
-
-    target_ref_text: str | None
-    target_repo_text: str | None
-    target_ref: reference.Reference | None
-    target_repo: str | None
-    base_text: str | None
-    base_repo_text: str | None
-    dockerfile: str | None
-    build_args: dict[str, str]
-    secrets: dict[str, bytes] = field(repr=False)
-    stage: str | None
-    platform: str | None
-    timeout: float
-    labels: dict[str, str]
-    force: bool
-    detach: bool
-    context_name: str | None
-    limits: dict[str, Any]
-
-
 async def _submit(
     ctx: RequestContext, args: Args, manager: BuildManager, context_fd: int | None
 ) -> tuple[Build, bool, bool]:
     """Parse the request, plan the build, record it and hand it to the manager."""
-    req = _parse(args, ctx.app.config.build.timeout, with_context=context_fd is not None)
+    req = parse_request(args, ctx.app.config.build.timeout, with_context=context_fd is not None)
     record = _new_record(ctx, req, manager)
     if context_fd is not None:
         plan = await _plan_dockerfile(ctx, req, manager, context_fd, record)
@@ -142,75 +89,7 @@ async def _submit(
     return build, joined, req.detach
 
 
-def _parse(args: Args, default_timeout: float, *, with_context: bool) -> _Request:
-    target_ref_text = args.string("target_ref")
-    target_repo_text = args.string("target_repo")
-    if bool(target_ref_text) == bool(target_repo_text):
-        raise BadRequest(
-            "give exactly one of target_ref (--target) and target_repo (--target-repo)",
-            details={"field": "target_ref"},
-        )
-    target_ref = reference.parse(target_ref_text, what="target_ref") if target_ref_text else None
-    if target_ref is not None and target_ref.digest:
-        raise BadRequest("target_ref must be tagged, not pinned by digest: a push needs a tag")
-    target_repo = _repo(target_repo_text, "target_repo") if target_repo_text else None
-    secrets = _secrets(args)
-    build_args = _build_args(args)
-    timeout = args.number("timeout", default_timeout)
-    if timeout is None or timeout <= 0:
-        raise BadRequest(
-            "timeout must be a positive number of seconds", details={"field": "timeout"}
-        )
-    req = _Request(
-        target_ref_text=target_ref_text,
-        target_repo_text=target_repo_text,
-        target_ref=target_ref,
-        target_repo=target_repo,
-        base_text=args.string("base_ref"),
-        base_repo_text=args.string("base_repo"),
-        dockerfile=args.string("dockerfile"),
-        build_args=build_args,
-        secrets=secrets,
-        stage=args.string("target"),
-        platform=args.string("platform"),
-        timeout=timeout,
-        labels=args.str_map("labels"),
-        force=args.flag("force"),
-        detach=args.flag("detach"),
-        context_name=args.string("context_name"),
-        limits=args._get("limits", dict, {}, False),
-    )
-    _check_kind(req, with_context)
-    return req
-
-
-def _check_kind(req: _Request, with_context: bool) -> None:
-    """A Dockerfile build (a context fd) or a ref-only build (base_ref), never a mix."""
-    if with_context:
-        if req.base_text:
-            raise BadRequest(
-                "give either a context (a Dockerfile build) or base_ref (a ref-only build), "
-                "not both",
-                details={"field": "base_ref"},
-            )
-        check_dockerfile_path(req.dockerfile or "Dockerfile")
-        return
-    if not req.base_text:
-        raise BadRequest(
-            "nothing to build: pass a context directory (fd) with a Dockerfile, or base_ref",
-            details={"field": "base_ref"},
-        )
-    if req.dockerfile:
-        raise BadRequest("dockerfile needs a context directory", details={"field": "dockerfile"})
-    if req.secrets:
-        raise BadRequest(
-            "secrets are for Dockerfile builds (RUN --mount=type=secret); a ref-only build "
-            "(base_ref) runs no Dockerfile: drop them",
-            details={"field": "secrets"},
-        )
-
-
-def _new_record(ctx: RequestContext, req: _Request, manager: BuildManager) -> BuildRecord:
+def _new_record(ctx: RequestContext, req: BuildRequest, manager: BuildManager) -> BuildRecord:
     """The record of who asked for what; values that may be secret are not in it."""
     return BuildRecord(
         id=new_id(),
@@ -236,7 +115,7 @@ def _new_record(ctx: RequestContext, req: _Request, manager: BuildManager) -> Bu
 
 async def _plan_dockerfile(
     ctx: RequestContext,
-    req: _Request,
+    req: BuildRequest,
     manager: BuildManager,
     context_fd: int,
     record: BuildRecord,
@@ -246,7 +125,7 @@ async def _plan_dockerfile(
     cfg = ctx.app.config.build
     base_repo_text = req.base_repo_text or cfg.base_repo
     if base_repo_text:
-        base_repo = _repo(base_repo_text, "base_repo")
+        base_repo = parse_repo(base_repo_text, "base_repo")
     else:
         base_repo = req.target_repo or (req.target_ref.repo if req.target_ref else "")
     caller = Caller(ctx.peer.uid, ctx.peer.gid, ctx.peer.groups)
@@ -296,7 +175,7 @@ async def _plan_dockerfile(
 
 async def _key(
     ctx: RequestContext,
-    req: _Request,
+    req: BuildRequest,
     manager: BuildManager,
     digest: ContextDigest,
     record: BuildRecord,
@@ -317,8 +196,8 @@ async def _key(
     )
 
 
-def _plan_ref_only(req: _Request) -> Plan:
-    assert req.base_text  # _check_kind
+def _plan_ref_only(req: BuildRequest) -> Plan:
+    assert req.base_text  # parse_request checked the kind
     return Plan(
         target_ref=req.target_ref,
         target_repo=req.target_repo,
@@ -327,72 +206,6 @@ def _plan_ref_only(req: _Request) -> Plan:
         context_fd=None,
         force=req.force,
     )
-
-
-def _build_args(args: Args) -> dict[str, str]:
-    """``args.build_args`` checked: names a builder can take (no ``=``, no NUL, not empty),
-    values without NUL. Messages name the arg, never its value."""
-    out = args.str_map("build_args")
-    for name, value in out.items():
-        if not name or "=" in name or "\0" in name:
-            why = (
-                f"build arg name {name!r} is not valid: give NAME=value with a NAME that is not "
-                "empty and holds no '=' or NUL"
-            )
-        elif "\0" in value:
-            why = f"build arg {name!r}: the value holds a NUL byte, which no builder can take"
-        else:
-            continue
-        raise BadRequest(why, details={"field": "build_args"})
-    return out
-
-
-def _secrets(args: Args) -> dict[str, bytes]:
-    """``args.secrets`` checked: a map id -> value (str or bin) within the wire's limits
-    (ctl.protocol). Messages name ids and sizes, never a value."""
-    raw = args.raw.get("secrets")
-    if raw is None or raw == []:  # [] was the reserved form of older clients
-        return {}
-    field = {"field": "secrets"}
-    if not isinstance(raw, dict):
-        raise BadRequest(
-            f"args.secrets must be a map of secret id to value, got {type(raw).__name__}; "
-            'send e.g. {"npm_token": "<value>"}',
-            details=field,
-        )
-    if len(raw) > MAX_SECRETS:
-        raise BadRequest(
-            f"args.secrets has {len(raw)} secrets; at most {MAX_SECRETS} are allowed per build: "
-            "merge some into one file",
-            details=field,
-        )
-    out: dict[str, bytes] = {}
-    for sid, value in raw.items():
-        if not isinstance(sid, str) or not SECRET_ID.fullmatch(sid):
-            # Not echoed: a value sent as an id by mistake must not come back in a message.
-            what = f"of {len(sid)} characters" if isinstance(sid, str) else type(sid).__name__
-            raise BadRequest(
-                f"a secret id ({what}) is not valid: an id is 1 to 64 of A-Z a-z 0-9 _ . - "
-                "(not starting with . or -), as in RUN --mount=type=secret,id=<id>",
-                details=field,
-            )
-        if isinstance(value, str):
-            data = value.encode("utf-8")
-        elif isinstance(value, bytes):
-            data = value
-        else:
-            raise BadRequest(
-                f"secret {sid!r}: the value must be a string or bytes, got {type(value).__name__}",
-                details=field,
-            )
-        if len(data) > MAX_SECRET_BYTES:
-            raise BadRequest(
-                f"secret {sid!r} is {len(data)} bytes; the limit is {MAX_SECRET_BYTES} "
-                "(500 KiB, BuildKit's own limit): pass a smaller value",
-                details=field,
-            )
-        out[sid] = data
-    return out
 
 
 async def _follow_build(ctx: RequestContext, build: Build, joined: bool) -> Any:

@@ -1,10 +1,12 @@
 """Builds: manager, records, logs, toolchains (DESIGN section 2).
 
-ops.py        the control ops (build, status, list, logs, cancel)
-manager.py    queue, dedupe, cancellation, timeouts, records -> flow.py (one build's steps)
+handlers.py   the control ops (build, status, list, logs, cancel); request.py checks a build's args
+manager.py    queue, dedupe, cancellation, timeouts, records -> flow.py (one build's steps);
+              failure.py turns a failure into the callers' error
 context.py    the context by fd: content key, .dockerignore (dockerignore.py), permissions
 records.py    records on disk (atomic), retention;  buildlog.py  live logs and followers
 toolchain.py  the toolchain interface; buildah.py and buildkit.py implement it
+storage.py    the toolchain's store: size, budget, upkeep (buildah_store.py, buildkit_store.py)
 child.py      every child process (scrubbed env, own session, tree kill)
 ownership.py  who may read and cancel a build;  buildargs.py  build-arg values off the argv
 """

@@ -155,11 +155,14 @@ def test_an_image_is_not_removed_while_another_build_uses_the_store(
     )
     d.start(timeout=30)
     try:
+        # Unique lines: the same Dockerfile built earlier in the session would be a cache hit
+        # (no bud, no image); "RUN true" with a comment still changes nothing in the image.
+        mark = uuid.uuid4().hex
         held_ctx = write_context(
-            short_tmp / "held", {"Dockerfile": f"FROM {base_image}\nRUN true # HOLD-ME\n"}
+            short_tmp / "held", {"Dockerfile": f"FROM {base_image}\nRUN true # HOLD-ME {mark}\n"}
         )
         free_ctx = write_context(
-            short_tmp / "free", {"Dockerfile": f"FROM {base_image}\nRUN true\n"}
+            short_tmp / "free", {"Dockerfile": f"FROM {base_image}\nRUN true # {mark}\n"}
         )
         results: dict[str, Any] = {}
         held = threading.Thread(
@@ -404,8 +407,10 @@ def test_real_buildkit_timed_out_run_leaves_no_disk_behind(
                   "--context", str(ctx), timeout=120)  # fmt: skip
         assert "timed_out" in r.stdout + r.stderr, (r.stdout, r.stderr)
         wait_for(
-            lambda: measure((root,)) < before + 100 * MiB
-            and _storage(d)["reclaimed_bytes"] >= 200 * MiB,
+            lambda: (
+                measure((root,)) < before + 100 * MiB
+                and _storage(d)["reclaimed_bytes"] >= 200 * MiB
+            ),
             20,
             "the timed-out step's disk to be reclaimed (and counted)",
         )

@@ -53,6 +53,7 @@ from agent.build._buildkitd import (
 from agent.build._supervisor import Policy, State, Supervisor
 from agent.build.buildargs import looks_secret
 from agent.build.buildkit_store import BuildkitStore
+from agent.build.failure import limit_failure
 from agent.build.secretfds import secret_flags
 from agent.build.storage import StorageReport
 from agent.build.toolchain import BuildOutput, BuildSpec, LogSink
@@ -395,10 +396,11 @@ class BuildkitToolchain:
         hit = self.steps_cgroup.limit_hit(lines) if self.steps_cgroup is not None else None
         if hit is None:
             return err
-        return BuildFailed(
-            f"{hit} ({err.message.splitlines()[0]}); the RUN steps of all BuildKit builds on "
-            "this node share that limit (build.*_max x build.max_concurrent_builds)",
-            details={**err.details, "limit": hit},
+        return limit_failure(
+            err,
+            hit,
+            "the RUN steps of all BuildKit builds on this node share that limit "
+            "(build.*_max x build.max_concurrent_builds)",
         )
 
     async def copy(

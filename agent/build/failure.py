@@ -76,11 +76,20 @@ def limited(exc: AgentError, cgroup: BuildCgroup | None, steps_inside: bool) -> 
     hit = cgroup.limit_hit([str(x) for x in output]) if cgroup is not None else None
     if hit is None:
         return exc
-    return BuildFailed(
-        f"{hit} ({exc.message.splitlines()[0]}); lower what the build needs, or ask the "
-        "node's operator for a higher limit (build.memory_max, build.pids_max)",
-        details={**exc.details, "limit": hit},
+    return limit_failure(
+        exc,
+        hit,
+        "lower what the build needs, or ask the node's operator for a higher limit "
+        "(build.memory_max, build.pids_max)",
     )
 
 
-__all__ = ["error_of", "limited", "out_of_disk"]
+def limit_failure(exc: AgentError, hit: str, advice: str) -> BuildFailed:
+    """The failure ``exc`` said again as the limit ``hit`` (e.g. "the build hit pids_max 256"),
+    with the first line of what failed and what to do."""
+    return BuildFailed(
+        f"{hit} ({exc.message.splitlines()[0]}); {advice}", details={**exc.details, "limit": hit}
+    )
+
+
+__all__ = ["error_of", "limit_failure", "limited", "out_of_disk"]

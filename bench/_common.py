@@ -50,3 +50,10 @@ def write_section(section: str) -> Path:
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(replace_section(text, start, end, section))
     return DOC
+
+
+def publish(section: str, *, write: bool) -> None:
+    """Print a bench's section and, unless told not to, write it to docs/performance.md."""
+    print(section)
+    if write:
+        print(f"written to {write_section(section)}")

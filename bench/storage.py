@@ -43,7 +43,7 @@ from agent.build.storage import measure, overlay_works  # noqa: E402
 from agent.devmode import buildah_cmd, make_busybox_image  # noqa: E402
 from agent.limits import format_bytes  # noqa: E402
 from agent.sandbox import create_cgroup, detect_cgroups, release_cgroups  # noqa: E402
-from bench._common import machine, write_section  # noqa: E402
+from bench._common import machine, publish  # noqa: E402
 from bench.build import agentctl  # noqa: E402
 from bench.buildkit import by_hand as buildkit_by_hand  # noqa: E402
 from bench.buildkit import own_buildkitd, version_of  # noqa: E402
@@ -312,10 +312,7 @@ def main() -> int:
             }
         finally:
             reg.stop()
-    section = render(res, machine_line)
-    print(section)
-    if not args.no_write:
-        print(f"written to {write_section(section)}")
+    publish(render(res, machine_line), write=not args.no_write)
     return 0
 
 

@@ -118,6 +118,7 @@ def buildah_by_hand(store: Path, driver: str, ctx: Path, reg: Registry) -> float
 
 def _ratio(agent: list[float], hand: list[float]) -> dict[str, float]:
     a, h = statistics.median(agent), statistics.median(hand)
+    print(f"  agent {agent} by hand {hand}", file=sys.stderr, flush=True)  # progress
     return {"agent_s": a, "hand_s": h, "ratio": a / h}
 
 
@@ -188,7 +189,9 @@ def buildkit_rounds(
         finally:
             d.stop()
             d.cleanup()
-        with own_buildkitd(tmp / f"hand-bk-{i}", bkdir, reg) as addr:
+        hand_root = tmp / f"hand-bk-{version}-{i}"  # a fresh buildkitd root: cold
+        hand_root.mkdir()
+        with own_buildkitd(hand_root, bkdir, reg) as addr:
             cold_h.append(buildkit_by_hand(tmp, bkdir, crane, addr, context(tmp, base), reg,
                                            f"c{i}"))  # fmt: skip
             warm_h.append(buildkit_by_hand(tmp, bkdir, crane, addr, context(tmp, base), reg,

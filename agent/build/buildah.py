@@ -132,7 +132,7 @@ class BuildahToolchain:
         # What each build made is handed to the store by build() itself; a full disk makes the
         # next upkeep urgent (new builds wait for it).
         if disk_full:
-            self.store.maintain(urgent=True)
+            self.store.maintain(disk_full=True)
 
     @property
     def state(self) -> str:

@@ -26,7 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.build.child import popen
-from agent.build.storage import StorageReport, Upkeep, measure, overlay_works
+from agent.build.storage import (
+    StorageReport,
+    Upkeep,
+    disk_room,
+    free_bytes,
+    measure,
+    overlay_works,
+)
 from agent.build.storegate import StoreGate
 from agent.errors import StartupError
 from agent.limits import format_bytes
@@ -67,6 +74,7 @@ class BuildahStore:
         self._made: list[str] = []  # images of finished builds, to remove
         self._containers = False  # a bud failed or was killed: it may have left containers
         self._used: dict[str, float] = {}  # FROM ref -> when a build last named it
+        self._disk_full = False
         self._upkeep = Upkeep("buildah storage upkeep", self._maintain_once)
 
     @property
@@ -105,39 +113,51 @@ class BuildahStore:
         self._containers = self._containers or failed
         self.maintain()
 
-    def maintain(self, *, urgent: bool = False) -> None:
-        """Run the removals in the background (agent.build.storage.Upkeep)."""
-        self._upkeep.request(urgent=urgent or self.report.over())
+    def maintain(self, *, disk_full: bool = False) -> None:
+        """Run the removals in the background (agent.build.storage.Upkeep); after a full disk
+        also until the disk has room again, least recently used images first."""
+        self._disk_full = self._disk_full or disk_full
+        self._upkeep.request(urgent=disk_full or self.report.over())
 
     async def wait(self) -> None:
         await self._upkeep.wait()
 
     async def _maintain_once(self, urgent: bool) -> None:
-        async with self.gate.change(urgent=urgent):
-            before = await asyncio.to_thread(measure, self.report.paths)
-            made, self._made = self._made, []
-            if made:
-                await self._buildah("rmi", "-f", *made)
-            if self._containers:
-                self._containers = False
-                await self._buildah("rm", "--all")
-            self.report.used_bytes = await asyncio.to_thread(measure, self.report.paths)
-            if self.report.over():
-                await self._prune_lru()
-            after = self.report.used_bytes
-            self.report.reclaimed_bytes += max(0, before - after)
+        # Measuring walks the store: outside the gate, so that builds are not held meanwhile.
+        before = await asyncio.to_thread(measure, self.report.paths)
+        made, self._made = self._made, []
+        containers, self._containers = self._containers, False
+        if made or containers:
+            async with self.gate.change(urgent=urgent):
+                if made:
+                    await self._buildah("rmi", "-f", *made)
+                if containers:
+                    await self._buildah("rm", "--all")
+        self.report.used_bytes = await asyncio.to_thread(measure, self.report.paths)
+        full, self._disk_full = self._disk_full, False
+        if self.report.over() or full:
+            async with self.gate.change(urgent=True):
+                await self._prune_lru(full)
+        self.report.reclaimed_bytes += max(0, before - self.report.used_bytes)
         if self.report.over():
             log.warning(
                 "buildah storage is %s, over build.storage_max %s, with every image removed",
-                format_bytes(after),
+                format_bytes(self.report.used_bytes),
                 format_bytes(self.report.max_bytes),
             )
 
-    async def _prune_lru(self) -> None:
+    def _enough(self, full: bool) -> bool:
+        under = not self.report.max_bytes or self.report.used_bytes <= self.report.target()
+        if not full:
+            return under
+        free, room = free_bytes(self.dir), disk_room(self.dir)
+        return under and (free is None or free >= room)
+
+    async def _prune_lru(self, full: bool) -> None:
         images = await self._images()
         images.sort(key=lambda im: (self._last_use(im[1]), im[2]))
         for image_id, names, _ in images:
-            if self.report.used_bytes <= self.report.target():
+            if self._enough(full):
                 return
             log.info(
                 "buildah storage over its budget: removing %s", names[0] if names else image_id

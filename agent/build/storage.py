@@ -157,6 +157,16 @@ def free_bytes(path: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def disk_room(path: Path) -> int:
+    """The free space a store's upkeep restores after a full disk: a tenth of the file system,
+    at most 1 GiB (0 when it cannot be read)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return min(1 << 30, st.f_blocks * st.f_frsize // 10)
+
+
 def overlay_works(where: Path) -> tuple[bool, str]:
     """Whether a native overlay mount works on the file system of ``where`` (buildah's overlay
     driver needs it; inside some containers, or on an overlay or NFS upper, it does not)."""

@@ -115,6 +115,61 @@ async def test_a_change_waits_for_users_and_an_urgent_one_holds_new_users_back()
     await asyncio.gather(a, c, b, return_exceptions=True)
 
 
+async def test_an_escalated_change_holds_new_users_back() -> None:
+    """A removal waiting for a quiet moment while builds overlap turns urgent when escalated."""
+    import asyncio
+
+    gate = StoreGate()
+    hold = asyncio.Event()
+    order: list[str] = []
+
+    async def user(name: str, ev: asyncio.Event) -> None:
+        async with gate.use():
+            order.append(f"{name} in")
+            await ev.wait()
+
+    async def change() -> None:
+        async with gate.change():
+            order.append("change")
+
+    a = asyncio.create_task(user("a", hold))
+    await asyncio.sleep(0)
+    c = asyncio.create_task(change())
+    await asyncio.sleep(0.01)
+    gate.escalate()
+    b = asyncio.create_task(user("b", asyncio.Event()))
+    await asyncio.sleep(0.01)
+    assert order == ["a in"]  # b waits for the escalated change
+    hold.set()
+    await asyncio.sleep(0.01)
+    assert order == ["a in", "change", "b in"]
+    b.cancel()
+    await asyncio.gather(a, b, c, return_exceptions=True)
+
+
+def test_from_lines_and_image_listings_are_read_as_buildah_prints_them() -> None:
+    from agent.build.buildah_store import from_refs, parse_images
+
+    lines = [
+        "STEP 1/2: FROM reg:5000/base@sha256:abc",
+        "[1/2] STEP 1/2: FROM reg:5000/a:1 AS a",  # multi-stage (buildah 1.28)
+        "[2/2] STEP 1/3: FROM --platform=linux/amd64 reg:5000/b:2",
+        "STEP 2/2: RUN echo FROM x",
+    ]
+    assert from_refs(lines) == ["reg:5000/base@sha256:abc", "reg:5000/a:1", "reg:5000/b:2"]
+    listing = (
+        'WARN[0000] a warning on stderr\n[\n {"id": "c042a7465896", "names": ["localhost/x:1"],'
+        ' "size": "1.99 MB", "created": 17},\n {"id": "e863194ba840", "names": null,'
+        ' "size": "386 MB", "created": 18}\n]\n'
+    )
+    images = parse_images(listing)
+    assert [(im.id, im.names, im.size, im.created) for im in images] == [
+        ("c042a7465896", ["localhost/x:1"], 1_990_000, 17.0),
+        ("e863194ba840", [], 386_000_000, 18.0),
+    ]
+    assert parse_images("Error: not json") == []
+
+
 # --- buildah ------------------------------------------------------------------------------------
 
 

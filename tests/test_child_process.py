@@ -88,3 +88,27 @@ def test_wait_answers_when_the_child_exits_and_its_group_dies_with_it() -> None:
         assert await asyncio.wait_for(child.stdout.read(), 5) == b""
 
     uvloop.run(main())
+
+
+def test_run_returns_when_the_child_exits_though_a_leftover_holds_its_output() -> None:
+    # run() reads the output to its end; the end comes only once the leftover sleep is killed,
+    # and that kill comes from wait(). Waiting only after the output ended hung for the sleep.
+    from agent.build.child import run
+    from agent.sandbox import OffSandbox
+
+    class Lines:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def line(self, text: str) -> None:
+            self.lines.append(text)
+
+    async def main() -> None:
+        sink = Lines()
+        argv = ["sh", "-c", "sleep 30 & echo started; exit 3"]
+        code = await asyncio.wait_for(
+            run("sh", argv, sandbox=OffSandbox(), env=ENV, sink=sink), 10
+        )
+        assert code == 3 and sink.lines == ["started"]
+
+    uvloop.run(main())

@@ -39,7 +39,7 @@ class Tail:
     def line(self, text: str) -> None:
         self._sink.line(text)
         self.lines.append(text)
-        if text.startswith("STEP "):
+        if "STEP " in text and ": FROM " in text:
             self.steps.append(text)
         if len(self.lines) > self._n * 4:
             del self.lines[: len(self.lines) - self._n]

@@ -71,7 +71,8 @@ def render_config(
     keep_bytes: int = 0,
 ) -> str:
     """buildkitd.toml: OCI worker only (its RUN steps' containers under ``cgroup_parent`` when
-    given), the proxy as a plain-HTTP registry, mirrors onto it."""
+    given; with ``keep_bytes``, ``gc = true`` and ``gckeepstorage``: the storage budget), the
+    proxy as a plain-HTTP registry, mirrors onto it."""
     out = [
         "# Written by build-agent at every start; edits are lost.",
         f"root = {_toml_str(str(root))}",

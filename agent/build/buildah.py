@@ -167,10 +167,12 @@ class BuildahToolchain:
         self.store.maintain()  # a store over its budget from an earlier run is pruned now
 
     async def close(self) -> None:
-        if self._cleanups:
-            await asyncio.gather(*self._cleanups, return_exceptions=True)
-        await self.store.wait()
-        self._state = "stopped"
+        try:
+            if self._cleanups:
+                await asyncio.gather(*self._cleanups, return_exceptions=True)
+            await self.store.wait()
+        finally:
+            self._state = "stopped"
 
     def _kill_leftovers(self) -> None:
         """A daemon killed mid-build leaves its buildah/skopeo children (own sessions) running:
@@ -227,8 +229,7 @@ class BuildahToolchain:
             ok = True
             return output
         finally:
-            self.store.made(image, failed=not ok)
-            task = asyncio.get_running_loop().create_task(self._cleanup(work))
+            task = asyncio.get_running_loop().create_task(self._cleanup(work, image, ok))
             self._cleanups.add(task)
             task.add_done_callback(self._cleanups.discard)
 
@@ -330,12 +331,16 @@ class BuildahToolchain:
         digest = digest_file.read_text().strip() if digest_file.exists() else None
         return BuildOutput(digest=digest or None)
 
-    async def _cleanup(self, work: Path) -> None:
-        # Not part of the build: the image is upstream already (the store removes its local
-        # copy once no build uses the store).
-        with contextlib.suppress(Exception):
-            await _runc.delete_leftovers(self._runtime, work, self._sandbox, self._env())
-        shutil.rmtree(work, ignore_errors=True)
+    async def _cleanup(self, work: Path, image: str, ok: bool) -> None:
+        # Not part of the build: the image is upstream already. The store removes its local
+        # copy (and a killed bud's containers) once no build uses the store, after runc has
+        # deleted what the bud left running: `buildah rm` must not pull a rootfs from under it.
+        try:
+            with contextlib.suppress(Exception):
+                await _runc.delete_leftovers(self._runtime, work, self._sandbox, self._env())
+            shutil.rmtree(work, ignore_errors=True)
+        finally:
+            self.store.made(image, failed=not ok)
 
     async def copy(
         self,

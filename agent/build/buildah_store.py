@@ -15,14 +15,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.build.child import popen
@@ -40,7 +39,11 @@ from agent.limits import format_bytes
 
 log = logging.getLogger("agent.build.buildah")
 
-_FROM = re.compile(r"^STEP \d+/\d+: FROM (\S+)", re.IGNORECASE)
+# "STEP 1/2: FROM ref [AS name]", in a multi-stage build "[1/2] STEP 1/2: FROM ...", flags first.
+MAX_PENDING = 16  # removals waiting for a quiet moment before the removal turns urgent
+PRUNE_ROUNDS = 4
+
+_FROM = re.compile(r"^(?:\[\d+/\d+\] )?STEP \d+/\d+: FROM (?:--\S+ +)*(\S+)", re.IGNORECASE)
 
 
 def from_refs(lines: list[str]) -> list[str]:
@@ -87,8 +90,8 @@ class BuildahStore:
         works, why = overlay_works(self.dir.parent / "tmp")
         if self._choice == "overlay" and not works:
             raise StartupError(
-                f"build.buildah_driver is overlay, but a native overlay mount fails on "
-                f'{self.dir}: {why}; use build.buildah_driver = "auto" (vfs there)'
+                f"build.buildah_driver is overlay, but a native overlay mount fails on the file "
+                f'system of {self.dir}: {why}; use build.buildah_driver = "auto" (vfs there)'
             )
         driver = "overlay" if works and self._choice != "vfs" else "vfs"
         if driver == "vfs" and self._choice == "auto":
@@ -111,12 +114,16 @@ class BuildahStore:
         """A build ended: its image (if any) goes, and the store is checked against its budget."""
         self._made.append(image)
         self._containers = self._containers or failed
+        if len(self._made) >= MAX_PENDING:  # builds overlap without pause: do not wait forever
+            self.gate.escalate()
         self.maintain()
 
     def maintain(self, *, disk_full: bool = False) -> None:
         """Run the removals in the background (agent.build.storage.Upkeep); after a full disk
         also until the disk has room again, least recently used images first."""
         self._disk_full = self._disk_full or disk_full
+        if disk_full:
+            self.gate.escalate()
         self._upkeep.request(urgent=disk_full or self.report.over())
 
     async def wait(self) -> None:
@@ -154,46 +161,92 @@ class BuildahStore:
         return under and (free is None or free >= room)
 
     async def _prune_lru(self, full: bool) -> None:
-        images = await self._images()
-        images.sort(key=lambda im: (self._last_use(im[1]), im[2]))
-        for image_id, names, _ in images:
+        """Remove least recently used images until :meth:`_enough`: each round picks as many as
+        their listed sizes say it takes, removes them in one ``rmi`` and measures once (shared
+        layers make the listed sizes an upper bound, hence rounds)."""
+        for _ in range(PRUNE_ROUNDS):
             if self._enough(full):
                 return
-            log.info(
-                "buildah storage over its budget: removing %s", names[0] if names else image_id
+            images = await self._images()
+            images.sort(key=lambda im: (self._last_use(im.names), im.created))
+            excess = max(
+                self.report.used_bytes - self.report.target() if self.report.max_bytes else 0,
+                (disk_room(self.dir) - (free_bytes(self.dir) or 0)) if full else 0,
+                1,
             )
-            await self._buildah("rmi", "-f", image_id)
+            batch, freed = [], 0
+            for im in images:
+                if freed >= excess:
+                    break
+                batch.append(im)
+                freed += im.size
+            if not batch:
+                return
+            log.info("buildah storage upkeep: removing %s", ", ".join(im.label for im in batch))
+            await self._buildah("rmi", "-f", *(im.id for im in batch))
             self.report.used_bytes = await asyncio.to_thread(measure, self.report.paths)
 
     def _last_use(self, names: list[str]) -> float:
         return max((t for ref, t in self._used.items() if _names_match(names, ref)), default=0.0)
 
-    async def _images(self) -> list[tuple[str, list[str], float]]:
-        """(id, names, created) of every image in the store."""
-        out = await self._buildah("images", "--json", capture=True)
-        try:
-            rows = json.loads(out or "[]")
-        except ValueError:
-            return []
-        images = []
-        for row in rows if isinstance(rows, list) else []:
-            if isinstance(row, dict) and isinstance(row.get("id"), str):
-                names = [n for n in row.get("names") or [] if isinstance(n, str)]
-                created = row.get("created") or 0
-                images.append((row["id"], names, float(created) if isinstance(created, int) else 0))
-        return images
+    async def _images(self) -> list[_Image]:
+        """Every image in the store (``buildah images --json``)."""
+        return parse_images(await self._buildah("images", "--json"))
 
-    async def _buildah(self, *args: str, capture: bool = False) -> str:
-        argv = [*self._argv(), *args]
-        child = await popen(
-            f"buildah {args[0]}",
-            argv,
-            env=self._env(),
-            stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+    async def _buildah(self, *args: str) -> str:
+        """Run buildah on the store to its end; its output (stderr too). A failure is logged:
+        the next upkeep tries again."""
+        child = await popen(f"buildah {args[0]}", [*self._argv(), *args], env=self._env())
+        assert child.stdout is not None
+        exited = asyncio.ensure_future(child.wait())
+        try:
+            out = await child.stdout.read()
+            code = await exited
+        except BaseException:
+            await asyncio.shield(child.stop(grace=1.0))
+            raise
+        text = out.decode(errors="replace")
+        if code != 0:
+            log.warning("buildah %s exited %d: %s", args[0], code, text.strip()[-300:])
+        return text
+
+
+@dataclass(frozen=True)
+class _Image:
+    id: str
+    names: list[str]
+    created: float
+    size: int  # as listed (decimal units, rounded): shared layers count in each image
+
+    @property
+    def label(self) -> str:
+        return self.names[0] if self.names else self.id
+
+
+_SIZE = re.compile(r"^\s*([\d.]+)\s*([kMGT]?B)\s*$")
+_UNIT = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_images(text: str) -> list[_Image]:
+    """``buildah images --json``, which may have warning lines around its JSON array."""
+    first = re.search(r"^\[", text, re.M)  # the array's own line: a warning has "WARN[0000]"
+    start, end = (first.start() if first else -1), text.rfind("]")
+    try:
+        rows = json.loads(text[start : end + 1]) if 0 <= start < end else []
+    except ValueError:
+        return []
+    out = []
+    for row in rows if isinstance(rows, list) else []:
+        if not (isinstance(row, dict) and isinstance(row.get("id"), str)):
+            continue
+        m = _SIZE.match(str(row.get("size") or ""))
+        created = row.get("created")
+        out.append(
+            _Image(
+                id=row["id"],
+                names=[n for n in row.get("names") or [] if isinstance(n, str)],
+                created=float(created) if isinstance(created, int) else 0.0,
+                size=int(float(m.group(1)) * _UNIT[m.group(2)]) if m else 0,
+            )
         )
-        out = b""
-        with contextlib.suppress(Exception):
-            if capture and child.stdout is not None:
-                out = await child.stdout.read()
-        await asyncio.shield(child.wait())
-        return out.decode(errors="replace")
+    return out

@@ -218,9 +218,11 @@ class BuildkitToolchain:
             self.supervisor.start()
 
     async def close(self) -> None:
-        await self.store.wait()
-        await self.supervisor.stop()
-        await self._after_exit()
+        try:
+            await self.store.wait()  # a second signal cancels this wait, not the stop below
+        finally:
+            await self.supervisor.stop()
+            await self._after_exit()
 
     def _not_running(self, state: State) -> str:
         out = fatal_messages([ln for ln in self.supervisor.output if ln.strip()])[-5:]

@@ -36,6 +36,7 @@ class BuildkitStore:
         self._prune = prune
         self._measured = 0.0
         self._needs_prune = False
+        self._later: asyncio.TimerHandle | None = None
         self._upkeep = Upkeep("BuildKit storage upkeep", self._run)
 
     def keep_bytes(self) -> int:
@@ -49,8 +50,17 @@ class BuildkitStore:
         self._needs_prune = self._needs_prune or failed or disk_full
         if failed or disk_full or time.monotonic() - self._measured >= MEASURE_EVERY:
             self._upkeep.request(urgent=disk_full)
+        elif self._later is None:  # measured a moment ago: once more when the burst is over
+            self._later = asyncio.get_running_loop().call_later(MEASURE_EVERY, self._measure_later)
+
+    def _measure_later(self) -> None:
+        self._later = None
+        self._upkeep.request()
 
     async def wait(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         await self._upkeep.wait()
 
     async def _measure(self) -> int:
@@ -66,6 +76,8 @@ class BuildkitStore:
         # Without a budget, keep every record (a prune still frees what no record holds).
         keep_mb = self.keep_bytes() // 1_000_000 if self.report.max_bytes else NO_BUDGET_MB
         code = await self._prune(keep_mb)
+        if code != 0:
+            self._needs_prune = True  # buildkitd restarting, say: the next upkeep tries again
         after = await self._measure()
         self.report.reclaimed_bytes += max(0, before - after)
         log.info(

@@ -305,8 +305,11 @@ async def run(
     )
     try:
         assert child.stdout is not None
+        # Waiting from the start: once the child exits, what it left in its group is killed,
+        # so a leftover holding the pipe cannot keep the output (and this call) open.
+        exited = asyncio.ensure_future(child.wait())
         await _pump(child.stdout, sink)
-        code = await child.wait()
+        code = await exited
     except BaseException:
         await asyncio.shield(child.stop(grace=1.0))
         log.info("%s (pid %d) killed: the build was stopped", name, child.pid)

@@ -73,7 +73,7 @@ def limited(exc: AgentError, cgroup: BuildCgroup | None, steps_inside: bool) -> 
     output = [*(tail if isinstance(tail, list) else []), *exc.message.splitlines()]
     if not steps_inside:
         output = []
-    hit = cgroup.limit_hit([str(x) for x in output]) if cgroup is not None else None
+    hit = cgroup.limit_hit([str(x) for x in output])
     if hit is None:
         return exc
     return limit_failure(

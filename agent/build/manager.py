@@ -35,6 +35,7 @@ from agent.build.buildlog import BuildLog, SecretScrub
 from agent.build.context import HashCache
 from agent.build.flow import Flow, Plan
 from agent.build.records import BuildRecord, RecordStore
+from agent.build.storage import low_on_disk
 from agent.build.toolchain import Toolchain
 from agent.contracts import RegistryPort
 from agent.errors import AgentError, Busy, ErrorDict, InternalError
@@ -346,7 +347,11 @@ class BuildManager:
             err = InternalError(f"internal error while building: {exc!r}; see the daemon log")
             return rec.FAILED, flow.outcome.to_dict(), self._error_dict(build, err)
         finally:
-            self.toolchain.after_build(failed=state != rec.SUCCEEDED, disk_full=out_of_disk)
+            # A full disk is also checked on the disk: a RUN step can print the words.
+            self.toolchain.after_build(
+                failed=state != rec.SUCCEEDED,
+                disk_full=out_of_disk and low_on_disk(self.toolchain.storage),
+            )
 
     async def _open_cgroup(self, build: Build) -> BuildCgroup | None:
         limits = build.plan.limits

@@ -3,9 +3,10 @@ and the tests both toolchains share (is the disk full, does native overlay mount
 
 BuildKit keeps its budget with its own garbage collector (a GC policy in buildkitd.toml) plus a
 ``buildctl prune`` after a build that failed, was cancelled or timed out (a cancelled RUN step's
-snapshot is not a cache record: ``buildctl du`` does not show it and GC does not free it, but a
-prune does). buildah has no collector: the toolchain removes what each build made and, over the
-budget, the least recently used images (agent/build/buildah_store.py).
+snapshot is not a cache record: ``buildctl du`` does not show it, GC frees it only some 45 s
+later, and not at all where gc is off; a prune frees it at once). buildah has no collector: the
+toolchain removes what each build made and, over the budget, the least recently used images
+(agent/build/buildah_store.py).
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def full_message(report: StorageReport, free: int | None) -> str:
     left = f"; {format_bytes(free)} free now" if free is not None else ""
     return (
         f"the build ran out of disk space (no space left on device) in {where}{left}: the agent "
-        f"reclaimed its storage, so a retry may pass; {budget}: give the state directory more "
-        "room or set a smaller budget"
+        f"is reclaiming its storage, so a retry may pass; {budget}: give the state directory "
+        "more room or set a smaller budget"
     )
 
 
@@ -155,6 +156,14 @@ def free_bytes(path: Path) -> int | None:
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
+
+
+def low_on_disk(report: StorageReport) -> bool:
+    """Whether the file system of the store has less free than :func:`disk_room` now."""
+    if not report.paths:
+        return False
+    free = free_bytes(report.paths[0])
+    return free is not None and free < disk_room(report.paths[0])
 
 
 def disk_room(path: Path) -> int:

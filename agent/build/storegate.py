@@ -8,6 +8,9 @@ fails with ``committing the finished image: creating image "<id>": layer not kno
 
 A removal normally waits for a quiet moment and does not hold builds back. An *urgent* one (the
 store is over its budget, or the disk is full) also stops new builds from starting until it ran.
+A removal already waiting turns urgent when :meth:`StoreGate.escalate` is called: while builds
+overlap without pause a quiet moment may never come (buildah_store.py escalates once enough
+removals are pending).
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ class StoreGate:
         self.users = 0
         self._changing = False
         self._urgent = 0
+        self._escalated = False
         self._moved = asyncio.Event()
+
+    def escalate(self) -> None:
+        """Make the change that waits now (or the next one) urgent."""
+        self._escalated = True
+        self._moved.set()
 
     async def _until(self, ok: Callable[[], bool]) -> None:
         while not ok():
@@ -43,12 +52,19 @@ class StoreGate:
     @contextlib.asynccontextmanager
     async def change(self, *, urgent: bool = False) -> AsyncIterator[None]:
         """Held while images are removed: no build uses the store meanwhile."""
-        if urgent:
+        counted = urgent
+        if counted:
             self._urgent += 1
         try:
-            await self._until(lambda: self.users == 0 and not self._changing)
+            while not (self.users == 0 and not self._changing):
+                if self._escalated and not counted:
+                    counted = True
+                    self._urgent += 1
+                self._moved.clear()
+                await self._moved.wait()
+            self._escalated = False
         finally:
-            if urgent:
+            if counted:
                 self._urgent -= 1
                 self._moved.set()  # builds held back by this urgent wait may go on
         self._changing = True

@@ -80,7 +80,8 @@ class Toolchain(Protocol):
     def after_build(self, *, failed: bool, disk_full: bool = False) -> None:
         """A build ended: keep the storage under its budget, in the background (``close``
         waits for it). ``failed``: it failed, was cancelled or timed out; ``disk_full``: it ran
-        out of disk, so reclaim now, before new builds start."""
+        out of disk and the disk is still low, so reclaim now (buildah: new builds wait for it;
+        BuildKit: the prune runs at once)."""
         ...
 
     async def start(self) -> None: ...

@@ -134,7 +134,10 @@ def test_mixed_builds_under_load(
 
         # Every request reached a final state (all of these can succeed), none was lost.
         bad = [o for o in outcomes if o.state != "succeeded"]
-        assert not bad, [(o, _log_tail(state_dir, o.id)) for o in bad[:3]]
+        assert not bad, (
+            [(o, _log_tail(state_dir, o.id)) for o in bad[:3]],
+            [ln for ln in d.log().splitlines() if '"error"' in ln or "Error" in ln][-5:],
+        )
         assert all(o.id for o in outcomes)
         ids = {o.id for o in outcomes}
         assert busy > 0, f"the queue (2 slots + {queue} places) never overflowed"

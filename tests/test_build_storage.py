@@ -472,3 +472,57 @@ def test_real_buildkit_timed_out_run_leaves_no_disk_behind(
     finally:
         d.stop()
         d.cleanup()
+
+
+@needs_buildah
+async def test_after_a_full_disk_the_store_removes_least_recently_used_images_until_room(
+    short_tmp: Path, small_disk: Path
+) -> None:
+    """The disk-full path of the buildah store's upkeep, on a real store on a tmpfs: with the
+    disk all but full, it removes images least recently used first until a tenth of the disk is
+    free, and keeps the one a build used last."""
+    from agent.build.buildah_store import BuildahStore
+    from agent.build.storage import disk_room, free_bytes
+
+    root = small_disk / "buildah"
+    for sub in ("storage", "run", "tmp"):
+        (root / sub).mkdir(parents=True)
+    b = ["buildah", "--root", str(root / "storage"), "--runroot", str(root / "run"),
+         "--storage-driver", "vfs"]  # fmt: skip
+    env = {"PATH": os.environ["PATH"], "HOME": str(short_tmp), "BUILDAH_ISOLATION": "chroot"}
+    _three_images(b, env, short_tmp)
+    store = BuildahStore(root, max_bytes=0, driver="vfs", argv=lambda: b, env=lambda: env)
+    store.start()
+    store.used(["STEP 1/1: FROM localhost/img1:1"])
+    store.used(["STEP 1/1: FROM localhost/img2:1"])  # img2 used last, img0 never
+    free = free_bytes(small_disk) or 0
+    (small_disk / "filler").write_bytes(b"\0" * max(0, free - 1 * MiB))  # the disk is full
+    assert (free_bytes(small_disk) or 0) < disk_room(small_disk)
+    store.maintain(disk_full=True)
+    await store.wait()
+    assert (free_bytes(small_disk) or 0) >= disk_room(small_disk)
+    names = {n for im in parse_names(b, env) for n in im}
+    assert "localhost/img2:1" in names, names
+    assert "localhost/img0:1" not in names, names
+    assert store.report.reclaimed_bytes > 10 * MiB
+
+
+def parse_names(b: list[str], env: dict[str, str]) -> list[list[str]]:
+    from agent.build.buildah_store import parse_images
+
+    out = subprocess.run([*b, "images", "--json"], capture_output=True, text=True, env=env)
+    return [im.names for im in parse_images(out.stdout)]
+
+
+def _three_images(b: list[str], env: dict[str, str], tmp: Path) -> None:
+    """localhost/img0..2:1, each a layer of 12 MiB of random bytes, made from scratch."""
+    for i in range(3):
+        ctr = subprocess.run([*b, "from", "scratch"], check=True, capture_output=True,
+                             text=True, env=env).stdout.strip()  # fmt: skip
+        pad = tmp / f"pad{i}"
+        pad.write_bytes(os.urandom(12 * MiB))
+        subprocess.run(
+            [*b, "copy", ctr, str(pad), "/pad"], check=True, capture_output=True, env=env
+        )
+        subprocess.run([*b, "commit", "-q", "--rm", ctr, f"localhost/img{i}:1"], check=True,
+                       capture_output=True, env=env)  # fmt: skip

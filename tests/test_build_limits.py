@@ -50,6 +50,18 @@ def _build(d: DaemonProcess, ctx: Path, target: str, limits: dict[str, Any] | No
         os.close(fd)
 
 
+def _fork_loop(where: Path, base_image: str, count: int, sleep: str) -> Path:
+    """A context whose RUN step starts ``count`` sleeps at once (``sleep`` seconds each, a
+    marker that pgrep can find) and waits for them."""
+    return write_context(
+        where,
+        {
+            "Dockerfile": f"FROM {base_image}\n"
+            f"RUN i=0; while [ $i -lt {count} ]; do sleep {sleep} & i=$((i+1)); done; wait\n"
+        },
+    )
+
+
 def _pgrep(marker: str) -> list[str]:
     out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
     return out.stdout.split()
@@ -106,13 +118,7 @@ def test_fork_past_pids_max_fails_with_the_pids_message(
     daemon: DaemonProcess, registry: Registry, base_image: str, short_tmp: Path
 ) -> None:
     marker = f"7{uuid.uuid4().int % 10**6}"
-    ctx = write_context(
-        short_tmp / "fork",
-        {
-            "Dockerfile": f"FROM {base_image}\n"
-            f"RUN i=0; while [ $i -lt 200 ]; do sleep {marker} & i=$((i+1)); done; wait\n"
-        },
-    )
+    ctx = _fork_loop(short_tmp / "fork", base_image, 200, marker)
     out = _build(daemon, ctx, f"{registry.host}/limits:pids", {"pids_max": 48})
     err = out["error"]
     assert err["code"] == "build_failed", err
@@ -154,13 +160,7 @@ def test_limits_are_per_build_and_a_build_within_them_succeeds(
 ) -> None:
     """A second build, with the node's limits, is not held to the first one's lower limit."""
     marker = f"8{uuid.uuid4().int % 10**6}"
-    ctx = write_context(
-        short_tmp / "many",
-        {
-            "Dockerfile": f"FROM {base_image}\n"
-            f"RUN i=0; while [ $i -lt 60 ]; do sleep 0.{marker} & i=$((i+1)); done; wait\n"
-        },
-    )
+    ctx = _fork_loop(short_tmp / "many", base_image, 60, f"0.{marker}")
     ok = _build(daemon, ctx, f"{registry.host}/limits:ok")
     assert ok.get("error") is None, ok
     assert ok["state"] == "succeeded"
@@ -242,13 +242,7 @@ def test_buildkit_run_steps_share_a_node_wide_limit(
         conf = (Path(d.sections["daemon"]["runtime_dir"]) / "buildkit" / "buildkitd.toml")
         assert "defaultCgroupParent" in conf.read_text()
         marker = f"9{uuid.uuid4().int % 10**6}"
-        ctx = write_context(
-            short_tmp / "fork",
-            {
-                "Dockerfile": f"FROM {base_image}\n"
-                f"RUN i=0; while [ $i -lt 200 ]; do sleep {marker} & i=$((i+1)); done; wait\n"
-            },
-        )
+        ctx = _fork_loop(short_tmp / "fork", base_image, 200, marker)
         out = _build(d, ctx, f"{registry.host}/limits:bk")
         err = out["error"]
         assert err["code"] == "build_failed", err
